@@ -1,0 +1,1102 @@
+//! The evaluator: rules x facts -> outcomes, for a given screening date.
+//!
+//! Pure and deterministic: no I/O, no clock, no randomness. Four outcomes combine with
+//! Kleene's three-valued logic (`manual` and `unknown` are both "undecided"; the combination
+//! is `manual` when any undecided part needs a person). Missing data is `unknown`, never a
+//! silent `not-met`.
+
+use super::trial::*;
+use super::{Kind, Outcome, Status};
+use crate::facts::derive;
+use crate::facts::mappings::Mappings;
+use crate::facts::{Bound, Bounded, LabValue, MedSource, PatientFacts, Reading};
+use crate::time::{Date, Instant, Span, Window};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Evidence {
+    pub resource: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub normalized_value: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub normalized_unit: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub date: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl Evidence {
+    fn of(resource: &str) -> Evidence {
+        Evidence {
+            resource: resource.to_string(),
+            value: None,
+            unit: None,
+            normalized_value: None,
+            normalized_unit: None,
+            date: None,
+            code: None,
+            note: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FactOut {
+    pub name: String,
+    pub value: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    pub derived_from: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeResult {
+    pub outcome: Outcome,
+    pub reason: String,
+    pub evidence: Vec<Evidence>,
+    pub facts: Vec<FactOut>,
+}
+
+impl NodeResult {
+    fn new(outcome: Outcome, reason: impl Into<String>) -> NodeResult {
+        NodeResult {
+            outcome,
+            reason: reason.into(),
+            evidence: Vec::new(),
+            facts: Vec::new(),
+        }
+    }
+}
+
+pub struct Ctx<'a> {
+    pub facts: &'a PatientFacts,
+    pub m: &'a Mappings,
+    pub as_of: Date,
+}
+
+pub fn eval_node(cx: &Ctx, node: &Node) -> NodeResult {
+    let mut r = match &node.rule {
+        Rule::All(children) => combine(cx, children, true),
+        Rule::Any(children) => combine(cx, children, false),
+        Rule::Not(child) => {
+            let mut r = eval_node(cx, child);
+            r.outcome = match r.outcome {
+                Outcome::Met => Outcome::NotMet,
+                Outcome::NotMet => Outcome::Met,
+                o => o,
+            };
+            r.reason = format!("not ({})", r.reason);
+            r
+        }
+        Rule::Age { min, max } => age(cx, *min, *max),
+        Rule::Sex(s) => match cx.facts.demographics.gender.as_deref() {
+            None => NodeResult::new(Outcome::Unknown, "sex not recorded"),
+            Some(g) if g == s => NodeResult::new(Outcome::Met, format!("sex is {g}")),
+            Some(g) => NodeResult::new(Outcome::NotMet, format!("sex is {g}")),
+        },
+        Rule::Manual(reason) => NodeResult::new(Outcome::Manual, reason.clone()),
+        Rule::Lab(l) => lab(cx, l),
+        Rule::Condition(c) => condition(cx, c, node.no_records),
+        Rule::Medication(m) => medication(cx, m, node.no_records),
+        Rule::Event { kind, sets, within } => event(cx, *kind, sets, *within, node.no_records),
+        Rule::Allergy { sets } => allergy(cx, sets, node.no_records),
+        Rule::Biopsy {
+            kind,
+            within,
+            classes,
+            without,
+        } => biopsy(cx, kind, *within, classes, without),
+    };
+    match (r.outcome, &node.review_if_met, &node.review_if_not_met) {
+        (Outcome::Met, Some(why), _) | (Outcome::NotMet, _, Some(why)) => {
+            r.reason = format!("{}; needs review: {why}", r.reason);
+            r.outcome = Outcome::Manual;
+        }
+        _ => {}
+    }
+    r
+}
+
+fn combine(cx: &Ctx, children: &[Node], all: bool) -> NodeResult {
+    let results: Vec<NodeResult> = children.iter().map(|c| eval_node(cx, c)).collect();
+    let decisive = if all { Outcome::NotMet } else { Outcome::Met };
+    let outcome = if results.iter().any(|r| r.outcome == decisive) {
+        decisive
+    } else if results.iter().all(|r| r.outcome == Outcome::Met || r.outcome == Outcome::NotMet) {
+        if all { Outcome::Met } else { Outcome::NotMet }
+    } else if results.iter().any(|r| r.outcome == Outcome::Manual) {
+        Outcome::Manual
+    } else {
+        Outcome::Unknown
+    };
+    // Explain with the parts that decided: the decisive ones, or the undecided ones, or all.
+    let shown: Vec<&NodeResult> = match outcome {
+        o if o == decisive => results.iter().filter(|r| r.outcome == decisive).collect(),
+        Outcome::Manual | Outcome::Unknown => results
+            .iter()
+            .filter(|r| matches!(r.outcome, Outcome::Manual | Outcome::Unknown))
+            .collect(),
+        _ => results.iter().collect(),
+    };
+    let joiner = if all { "; and " } else { "; or " };
+    let mut out = NodeResult::new(outcome, shown.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>().join(joiner));
+    for r in results {
+        for e in r.evidence {
+            if !out.evidence.contains(&e) {
+                out.evidence.push(e);
+            }
+        }
+        for f in r.facts {
+            if !out.facts.contains(&f) {
+                out.facts.push(f);
+            }
+        }
+    }
+    out
+}
+
+fn age(cx: &Ctx, min: Option<i64>, max: Option<i64>) -> NodeResult {
+    let d = &cx.facts.demographics;
+    let Some(birth) = d.birth_date else {
+        let why = match &d.birth_text {
+            Some(t) => format!("birthDate `{t}` is not a full date"),
+            None => "birthDate not recorded".into(),
+        };
+        return NodeResult::new(Outcome::Unknown, why);
+    };
+    let years = cx.as_of.years_since(birth);
+    let ok = min.is_none_or(|lo| years >= lo) && max.is_none_or(|hi| years <= hi);
+    let range = match (min, max) {
+        (Some(lo), Some(hi)) => format!("{lo}–{hi}"),
+        (Some(lo), None) => format!("≥ {lo}"),
+        (None, Some(hi)) => format!("≤ {hi}"),
+        (None, None) => String::new(),
+    };
+    let mut r = NodeResult::new(
+        if ok { Outcome::Met } else { Outcome::NotMet },
+        format!("age {years} at {} (required {range})", cx.as_of),
+    );
+    r.evidence.push(Evidence {
+        date: Some(birth.to_string()),
+        note: Some("birthDate".into()),
+        ..Evidence::of(&cx.facts.key)
+    });
+    r.facts.push(FactOut {
+        name: "age".into(),
+        value: years.into(),
+        unit: Some("a".into()),
+        derived_from: vec![cx.facts.key.clone()],
+    });
+    r
+}
+
+/// Three-valued threshold test of a possibly-bounded value: decided only when every value
+/// the bound allows gives the same answer.
+pub fn compare(v: Bounded, op: Op, t: f64) -> Option<bool> {
+    let exact = |x: f64| match op {
+        Op::Lt => x < t,
+        Op::Le => x <= t,
+        Op::Gt => x > t,
+        Op::Ge => x >= t,
+    };
+    match v.bound {
+        None => Some(exact(v.value)),
+        // x <= v: x can be arbitrarily small, and as large as v.
+        Some(Bound::AtMost) => match op {
+            Op::Lt | Op::Le => exact(v.value).then_some(true),
+            Op::Gt | Op::Ge => (!exact(v.value)).then_some(false),
+        },
+        // x >= v: x can be arbitrarily large, and as small as v.
+        Some(Bound::AtLeast) => match op {
+            Op::Gt | Op::Ge => exact(v.value).then_some(true),
+            Op::Lt | Op::Le => (!exact(v.value)).then_some(false),
+        },
+    }
+}
+
+fn fmt_num(x: f64) -> String {
+    let r = (x * 1000.0).round() / 1000.0;
+    if r == r.trunc() { format!("{}", r as i64) } else { format!("{r}") }
+}
+
+fn fmt_bounded(b: Bounded) -> String {
+    let p = match b.bound {
+        None => "",
+        Some(Bound::AtMost) => "≤",
+        Some(Bound::AtLeast) => "≥",
+    };
+    format!("{p}{}", fmt_num(b.value))
+}
+
+fn latest<'a>(values: impl Iterator<Item = &'a LabValue>) -> Option<&'a LabValue> {
+    values.max_by(|a, b| a.time.cmp(&b.time).then_with(|| a.tie.cmp(&b.tie)))
+}
+
+fn lab_evidence(v: &LabValue, canonical: &str, note: Option<String>) -> Evidence {
+    let value = v
+        .raw_value
+        .map(serde_json::Value::from)
+        .or_else(|| v.raw_text.clone().map(serde_json::Value::from));
+    let normalized = match &v.reading {
+        Reading::Number(b) => Some(b.value),
+        _ => None,
+    };
+    Evidence {
+        resource: v.resource.clone(),
+        value,
+        unit: v.raw_unit.clone(),
+        normalized_value: normalized,
+        normalized_unit: normalized.map(|_| canonical.to_string()),
+        date: Some(v.time.to_string()),
+        code: Some(v.code.clone()),
+        note,
+    }
+}
+
+fn equation_ok(rule: &Option<String>, v: &LabValue) -> bool {
+    match rule {
+        None => true,
+        Some(eq) => v.equation.as_deref().is_some_and(|e| e == eq || e.starts_with(&format!("{eq}-"))),
+    }
+}
+
+fn lab(cx: &Ctx, l: &LabRule) -> NodeResult {
+    let spec = &cx.m.labs[l.lab];
+    let name = &cx.m.labs[l.lab].name;
+    let window = Window::lookback(l.window, cx.as_of);
+    let all: &[LabValue] = cx.facts.labs.get(&l.lab).map(Vec::as_slice).unwrap_or(&[]);
+    let in_window: Vec<&LabValue> = all.iter().filter(|v| window.contains(v.time)).collect();
+    let other_equations: Vec<&LabValue> = in_window.iter().copied().filter(|v| !equation_ok(&l.equation, v)).collect();
+    let usable = in_window.iter().copied().filter(|v| equation_ok(&l.equation, v)).filter(|v| {
+        l.unconvertible == UnitPolicy::Unknown || !matches!(v.reading, Reading::Unconvertible { .. } | Reading::BadComparator(_))
+    });
+    let mut notes = Vec::new();
+    if let Some(first) = other_equations.first() {
+        notes.push(format!(
+            "{} value(s) by another equation ({}) not used: the criterion names {}",
+            other_equations.len(),
+            first.equation.as_deref().unwrap_or("unspecified"),
+            l.equation.as_deref().unwrap_or("")
+        ));
+    }
+    let (value, derived): (Option<(Bounded, Vec<Evidence>, Vec<String>, String)>, bool) = match latest(usable) {
+        Some(v) => {
+            let ev = lab_evidence(v, &spec.spec.unit, v.equation.as_ref().map(|e| format!("reported ({e})")));
+            match &v.reading {
+                Reading::Number(b) => {
+                    let mut b = *b;
+                    let mut desc = format!("{name} {} {} on {}", fmt_bounded(b), spec.spec.unit, v.time.date());
+                    let mut evidence = vec![ev];
+                    if l.uln_ratio {
+                        let (uln, source) = match (v.uln, &spec.spec.uln) {
+                            (Some(u), _) => (u, "the Observation's referenceRange"),
+                            (None, Some(d)) => match cx.m.lab_factor(l.lab, &d.unit) {
+                                Some(f) => (f.apply(d.default), "the configured default"),
+                                None => {
+                                    return NodeResult::new(
+                                        Outcome::Unknown,
+                                        format!("{name}: default ULN unit {} cannot be converted", d.unit),
+                                    );
+                                }
+                            },
+                            (None, None) => {
+                                return NodeResult::new(
+                                    Outcome::Unknown,
+                                    format!("{name}: no ULN on the Observation and no default configured"),
+                                );
+                            }
+                        };
+                        if uln <= 0.0 {
+                            return NodeResult::new(Outcome::Unknown, format!("{name}: ULN {uln} is not positive"));
+                        }
+                        b = Bounded {
+                            value: b.value / uln,
+                            bound: b.bound,
+                        };
+                        desc = format!("{desc} = {} × ULN (ULN {} from {source})", fmt_bounded(b), fmt_num(uln));
+                        if let Some(e) = evidence.first_mut() {
+                            e.note = Some(format!(
+                                "ULN {} {} from {source}; ratio {}",
+                                fmt_num(uln),
+                                spec.spec.unit,
+                                fmt_num(b.value)
+                            ));
+                        }
+                    }
+                    (Some((b, evidence, vec![v.resource.clone()], desc)), false)
+                }
+                Reading::Unconvertible { raw_unit } => {
+                    let mut r = NodeResult::new(
+                        Outcome::Unknown,
+                        format!(
+                            "latest {name} ({}) is in unit `{raw_unit}`, which cannot be converted to {}",
+                            v.time.date(),
+                            spec.spec.unit
+                        ),
+                    );
+                    r.evidence.push(ev);
+                    return r;
+                }
+                Reading::BadComparator(c) => {
+                    let mut r = NodeResult::new(
+                        Outcome::Unknown,
+                        format!("latest {name} has comparator `{c}`, which cannot be compared"),
+                    );
+                    r.evidence.push(ev);
+                    return r;
+                }
+                Reading::Result(res) => {
+                    let mut r = match &l.test {
+                        LabTest::Result(want) => NodeResult::new(
+                            if res == want { Outcome::Met } else { Outcome::NotMet },
+                            format!("latest {name} on {} is {res}", v.time.date()),
+                        ),
+                        LabTest::Compare { .. } => NodeResult::new(
+                            Outcome::Unknown,
+                            format!("latest {name} is a qualitative result ({res}), not a number"),
+                        ),
+                    };
+                    r.evidence.push(ev);
+                    r.facts.push(FactOut {
+                        name: name.clone(),
+                        value: res.clone().into(),
+                        unit: None,
+                        derived_from: vec![v.resource.clone()],
+                    });
+                    return r;
+                }
+            }
+        }
+        None => match derive_value(cx, l, window) {
+            Ok(Some(d)) => (Some(d), true),
+            Ok(None) => (None, false),
+            Err(why) => {
+                notes.push(why);
+                (None, false)
+            }
+        },
+    };
+    let Some((b, evidence, from, desc)) = value.or_else(|| substitute(cx, l, window, &mut notes)) else {
+        let mut why = format!("no valid {name} in the {} window ({window})", l.window);
+        if !notes.is_empty() {
+            why = format!("{why}; {}", notes.join("; "));
+        }
+        return NodeResult::new(Outcome::Unknown, why);
+    };
+    let LabTest::Compare { op, threshold, written } = &l.test else {
+        return NodeResult::new(
+            Outcome::Unknown,
+            format!("{desc}: a number, but the criterion asks for a qualitative result"),
+        );
+    };
+    let outcome = match compare(b, *op, *threshold) {
+        Some(true) => Outcome::Met,
+        Some(false) => Outcome::NotMet,
+        None => Outcome::Unknown,
+    };
+    let verdict = match outcome {
+        Outcome::Met => "meets",
+        Outcome::NotMet => "does not meet",
+        _ => "is a bound that cannot decide",
+    };
+    let mut reason = format!("{desc} {verdict} {written}");
+    if derived {
+        reason = format!("{reason} (derived)");
+    }
+    if !notes.is_empty() {
+        reason = format!("{reason}; {}", notes.join("; "));
+    }
+    let mut r = NodeResult::new(outcome, reason);
+    r.evidence = evidence;
+    let fact_name = if l.uln_ratio { format!("{name}_x_uln") } else { name.clone() };
+    r.facts.push(FactOut {
+        name: fact_name,
+        value: serde_json::Value::from(b.value),
+        unit: (!l.uln_ratio).then(|| spec.spec.unit.clone()),
+        derived_from: from,
+    });
+    r
+}
+
+type Derived = (Bounded, Vec<Evidence>, Vec<String>, String);
+
+/// A derived value when no reported one exists in the window: eGFR by CKD-EPI 2021 from serum
+/// creatinine, BMI from weight and height. `Err` explains why it could not be derived.
+fn derive_value(cx: &Ctx, l: &LabRule, window: Window) -> Result<Option<Derived>, String> {
+    let name = cx.m.labs[l.lab].name.as_str();
+    let Some(spec) = cx.m.derived.get(name) else { return Ok(None) };
+    if !l.derive {
+        return Ok(None);
+    }
+    let latest_of = |lab: &str, w: Option<Window>| -> Option<&LabValue> {
+        let i = cx.m.lab(lab)?;
+        latest(
+            cx.facts
+                .labs
+                .get(&i)?
+                .iter()
+                .filter(|v| w.is_none_or(|w| w.contains(v.time)) && matches!(v.reading, Reading::Number(_))),
+        )
+    };
+    let number = |v: &LabValue| match v.reading {
+        Reading::Number(b) => b,
+        _ => Bounded {
+            value: f64::NAN,
+            bound: None,
+        },
+    };
+    match name {
+        "egfr" => {
+            if l.equation.as_deref().is_some_and(|e| !"ckd-epi-2021".starts_with(e)) {
+                return Ok(None);
+            }
+            let src = spec.from.first().map(String::as_str).unwrap_or("creatinine");
+            let Some(cr) = latest_of(src, Some(window)) else { return Ok(None) };
+            let d = &cx.facts.demographics;
+            let female = match d.gender.as_deref() {
+                Some("female") => true,
+                Some("male") => false,
+                _ => return Err("eGFR not derived: CKD-EPI 2021 needs sex male or female".into()),
+            };
+            let Some(birth) = d.birth_date else {
+                return Err("eGFR not derived: birthDate unknown".into());
+            };
+            let age = cr.time.date().years_since(birth);
+            if age < 18 {
+                return Err(format!(
+                    "eGFR not derived: CKD-EPI 2021 is validated for adults and the patient was {age} at the creatinine test"
+                ));
+            }
+            let scr = number(cr);
+            let value = derive::ckd_epi_2021(scr.value, age, female);
+            // eGFR falls as creatinine rises, so a bound on creatinine flips direction.
+            let bound = scr.bound.map(|b| if b == Bound::AtMost { Bound::AtLeast } else { Bound::AtMost });
+            let ev = lab_evidence(
+                cr,
+                &cx.m.labs[cx.m.lab(src).unwrap_or(l.lab)].spec.unit,
+                Some(format!(
+                    "serum creatinine used for CKD-EPI 2021 (age {age}, {})",
+                    if female { "female" } else { "male" }
+                )),
+            );
+            let desc = format!(
+                "egfr {} mL/min/{{1.73_m2}} by CKD-EPI 2021 from serum creatinine {} mg/dL on {}",
+                fmt_num(value),
+                fmt_bounded(scr),
+                cr.time.date()
+            );
+            Ok(Some((Bounded { value, bound }, vec![ev], vec![cr.resource.clone()], desc)))
+        }
+        "bmi" => {
+            let (Some(w), Some(h)) = (spec.from.first(), spec.from.get(1)) else {
+                return Ok(None);
+            };
+            let Some(wv) = latest_of(w, Some(window)) else { return Ok(None) };
+            let Some(hv) = latest_of(
+                h,
+                Some(Window {
+                    start: Instant(i64::MIN),
+                    end: window.end,
+                }),
+            ) else {
+                return Err("BMI not derived: no height recorded".into());
+            };
+            let (wb, hb) = (number(wv), number(hv));
+            if wb.bound.is_some() || hb.bound.is_some() || hb.value <= 0.0 {
+                return Err("BMI not derived: weight or height is not an exact value".into());
+            }
+            let value = derive::bmi(wb.value, hb.value);
+            let evs = vec![
+                lab_evidence(wv, "kg", Some("weight used for BMI".into())),
+                lab_evidence(hv, "cm", Some("height used for BMI".into())),
+            ];
+            let desc = format!(
+                "bmi {} kg/m2 from weight {} kg ({}) and height {} cm",
+                fmt_num(value),
+                fmt_num(wb.value),
+                wv.time.date(),
+                fmt_num(hb.value)
+            );
+            Ok(Some((
+                Bounded { value, bound: None },
+                evs,
+                vec![wv.resource.clone(), hv.resource.clone()],
+                desc,
+            )))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// A stand-in lab the trial explicitly accepts (a spot UPCR for 24-hour protein), shown as such.
+fn substitute(cx: &Ctx, l: &LabRule, window: Window, notes: &mut Vec<String>) -> Option<Derived> {
+    let name = &cx.m.labs[l.lab].name;
+    let s = l.substitute?;
+    let sname = &cx.m.labs[s].name;
+    let sv = latest(cx.facts.labs.get(&s)?.iter().filter(|v| window.contains(v.time)))?;
+    let Reading::Number(b) = sv.reading else {
+        notes.push(format!("the latest {sname} cannot stand in: it is not a usable number"));
+        return None;
+    };
+    let note = format!(
+        "{sname} {} {} used in place of {name}, as this trial allows",
+        fmt_bounded(b),
+        cx.m.labs[s].spec.unit
+    );
+    let ev = lab_evidence(sv, &cx.m.labs[s].spec.unit, Some(note.clone()));
+    Some((b, vec![ev], vec![sv.resource.clone()], note))
+}
+
+fn set_names(cx: &Ctx, sets: &[usize]) -> String {
+    sets.iter().map(|&s| cx.m.sets[s].name.as_str()).collect::<Vec<_>>().join("/")
+}
+
+fn none_recorded(what: &str, present: bool, policy: NoRecords, not_met: String) -> NodeResult {
+    if !present && policy == NoRecords::Unknown {
+        NodeResult::new(Outcome::Unknown, format!("the record holds no {what} at all"))
+    } else {
+        NodeResult::new(Outcome::NotMet, not_met)
+    }
+}
+
+fn fmt_time(t: Option<Instant>) -> String {
+    t.map(|t| t.date().to_string()).unwrap_or_else(|| "undated".into())
+}
+
+fn condition(cx: &Ctx, c: &ConditionRule, policy: NoRecords) -> NodeResult {
+    let end = cx.as_of.end();
+    let names = set_names(cx, &c.sets);
+    let matching: Vec<&crate::facts::ConditionFact> = cx
+        .facts
+        .conditions
+        .iter()
+        .filter(|f| f.sets.iter().any(|s| c.sets.contains(s)) && !f.sets.iter().any(|s| c.except.contains(s)))
+        .collect();
+    let window = c.within.map(|s| Window::lookback(s, cx.as_of));
+    let mut unknown = Vec::new();
+    let mut seen = Vec::new();
+    for f in &matching {
+        let start = f.onset.or(f.recorded);
+        let abated = f.abatement.is_some_and(|a| a < end) || f.abated_undated;
+        let status_active = f
+            .clinical
+            .as_deref()
+            .is_none_or(|s| matches!(s, "active" | "recurrence" | "relapse"));
+        let started = start.is_none_or(|s| s < end);
+        let active_now = status_active && !abated && started;
+        let ok = if let Some(sp) = c.onset_before {
+            let cutoff = sp.before(cx.as_of).end();
+            match start {
+                Some(s) if c.status == CondStatus::Any || active_now => s < cutoff,
+                Some(_) => false,
+                None => {
+                    if c.status == CondStatus::Any || active_now {
+                        unknown.push(format!("{} ({}) has no onset or recorded date", f.code, f.resource));
+                    }
+                    false
+                }
+            }
+        } else if let Some(w) = window {
+            // Present at some time in the window: active now, or started or ended inside it.
+            if active_now || start.is_some_and(|s| w.contains(s)) || f.abatement.is_some_and(|a| a >= w.start && a < end) {
+                true
+            } else {
+                if start.is_none() && f.abatement.is_none() {
+                    unknown.push(format!("{} ({}) is not active and has no dates", f.code, f.resource));
+                }
+                false
+            }
+        } else {
+            match c.status {
+                CondStatus::Active => active_now,
+                CondStatus::Any => started,
+            }
+        };
+        if ok {
+            seen.push(*f);
+        }
+    }
+    let evidence = |fs: &[&crate::facts::ConditionFact]| -> Vec<Evidence> {
+        fs.iter()
+            .map(|f| Evidence {
+                date: f.onset.or(f.recorded).map(|t| t.to_string()),
+                code: Some(f.code.clone()),
+                note: Some(format!(
+                    "clinicalStatus {}{}",
+                    f.clinical.as_deref().unwrap_or("absent"),
+                    f.abatement.map(|a| format!(", abated {}", a.date())).unwrap_or_default()
+                )),
+                ..Evidence::of(&f.resource)
+            })
+            .collect()
+    };
+    let qualifier = match (c.onset_before, c.within, c.status) {
+        (Some(s), _, _) => format!("diagnosed at least {s} before {}", cx.as_of),
+        (None, Some(s), _) => format!("present within {s} of {}", cx.as_of),
+        (None, None, CondStatus::Active) => "active".into(),
+        (None, None, CondStatus::Any) => "recorded".into(),
+    };
+    if !seen.is_empty() {
+        let mut r = NodeResult::new(
+            Outcome::Met,
+            format!(
+                "{names} {qualifier}: {}",
+                seen.iter()
+                    .map(|f| format!("{} ({}, since {})", f.code, f.resource, fmt_time(f.onset.or(f.recorded))))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+        r.evidence = evidence(&seen);
+        return r;
+    }
+    if !unknown.is_empty() {
+        let mut r = NodeResult::new(Outcome::Unknown, format!("{names}: {}", unknown.join("; ")));
+        r.evidence = evidence(&matching);
+        return r;
+    }
+    let mut r = none_recorded(
+        "Condition records",
+        cx.facts.present.conditions,
+        policy,
+        if matching.is_empty() {
+            format!("no {names} condition recorded")
+        } else {
+            format!("no {names} condition {qualifier} ({} recorded, none qualifies)", matching.len())
+        },
+    );
+    r.evidence = evidence(&matching);
+    r
+}
+
+fn medication(cx: &Ctx, m: &MedicationRule, policy: NoRecords) -> NodeResult {
+    let names = set_names(cx, &m.sets);
+    let window = m.within.map(|s| Window::lookback(s, cx.as_of));
+    let today = Window {
+        start: cx.as_of.start(),
+        end: cx.as_of.end(),
+    };
+    let mut hits = Vec::new();
+    let mut unknown = Vec::new();
+    for f in cx.facts.medications.iter().filter(|f| f.sets.iter().any(|s| m.sets.contains(s))) {
+        if let Some(route) = m.route {
+            if f.routes.is_empty() {
+                unknown.push(format!("{} ({}) has no route", f.code, f.resource));
+                continue;
+            }
+            if !f.routes.contains(&route) {
+                continue;
+            }
+        }
+        if m.total_dose.is_some() && f.source != MedSource::Administration {
+            continue;
+        }
+        let Some(start) = f.start else {
+            unknown.push(format!("{} ({}) is undated", f.code, f.resource));
+            continue;
+        };
+        let end = if f.ongoing { None } else { Some(f.end.unwrap_or(start)) };
+        let in_scope = match (m.current, window) {
+            (true, _) => today.overlaps(start, end),
+            (false, Some(w)) => w.overlaps(start, end),
+            (false, None) => start < cx.as_of.end(),
+        };
+        if in_scope {
+            hits.push(f);
+        }
+    }
+    let evidence: Vec<Evidence> = hits
+        .iter()
+        .map(|f| Evidence {
+            date: f.start.map(|t| t.to_string()),
+            code: Some(f.code.clone()),
+            value: f.dose_text.clone().map(serde_json::Value::from),
+            normalized_value: f.dose_g,
+            normalized_unit: f.dose_g.map(|_| "g".to_string()),
+            note: Some(match (f.ongoing, f.end) {
+                (true, _) => "ongoing".to_string(),
+                (false, Some(e)) => format!("until {}", e.date()),
+                (false, None) => "single date".to_string(),
+            }),
+            ..Evidence::of(&f.resource)
+        })
+        .collect();
+    let scope = match (m.current, m.within) {
+        (true, _) => format!("current on {}", cx.as_of),
+        (false, Some(s)) => format!("within {s} of {}", cx.as_of),
+        (false, None) => "ever".into(),
+    };
+    let route = m.route.map(|r| format!(" ({})", cx.m.sets[r].name)).unwrap_or_default();
+    if let Some((min, max, unit)) = &m.total_dose {
+        let mut total = 0.0;
+        for f in &hits {
+            match f.dose_g {
+                Some(g) => total += g,
+                None => unknown.push(format!("{} ({}) has no usable dose", f.code, f.resource)),
+            }
+        }
+        if !unknown.is_empty() {
+            let mut r = NodeResult::new(Outcome::Unknown, format!("{names}{route}: {}", unknown.join("; ")));
+            r.evidence = evidence;
+            return r;
+        }
+        let factor = cx.m.dose_factor(unit).map(|f| f.apply(1.0)).unwrap_or(1.0);
+        let lo = min.map(|x| x * factor);
+        let hi = max.map(|x| x * factor);
+        let ok = !hits.is_empty() && lo.is_none_or(|lo| total >= lo) && hi.is_none_or(|hi| total <= hi);
+        let reason = format!(
+            "{names}{route} {scope}: {} administration(s), total {} g (required {}–{} {unit})",
+            hits.len(),
+            fmt_num(total),
+            min.map(fmt_num).unwrap_or_default(),
+            max.map(fmt_num).unwrap_or_default()
+        );
+        let mut r = if hits.is_empty() {
+            none_recorded("medication records", cx.facts.present.medications, policy, reason)
+        } else {
+            NodeResult::new(if ok { Outcome::Met } else { Outcome::NotMet }, reason)
+        };
+        r.evidence = evidence;
+        return r;
+    }
+    if !hits.is_empty() {
+        let mut r = NodeResult::new(
+            Outcome::Met,
+            format!(
+                "{names}{route} {scope}: {}",
+                hits.iter()
+                    .map(|f| format!("{} ({})", f.code, f.resource))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+        r.evidence = evidence;
+        return r;
+    }
+    if !unknown.is_empty() {
+        return NodeResult::new(Outcome::Unknown, format!("{names}{route}: {}", unknown.join("; ")));
+    }
+    none_recorded(
+        "medication records",
+        cx.facts.present.medications,
+        policy,
+        format!("no {names}{route} {scope}"),
+    )
+}
+
+fn event(cx: &Ctx, kind: EventKind, sets: &[usize], within: Option<Span>, policy: NoRecords) -> NodeResult {
+    let names = set_names(cx, sets);
+    let (list, present, what) = match kind {
+        EventKind::Procedure => (&cx.facts.procedures, cx.facts.present.procedures, "Procedure records"),
+        EventKind::Immunization => (&cx.facts.immunizations, cx.facts.present.immunizations, "Immunization records"),
+    };
+    let window = within.map(|s| Window::lookback(s, cx.as_of));
+    let mut hits = Vec::new();
+    let mut undated = Vec::new();
+    for f in list.iter().filter(|f| f.sets.iter().any(|s| sets.contains(s))) {
+        let Some(t) = f.time else {
+            undated.push(f);
+            continue;
+        };
+        let ok = match window {
+            Some(w) => w.overlaps(t, Some(f.end.unwrap_or(t))),
+            None => t < cx.as_of.end(),
+        };
+        if ok {
+            hits.push(f);
+        }
+    }
+    let scope = within
+        .map(|s| format!("within {s} of {}", cx.as_of))
+        .unwrap_or_else(|| "ever".into());
+    let ev = |fs: &[&crate::facts::EventFact]| {
+        fs.iter()
+            .map(|f| Evidence {
+                date: f.time.map(|t| t.to_string()),
+                code: Some(f.code.clone()),
+                ..Evidence::of(&f.resource)
+            })
+            .collect::<Vec<_>>()
+    };
+    if !hits.is_empty() {
+        let mut r = NodeResult::new(
+            Outcome::Met,
+            format!(
+                "{names} {scope}: {}",
+                hits.iter()
+                    .map(|f| format!("{} on {} ({})", f.code, fmt_time(f.time), f.resource))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+        r.evidence = ev(&hits);
+        return r;
+    }
+    if !undated.is_empty() && within.is_some() {
+        let mut r = NodeResult::new(
+            Outcome::Unknown,
+            format!("{names}: {} record(s) without a usable date", undated.len()),
+        );
+        r.evidence = ev(&undated);
+        return r;
+    }
+    none_recorded(what, present, policy, format!("no {names} {scope}"))
+}
+
+fn allergy(cx: &Ctx, sets: &[usize], policy: NoRecords) -> NodeResult {
+    let names = set_names(cx, sets);
+    let hits: Vec<_> = cx
+        .facts
+        .allergies
+        .iter()
+        .filter(|a| a.sets.iter().any(|s| sets.contains(s)))
+        .collect();
+    if hits.is_empty() {
+        return none_recorded(
+            "AllergyIntolerance records",
+            cx.facts.present.allergies,
+            policy,
+            format!("no active allergy to {names} recorded"),
+        );
+    }
+    let mut r = NodeResult::new(
+        Outcome::Met,
+        format!(
+            "allergy to {names}: {}",
+            hits.iter()
+                .map(|a| format!("{} ({})", a.code, a.resource))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    r.evidence = hits
+        .iter()
+        .map(|a| Evidence {
+            code: Some(a.code.clone()),
+            ..Evidence::of(&a.resource)
+        })
+        .collect();
+    r
+}
+
+fn biopsy(cx: &Ctx, kind: &str, within: Option<Span>, classes: &[String], without: &[String]) -> NodeResult {
+    let window = within.map(|s| Window::lookback(s, cx.as_of));
+    let scope = within
+        .map(|s| format!("within {s} of {}", cx.as_of))
+        .unwrap_or_else(|| "ever".into());
+    let all: Vec<_> = cx.facts.biopsies.iter().filter(|b| b.kind == kind).collect();
+    let in_window: Vec<_> = all
+        .iter()
+        .copied()
+        .filter(|b| b.time.is_some_and(|t| window.is_none_or(|w| w.contains(t)) && t < cx.as_of.end()))
+        .collect();
+    let ev = |bs: &[&crate::facts::BiopsyFact]| {
+        bs.iter()
+            .map(|b| Evidence {
+                date: b.time.map(|t| t.to_string()),
+                note: Some(if b.classes.is_empty() {
+                    "class not coded".into()
+                } else {
+                    format!("class {}", b.classes.join("+"))
+                }),
+                ..Evidence::of(&b.resource)
+            })
+            .collect::<Vec<_>>()
+    };
+    if in_window.is_empty() {
+        let latest = all.iter().filter_map(|b| b.time).max();
+        let why = match latest {
+            Some(t) => format!("no {kind} biopsy {scope} (latest recorded {})", t.date()),
+            None => format!("no {kind} biopsy recorded"),
+        };
+        let mut r = NodeResult::new(Outcome::Unknown, why);
+        r.evidence = ev(&all);
+        return r;
+    }
+    if classes.is_empty() && without.is_empty() {
+        let mut r = NodeResult::new(
+            Outcome::Met,
+            format!(
+                "{kind} biopsy {scope}: {}",
+                in_window
+                    .iter()
+                    .map(|b| format!("{} on {}", b.resource, fmt_time(b.time)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+        r.evidence = ev(&in_window);
+        return r;
+    }
+    let classed: Vec<_> = in_window.iter().copied().filter(|b| !b.classes.is_empty()).collect();
+    // The most recent classed biopsy in the window is the one that describes the disease now.
+    let Some(b) = classed.iter().max_by_key(|b| b.time) else {
+        let mut r = NodeResult::new(
+            Outcome::Unknown,
+            format!("{kind} biopsy {scope} found, but its class is not coded (read the pathology report)"),
+        );
+        r.evidence = ev(&in_window);
+        return r;
+    };
+    let has = classes.is_empty() || b.classes.iter().any(|c| classes.contains(c));
+    let lacks = !b.classes.iter().any(|c| without.contains(c));
+    let mut want = String::new();
+    if !classes.is_empty() {
+        want = format!("class {}", classes.join("/"));
+    }
+    if !without.is_empty() {
+        want = format!("{want} without {}", without.join("/"));
+    }
+    let mut r = NodeResult::new(
+        if has && lacks { Outcome::Met } else { Outcome::NotMet },
+        format!(
+            "{kind} biopsy on {} shows class {} (required {})",
+            fmt_time(b.time),
+            b.classes.join("+"),
+            want.trim()
+        ),
+    );
+    r.evidence = ev(&[b]);
+    r
+}
+
+/// One criterion's result as reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct CriterionResult {
+    pub id: String,
+    pub kind: Kind,
+    pub text: String,
+    pub outcome: Outcome,
+    pub reason: String,
+    pub evidence: Vec<Evidence>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<super::decisions::Applied>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Decider {
+    pub id: String,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrialResult {
+    pub patient: String,
+    pub trial: String,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub record: Option<String>,
+    pub decided_by: Vec<Decider>,
+    pub criteria: Vec<CriterionResult>,
+    pub facts: Vec<FactOut>,
+}
+
+/// Evaluates every criterion of `trial` for one patient.
+pub fn evaluate(trial: &Trial, facts: &PatientFacts, m: &Mappings, as_of: Date, decisions: &super::decisions::Decisions) -> TrialResult {
+    let cx = Ctx { facts, m, as_of };
+    let mut criteria = Vec::with_capacity(trial.criteria.len());
+    let mut all_facts: Vec<FactOut> = Vec::new();
+    for c in &trial.criteria {
+        let mut r = match &c.decide {
+            Decide::Manual(reason) => NodeResult::new(Outcome::Manual, reason.clone()),
+            Decide::Rule(node) => eval_node(&cx, node),
+        };
+        if let Some(why) = &c.suspect {
+            r.reason = format!("as written the rule gives {}: {}; but {why}", r.outcome.as_str(), r.reason);
+            r.outcome = Outcome::Manual;
+        }
+        let mut result = CriterionResult {
+            id: c.id.clone(),
+            kind: c.kind,
+            text: c.text.clone(),
+            outcome: r.outcome,
+            reason: r.reason,
+            evidence: r.evidence,
+            note: c.note.clone(),
+            decision: None,
+        };
+        if matches!(result.outcome, Outcome::Manual | Outcome::Unknown) {
+            if let Some(d) = decisions.find(&facts.key, &trial.id, &c.id, as_of) {
+                result.reason = format!("{} (computed: {}; {})", d.reason(), result.outcome.as_str(), result.reason);
+                result.outcome = d.answer;
+                result.decision = Some(d.applied());
+            }
+        }
+        for f in r.facts {
+            if !all_facts.contains(&f) {
+                all_facts.push(f);
+            }
+        }
+        criteria.push(result);
+    }
+    let deciding: Vec<&CriterionResult> = criteria
+        .iter()
+        .filter(|c| (c.kind == Kind::Inclusion && c.outcome == Outcome::NotMet) || (c.kind == Kind::Exclusion && c.outcome == Outcome::Met))
+        .collect();
+    let all_clear = criteria.iter().all(|c| match c.kind {
+        Kind::Inclusion => c.outcome == Outcome::Met,
+        Kind::Exclusion => c.outcome == Outcome::NotMet,
+    });
+    let d = &facts.demographics;
+    let record = d
+        .deceased
+        .clone()
+        .or_else(|| d.replaced_by.as_ref().map(|r| format!("merged: replaced by {r}")))
+        .or_else(|| d.inactive.then(|| "inactive record (Patient.active is false)".to_string()));
+    let status = if record.is_some() || !deciding.is_empty() {
+        Status::Ineligible
+    } else if all_clear {
+        Status::Eligible
+    } else {
+        Status::PotentiallyEligible
+    };
+    TrialResult {
+        patient: facts.key.clone(),
+        trial: trial.id.clone(),
+        status,
+        record,
+        decided_by: deciding
+            .iter()
+            .map(|c| Decider {
+                id: c.id.clone(),
+                text: c.text.clone(),
+            })
+            .collect(),
+        criteria,
+        facts: all_facts,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(value: f64, bound: Option<Bound>) -> Bounded {
+        Bounded { value, bound }
+    }
+
+    /// The comparator table of shared/bench/README.md.
+    #[test]
+    fn bounds_decide_only_when_definite() {
+        use Bound::*;
+        assert_eq!(compare(b(90.0, Some(AtLeast)), Op::Le, 45.0), Some(false)); // eGFR >90 -> E1 false
+        assert_eq!(compare(b(0.1, Some(AtMost)), Op::Ge, 1.5), Some(false)); // UPCR <0.1 -> I3 false
+        assert_eq!(compare(b(2.0, Some(AtMost)), Op::Ge, 1.5), None); // UPCR <2 -> unknown
+        assert_eq!(compare(b(45.0, Some(AtLeast)), Op::Le, 45.0), None); // eGFR >45 -> unknown
+        assert_eq!(compare(b(1.5, Some(AtLeast)), Op::Ge, 1.5), Some(true));
+        assert_eq!(compare(b(40.0, Some(AtMost)), Op::Lt, 50.0), Some(true));
+        assert_eq!(compare(b(50.0, Some(AtMost)), Op::Lt, 50.0), None);
+        assert_eq!(compare(b(60.0, Some(AtLeast)), Op::Lt, 50.0), Some(false));
+        assert_eq!(compare(b(45.0, None), Op::Le, 45.0), Some(true));
+        assert_eq!(compare(b(45.0, None), Op::Lt, 45.0), Some(false));
+    }
+}

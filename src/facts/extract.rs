@@ -1,0 +1,808 @@
+//! Reduces one patient's resources into [`PatientFacts`], applying each resource type's
+//! validity rules. Pure: the same record and mappings give the same facts.
+
+use super::mappings::{Mappings, SystemCode};
+use super::*;
+use crate::fhir::Resource;
+use crate::fhir::model::*;
+use crate::fhir::record::{MedicationIndex, PatientRecord};
+use crate::time::{Date, parse_fhir_instant};
+
+const OBS_VALID: &[&str] = &["final", "amended", "corrected"];
+
+pub fn extract(rec: &PatientRecord, meds: &MedicationIndex, m: &Mappings, unmapped: &mut Unmapped) -> PatientFacts {
+    let mut f = PatientFacts {
+        key: rec.key.clone(),
+        demographics: demographics(&rec.patient),
+        ..Default::default()
+    };
+    for (reference, resource) in &rec.resources {
+        match resource {
+            Resource::Observation(o, raw) => {
+                f.present.observations = true;
+                observation(reference, o, raw.as_deref(), &f.demographics, m, unmapped, &mut f.labs);
+            }
+            Resource::Condition(c) => {
+                f.present.conditions = true;
+                if let Some(c) = condition(reference, c, m, unmapped) {
+                    f.conditions.push(c);
+                }
+            }
+            Resource::MedicationRequest(r) => {
+                f.present.medications = true;
+                if let Some(x) = medication_request(reference, r, meds, m, unmapped) {
+                    f.medications.push(x);
+                }
+            }
+            Resource::MedicationStatement(r) => {
+                f.present.medications = true;
+                if let Some(x) = medication_statement(reference, r, meds, m, unmapped) {
+                    f.medications.push(x);
+                }
+            }
+            Resource::MedicationAdministration(r) => {
+                f.present.medications = true;
+                if let Some(x) = medication_administration(reference, r, meds, m, unmapped) {
+                    f.medications.push(x);
+                }
+            }
+            Resource::Procedure(p) => {
+                f.present.procedures = true;
+                procedure(reference, p, m, &mut f);
+            }
+            Resource::Immunization(i) => {
+                f.present.immunizations = true;
+                if let Some(x) = immunization(reference, i, m) {
+                    f.immunizations.push(x);
+                }
+            }
+            Resource::AllergyIntolerance(a) => {
+                f.present.allergies = true;
+                if let Some(x) = allergy(reference, a, m) {
+                    f.allergies.push(x);
+                }
+            }
+            Resource::DiagnosticReport(d) => {
+                f.present.reports = true;
+                diagnostic_report(reference, d, m, &mut f);
+            }
+            Resource::Patient(_) | Resource::Medication(_) => {}
+        }
+    }
+    f
+}
+
+fn demographics(p: &Patient) -> Demographics {
+    let deceased = match (p.deceased_boolean, &p.deceased_date_time) {
+        (_, Some(t)) => Some(format!("deceased ({t})")),
+        (Some(true), None) => Some("deceased".to_string()),
+        _ => None,
+    };
+    let replaced_by = p.link.iter().find(|l| l.kind.as_deref() == Some("replaced-by")).map(|l| {
+        l.other
+            .as_ref()
+            .and_then(|o| o.reference.clone())
+            .unwrap_or_else(|| "another record".into())
+    });
+    Demographics {
+        birth_date: p.birth_date.as_deref().and_then(Date::parse),
+        birth_text: p.birth_date.clone(),
+        gender: p.gender.clone(),
+        deceased,
+        inactive: p.active == Some(false),
+        replaced_by,
+    }
+}
+
+fn codes_of(cc: Option<&CodeableConcept>, m: &Mappings) -> Vec<SystemCode> {
+    cc.map(|cc| {
+        cc.coding
+            .iter()
+            .filter_map(|c| {
+                Some(SystemCode {
+                    system: m.system_key(c.system.as_deref()),
+                    code: c.code.clone()?.trim().to_string(),
+                })
+            })
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+fn label(codes: &[SystemCode]) -> String {
+    codes
+        .first()
+        .map(|c| format!("{}|{}", c.system, c.code))
+        .unwrap_or_else(|| "(no code)".into())
+}
+
+fn sets_for(codes: &[SystemCode], m: &Mappings) -> Vec<usize> {
+    let mut out = Vec::new();
+    for c in codes {
+        m.sets_of(c, &mut out);
+    }
+    out
+}
+
+fn time_of(date_time: Option<&String>, period: Option<&Period>) -> Option<Option<crate::time::Instant>> {
+    // Outer None: no time element at all. Inner None: present but unusable.
+    if let Some(t) = date_time {
+        return Some(parse_fhir_instant(t));
+    }
+    period.and_then(|p| p.start.as_ref()).map(|s| parse_fhir_instant(s))
+}
+
+fn unit_key(q: &Quantity) -> Option<&str> {
+    q.code.as_deref().or(q.unit.as_deref()).map(str::trim)
+}
+
+/// `<0.1`, `> 60`, `≥1.5`, `60`: a bound or an exact number.
+pub fn parse_bounded_text(s: &str) -> Option<Bounded> {
+    let s = s.trim();
+    let (bound, rest) = if let Some(r) = s.strip_prefix("<=").or_else(|| s.strip_prefix('≤')).or_else(|| s.strip_prefix('<')) {
+        (Some(Bound::AtMost), r)
+    } else if let Some(r) = s.strip_prefix(">=").or_else(|| s.strip_prefix('≥')).or_else(|| s.strip_prefix('>')) {
+        (Some(Bound::AtLeast), r)
+    } else {
+        (None, s)
+    };
+    let value: f64 = rest.trim().parse().ok()?;
+    value.is_finite().then_some(Bounded { value, bound })
+}
+
+fn comparator(c: Option<&str>) -> Result<Option<Bound>, String> {
+    match c.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some("<" | "<=") => Ok(Some(Bound::AtMost)),
+        Some(">" | ">=") => Ok(Some(Bound::AtLeast)),
+        Some(other) => Err(other.to_string()),
+    }
+}
+
+struct ValueParts<'a> {
+    quantity: Option<&'a Quantity>,
+    string: Option<&'a String>,
+    integer: Option<i64>,
+    concept: Option<&'a CodeableConcept>,
+    ranges: &'a [ReferenceRange],
+}
+
+#[allow(clippy::too_many_arguments)]
+fn observation(
+    reference: &str,
+    o: &Observation,
+    raw: Option<&serde_json::value::RawValue>,
+    demo: &Demographics,
+    m: &Mappings,
+    unmapped: &mut Unmapped,
+    labs: &mut HashMap<usize, Vec<LabValue>>,
+) {
+    if !o.status.as_deref().is_some_and(|s| OBS_VALID.contains(&s)) {
+        return;
+    }
+    let time = match time_of(o.effective_date_time.as_ref(), o.effective_period.as_ref()) {
+        Some(Some(t)) => t,
+        Some(None) => return,
+        None => match o.effective_instant.as_deref().and_then(parse_fhir_instant) {
+            Some(t) => t,
+            None => return,
+        },
+    };
+    let tie = o.id.clone().unwrap_or_default();
+    let codes = codes_of(o.code.as_ref(), m);
+    let top = codes.iter().find_map(|c| m.lab_for_code(c).map(|l| (l, c)));
+    let mut matched = false;
+    if let Some((lab, code)) = top {
+        matched = true;
+        let parts = ValueParts {
+            quantity: o.value_quantity.as_ref(),
+            string: o.value_string.as_ref(),
+            integer: o.value_integer,
+            concept: o.value_codeable_concept.as_ref(),
+            ranges: &o.reference_range,
+        };
+        let json_value = m.labs[lab].value_path.as_ref().and_then(|p| path_number(p, raw));
+        if let Some(v) = lab_value(reference, &tie, time, lab, code, &parts, json_value, demo, m, unmapped) {
+            labs.entry(lab).or_default().push(v);
+        }
+    }
+    for comp in &o.component {
+        let ccodes = codes_of(comp.code.as_ref(), m);
+        let Some((lab, code)) = ccodes.iter().find_map(|c| m.lab_for_code(c).map(|l| (l, c))) else {
+            continue;
+        };
+        matched = true;
+        let parts = ValueParts {
+            quantity: comp.value_quantity.as_ref(),
+            string: comp.value_string.as_ref(),
+            integer: comp.value_integer,
+            concept: comp.value_codeable_concept.as_ref(),
+            ranges: &comp.reference_range,
+        };
+        if let Some(v) = lab_value(reference, &tie, time, lab, code, &parts, None, demo, m, unmapped) {
+            labs.entry(lab).or_default().push(v);
+        }
+    }
+    if !matched {
+        let unit = o.value_quantity.as_ref().and_then(unit_key).unwrap_or("");
+        if let Some(c) = codes.first() {
+            unmapped.add(&c.system, &c.code, unit);
+        }
+    }
+}
+
+fn path_number(path: &jsonpath_rust::parser::model::JpQuery, raw: Option<&serde_json::value::RawValue>) -> Option<f64> {
+    let value: serde_json::Value = serde_json::from_str(raw?.get()).ok()?;
+    let hits = jsonpath_rust::query::js_path_process(path, &value).ok()?;
+    hits.into_iter().find_map(|h| h.val().as_f64())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn lab_value(
+    reference: &str,
+    tie: &str,
+    time: crate::time::Instant,
+    lab: usize,
+    code: &SystemCode,
+    parts: &ValueParts,
+    json_value: Option<f64>,
+    demo: &Demographics,
+    m: &Mappings,
+    unmapped: &mut Unmapped,
+) -> Option<LabValue> {
+    let spec = &m.labs[lab].spec;
+    let dimensionless = spec.unit.starts_with('{') || spec.unit == "1";
+    let mut v = LabValue {
+        resource: reference.to_string(),
+        tie: tie.to_string(),
+        time,
+        code: format!("{}|{}", code.system, code.code),
+        equation: m.labs[lab].equation_of.get(&code.code).cloned(),
+        raw_value: None,
+        raw_text: None,
+        raw_unit: None,
+        reading: Reading::Result(String::new()),
+        uln: None,
+    };
+    if let Some(x) = json_value {
+        v.raw_value = Some(x);
+        v.reading = Reading::Number(Bounded { value: x, bound: None });
+    } else if let Some(q) = parts.quantity {
+        let value = q.value?;
+        v.raw_value = Some(value);
+        v.raw_unit = unit_key(q).map(str::to_string);
+        let unit = v.raw_unit.clone().unwrap_or_default();
+        v.reading = match (comparator(q.comparator.as_deref()), m.lab_factor(lab, &unit)) {
+            (Err(c), _) => Reading::BadComparator(c),
+            (Ok(bound), Some(f)) => Reading::Number(Bounded {
+                value: f.apply(value),
+                bound,
+            }),
+            (Ok(_), None) if unit.is_empty() && dimensionless => Reading::Number(Bounded { value, bound: None }),
+            (Ok(_), None) => {
+                unmapped.add(&code.system, &code.code, &unit);
+                Reading::Unconvertible {
+                    raw_unit: if unit.is_empty() { "(no unit)".into() } else { unit },
+                }
+            }
+        };
+    } else if let Some(i) = parts.integer {
+        v.raw_value = Some(i as f64);
+        v.reading = if dimensionless {
+            Reading::Number(Bounded {
+                value: i as f64,
+                bound: None,
+            })
+        } else {
+            Reading::Unconvertible {
+                raw_unit: "(no unit)".into(),
+            }
+        };
+    } else if let Some(s) = parts.string {
+        v.raw_text = Some(s.clone());
+        if let Some(r) = result_of_text(spec, s) {
+            v.reading = Reading::Result(r);
+        } else {
+            // A bare bound such as `>60` carries no unit: it is read in the canonical unit.
+            v.reading = Reading::Number(parse_bounded_text(s)?);
+        }
+    } else if let Some(cc) = parts.concept {
+        let r = cc
+            .coding
+            .iter()
+            .find_map(|c| c.code.as_deref().and_then(|k| result_of_text(spec, k)))
+            .or_else(|| cc.text.as_deref().and_then(|t| result_of_text(spec, t)))?;
+        v.raw_text = Some(r.clone());
+        v.reading = Reading::Result(r);
+    } else {
+        return None;
+    }
+    v.uln = uln_of(parts.ranges, lab, demo, time, m);
+    Some(v)
+}
+
+fn result_of_text(spec: &mappings::LabSpec, s: &str) -> Option<String> {
+    let s = s.trim();
+    spec.results
+        .iter()
+        .find(|(_, vals)| vals.iter().any(|v| v.eq_ignore_ascii_case(s)))
+        .map(|(k, _)| k.clone())
+}
+
+/// ULN from referenceRange: entries of type normal (or untyped) that apply to the patient's
+/// sex and age; the first with a `high` in a convertible unit wins (codes.md section 5).
+fn uln_of(ranges: &[ReferenceRange], lab: usize, demo: &Demographics, time: crate::time::Instant, m: &Mappings) -> Option<f64> {
+    for r in ranges {
+        if let Some(t) = &r.kind {
+            if !t.coding.is_empty() && !t.has_code(&["normal"]) {
+                continue;
+            }
+        }
+        if !r.applies_to.is_empty() {
+            let sex = demo.gender.as_deref().unwrap_or("");
+            let mentions_sex = r
+                .applies_to
+                .iter()
+                .any(|a| a.has_code(&["male", "female", "248153007", "248152002"]));
+            let matches_sex = r.applies_to.iter().any(|a| match sex {
+                "male" => a.has_code(&["male", "248153007"]),
+                "female" => a.has_code(&["female", "248152002"]),
+                _ => false,
+            });
+            if mentions_sex && !matches_sex {
+                continue;
+            }
+        }
+        if let (Some(age), Some(birth)) = (&r.age, demo.birth_date) {
+            let years = time.date().years_since(birth) as f64;
+            if age.low.as_ref().and_then(|q| q.value).is_some_and(|lo| years < lo)
+                || age.high.as_ref().and_then(|q| q.value).is_some_and(|hi| years > hi)
+            {
+                continue;
+            }
+        }
+        let Some(high) = &r.high else { continue };
+        let Some(value) = high.value else { continue };
+        let unit = unit_key(high).unwrap_or("");
+        let factor = if unit.is_empty() {
+            Some(mappings::Factor::Multiply(1.0))
+        } else {
+            m.lab_factor(lab, unit)
+        };
+        if let Some(f) = factor {
+            return Some(f.apply(value));
+        }
+    }
+    None
+}
+
+const CLINICAL: &[&str] = &["active", "recurrence", "relapse", "inactive", "remission", "resolved"];
+
+fn condition(reference: &str, c: &Condition, m: &Mappings, unmapped: &mut Unmapped) -> Option<ConditionFact> {
+    if c.verification_status
+        .as_ref()
+        .is_some_and(|v| v.has_code(&["entered-in-error", "refuted"]))
+    {
+        return None;
+    }
+    let codes = codes_of(c.code.as_ref(), m);
+    let sets = sets_for(&codes, m);
+    if sets.is_empty() {
+        for code in codes.iter().filter(|c| !m.known_system(&c.system)) {
+            unmapped.add(&code.system, &code.code, "");
+        }
+        return None;
+    }
+    let clinical = c.clinical_status.as_ref().map(|cs| {
+        cs.coding
+            .iter()
+            .filter_map(|x| x.code.as_deref())
+            .find(|k| CLINICAL.contains(k))
+            .unwrap_or("unrecognised")
+            .to_string()
+    });
+    let onset = time_of(c.onset_date_time.as_ref(), c.onset_period.as_ref()).flatten();
+    let abatement = c.abatement_date_time.as_deref().and_then(parse_fhir_instant).or_else(|| {
+        c.abatement_period
+            .as_ref()
+            .and_then(|p| p.end.as_deref().or(p.start.as_deref()))
+            .and_then(parse_fhir_instant)
+    });
+    Some(ConditionFact {
+        resource: reference.to_string(),
+        sets,
+        code: label(&codes),
+        clinical,
+        onset,
+        abatement,
+        abated_undated: abatement.is_none()
+            && (c.abatement_boolean == Some(true) || c.abatement_date_time.is_some() || c.abatement_period.is_some()),
+        recorded: c.recorded_date.as_deref().and_then(parse_fhir_instant),
+    })
+}
+
+/// The codes naming a medication: its CodeableConcept or the referenced Medication's code and
+/// ingredients; RxNorm products are rolled up to their ingredients. Returns (sets, routes, label).
+fn medication_sets(
+    cc: Option<&CodeableConcept>,
+    reference: Option<&Reference>,
+    contained: &[Medication],
+    meds: &MedicationIndex,
+    m: &Mappings,
+    unmapped: &mut Unmapped,
+) -> (Vec<usize>, Vec<usize>, String) {
+    let mut codes = codes_of(cc, m);
+    if let Some(r) = reference.and_then(|r| r.reference.as_deref()) {
+        let med = match r.strip_prefix('#') {
+            Some(id) => contained.iter().find(|c| c.id.as_deref() == Some(id)),
+            None => meds.get(r),
+        };
+        if let Some(med) = med {
+            codes.extend(codes_of(med.code.as_ref(), m));
+            for ing in &med.ingredient {
+                codes.extend(codes_of(ing.item_codeable_concept.as_ref(), m));
+            }
+        }
+    }
+    let mut sets = sets_for(&codes, m);
+    let mut routes = Vec::new();
+    for c in codes.iter().filter(|c| c.system == "rxnorm") {
+        if let Some(p) = m.product(&c.code) {
+            for ing in &p.ingredients {
+                m.sets_of(
+                    &SystemCode {
+                        system: "rxnorm".into(),
+                        code: ing.clone(),
+                    },
+                    &mut sets,
+                );
+            }
+            if let Some(route) = p.route.as_deref().and_then(|r| m.set(r)) {
+                routes.push(route);
+            }
+        }
+    }
+    if sets.is_empty() {
+        if let Some(c) = codes.first() {
+            unmapped.add(&c.system, &c.code, "");
+        }
+    }
+    (sets, routes, label(&codes))
+}
+
+fn route_sets(route: Option<&CodeableConcept>, m: &Mappings, out: &mut Vec<usize>) {
+    let Some(cc) = route else { return };
+    let mut found = sets_for(&codes_of(Some(cc), m), m);
+    if found.is_empty() {
+        for t in cc.text.iter().chain(cc.coding.iter().filter_map(|c| c.display.as_ref())) {
+            m.sets_of_text(t, &mut found);
+        }
+    }
+    for s in found {
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+}
+
+fn period_bounds(p: Option<&Period>) -> (Option<Instant>, Option<Instant>) {
+    match p {
+        Some(p) => (
+            p.start.as_deref().and_then(parse_fhir_instant),
+            p.end.as_deref().and_then(parse_fhir_instant),
+        ),
+        None => (None, None),
+    }
+}
+
+fn medication_request(
+    reference: &str,
+    r: &MedicationRequest,
+    meds: &MedicationIndex,
+    m: &Mappings,
+    unmapped: &mut Unmapped,
+) -> Option<MedicationFact> {
+    let status = r.status.as_deref()?;
+    if !["active", "completed", "stopped", "on-hold"].contains(&status) {
+        return None;
+    }
+    if matches!(r.intent.as_deref(), Some("plan" | "proposal" | "option")) || r.do_not_perform == Some(true) {
+        return None;
+    }
+    let (sets, mut routes, code) = medication_sets(
+        r.medication_codeable_concept.as_ref(),
+        r.medication_reference.as_ref(),
+        &r.contained,
+        meds,
+        m,
+        unmapped,
+    );
+    if sets.is_empty() {
+        return None;
+    }
+    let bounds = r
+        .dosage_instruction
+        .iter()
+        .find_map(|d| d.timing.as_ref()?.repeat.as_ref()?.bounds_period.as_ref());
+    let validity = r.dispense_request.as_ref().and_then(|d| d.validity_period.as_ref());
+    let (mut start, end) = period_bounds(bounds.or(validity));
+    if start.is_none() {
+        start = r.authored_on.as_deref().and_then(parse_fhir_instant);
+    }
+    let mut dose_routes = Vec::new();
+    for d in &r.dosage_instruction {
+        route_sets(d.route.as_ref(), m, &mut dose_routes);
+    }
+    if !dose_routes.is_empty() {
+        routes = dose_routes;
+    }
+    Some(MedicationFact {
+        resource: reference.to_string(),
+        source: MedSource::Request,
+        sets,
+        code,
+        start,
+        end,
+        ongoing: end.is_none() && matches!(status, "active" | "on-hold"),
+        routes,
+        dose_g: None,
+        dose_text: None,
+    })
+}
+
+fn medication_statement(
+    reference: &str,
+    r: &MedicationStatement,
+    meds: &MedicationIndex,
+    m: &Mappings,
+    unmapped: &mut Unmapped,
+) -> Option<MedicationFact> {
+    let status = r.status.as_deref()?;
+    if !["active", "completed", "stopped", "on-hold"].contains(&status) {
+        return None;
+    }
+    let (sets, mut routes, code) = medication_sets(
+        r.medication_codeable_concept.as_ref(),
+        r.medication_reference.as_ref(),
+        &r.contained,
+        meds,
+        m,
+        unmapped,
+    );
+    if sets.is_empty() {
+        return None;
+    }
+    let (start, end) = match (&r.effective_date_time, &r.effective_period) {
+        (Some(t), _) => (parse_fhir_instant(t), None),
+        (None, Some(p)) => period_bounds(Some(p)),
+        (None, None) => (r.date_asserted.as_deref().and_then(parse_fhir_instant), None),
+    };
+    let mut dose_routes = Vec::new();
+    for d in &r.dosage {
+        route_sets(d.route.as_ref(), m, &mut dose_routes);
+    }
+    if !dose_routes.is_empty() {
+        routes = dose_routes;
+    }
+    Some(MedicationFact {
+        resource: reference.to_string(),
+        source: MedSource::Statement,
+        sets,
+        code,
+        start,
+        end,
+        ongoing: end.is_none() && matches!(status, "active" | "on-hold"),
+        routes,
+        dose_g: None,
+        dose_text: None,
+    })
+}
+
+fn medication_administration(
+    reference: &str,
+    r: &MedicationAdministration,
+    meds: &MedicationIndex,
+    m: &Mappings,
+    unmapped: &mut Unmapped,
+) -> Option<MedicationFact> {
+    let status = r.status.as_deref()?;
+    if !["completed", "in-progress", "stopped"].contains(&status) {
+        return None;
+    }
+    let (sets, mut routes, code) = medication_sets(
+        r.medication_codeable_concept.as_ref(),
+        r.medication_reference.as_ref(),
+        &r.contained,
+        meds,
+        m,
+        unmapped,
+    );
+    if sets.is_empty() {
+        return None;
+    }
+    let (start, end) = match (&r.effective_date_time, &r.effective_period) {
+        (Some(t), _) => (parse_fhir_instant(t), None),
+        (None, p) => period_bounds(p.as_ref()),
+    };
+    let mut dose_routes = Vec::new();
+    route_sets(r.dosage.as_ref().and_then(|d| d.route.as_ref()), m, &mut dose_routes);
+    if !dose_routes.is_empty() {
+        routes = dose_routes;
+    }
+    let dose = r.dosage.as_ref().and_then(|d| d.dose.as_ref());
+    let dose_g = dose.and_then(|q| Some(m.dose_factor(unit_key(q)?)?.apply(q.value?)));
+    let dose_text = dose.map(|q| {
+        format!(
+            "{} {}",
+            q.value.map(|v| v.to_string()).unwrap_or_default(),
+            unit_key(q).unwrap_or("")
+        )
+    });
+    Some(MedicationFact {
+        resource: reference.to_string(),
+        source: MedSource::Administration,
+        sets,
+        code,
+        start,
+        end,
+        ongoing: false,
+        routes,
+        dose_g,
+        dose_text,
+    })
+}
+
+fn procedure(reference: &str, p: &Procedure, m: &Mappings, f: &mut PatientFacts) {
+    if matches!(
+        p.status.as_deref(),
+        Some("not-done" | "entered-in-error" | "preparation" | "unknown") | None
+    ) {
+        return;
+    }
+    let codes = codes_of(p.code.as_ref(), m);
+    let sets = sets_for(&codes, m);
+    if sets.is_empty() {
+        return;
+    }
+    let (start, end) = match (&p.performed_date_time, &p.performed_period) {
+        (Some(t), _) => (parse_fhir_instant(t), None),
+        (None, per) => period_bounds(per.as_ref()),
+    };
+    for (kind, b) in &m.biopsies {
+        if m.set(&b.procedures).is_some_and(|s| sets.contains(&s)) {
+            f.biopsies.push(BiopsyFact {
+                kind: kind.clone(),
+                resource: reference.to_string(),
+                time: start,
+                classes: Vec::new(),
+            });
+        }
+    }
+    f.procedures.push(EventFact {
+        resource: reference.to_string(),
+        sets,
+        code: label(&codes),
+        time: start,
+        end,
+    });
+}
+
+fn immunization(reference: &str, i: &Immunization, m: &Mappings) -> Option<EventFact> {
+    if i.status.as_deref() != Some("completed") {
+        return None;
+    }
+    let codes = codes_of(i.vaccine_code.as_ref(), m);
+    let sets = sets_for(&codes, m);
+    if sets.is_empty() {
+        return None;
+    }
+    Some(EventFact {
+        resource: reference.to_string(),
+        sets,
+        code: label(&codes),
+        time: i.occurrence_date_time.as_deref().and_then(parse_fhir_instant),
+        end: None,
+    })
+}
+
+fn allergy(reference: &str, a: &AllergyIntolerance, m: &Mappings) -> Option<AllergyFact> {
+    if a.verification_status
+        .as_ref()
+        .is_some_and(|v| v.has_code(&["entered-in-error", "refuted"]))
+    {
+        return None;
+    }
+    if a.clinical_status.as_ref().is_some_and(|c| c.has_code(&["inactive", "resolved"])) {
+        return None;
+    }
+    let codes = codes_of(a.code.as_ref(), m);
+    let mut sets = sets_for(&codes, m);
+    for c in codes.iter().filter(|c| c.system == "rxnorm") {
+        if let Some(p) = m.product(&c.code) {
+            for ing in &p.ingredients {
+                m.sets_of(
+                    &SystemCode {
+                        system: "rxnorm".into(),
+                        code: ing.clone(),
+                    },
+                    &mut sets,
+                );
+            }
+        }
+    }
+    if sets.is_empty() {
+        return None;
+    }
+    Some(AllergyFact {
+        resource: reference.to_string(),
+        sets,
+        code: label(&codes),
+    })
+}
+
+fn diagnostic_report(reference: &str, d: &DiagnosticReport, m: &Mappings, f: &mut PatientFacts) {
+    if !d
+        .status
+        .as_deref()
+        .is_some_and(|s| ["final", "amended", "corrected", "appended"].contains(&s))
+    {
+        return;
+    }
+    let sets = sets_for(&codes_of(d.code.as_ref(), m), m);
+    for (kind, b) in &m.biopsies {
+        if !m.set(&b.reports).is_some_and(|s| sets.contains(&s)) {
+            continue;
+        }
+        let mut found = Vec::new();
+        for cc in &d.conclusion_code {
+            found.extend(sets_for(&codes_of(Some(cc), m), m));
+        }
+        let classes = b
+            .classes
+            .iter()
+            .filter(|(_, set)| m.set(set).is_some_and(|s| found.contains(&s)))
+            .map(|(class, _)| class.clone())
+            .collect();
+        let time = time_of(d.effective_date_time.as_ref(), d.effective_period.as_ref())
+            .flatten()
+            .or_else(|| d.issued.as_deref().and_then(parse_fhir_instant));
+        f.biopsies.push(BiopsyFact {
+            kind: kind.clone(),
+            resource: reference.to_string(),
+            time,
+            classes,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_strings() {
+        assert_eq!(
+            parse_bounded_text(">60"),
+            Some(Bounded {
+                value: 60.0,
+                bound: Some(Bound::AtLeast)
+            })
+        );
+        assert_eq!(
+            parse_bounded_text("< 0.1"),
+            Some(Bounded {
+                value: 0.1,
+                bound: Some(Bound::AtMost)
+            })
+        );
+        assert_eq!(
+            parse_bounded_text("≥1.5"),
+            Some(Bounded {
+                value: 1.5,
+                bound: Some(Bound::AtLeast)
+            })
+        );
+        assert_eq!(parse_bounded_text("45"), Some(Bounded { value: 45.0, bound: None }));
+        assert_eq!(parse_bounded_text("high"), None);
+    }
+}

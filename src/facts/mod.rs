@@ -1,0 +1,181 @@
+//! Resources -> facts. A patient's resources are reduced, one at a time, into the few typed and
+//! dated facts the rules read (lab values in canonical units, coded conditions with their
+//! status and dates, medication exposures, procedures...), each with its provenance. Validity
+//! rules (statuses that do not count, refuted diagnoses, not-taken medications) are applied
+//! here, once, so the evaluator never sees a record it must ignore.
+
+pub mod derive;
+pub mod extract;
+pub mod mappings;
+
+use crate::time::{Date, Instant};
+use std::collections::{BTreeMap, HashMap};
+
+/// A numeric value that may be only a bound (`<0.1`, `>90`), as labs report it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bounded {
+    pub value: f64,
+    /// `None`: exact; `Some(Less)`: the true value is at most `value`; `Some(Greater)`: at least.
+    pub bound: Option<Bound>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    AtMost,
+    AtLeast,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reading {
+    /// A number converted to the lab's canonical unit.
+    Number(Bounded),
+    /// A number whose unit the mapping cannot convert; it decides nothing.
+    Unconvertible { raw_unit: String },
+    /// A comparator the mapping cannot interpret (`ad`).
+    BadComparator(String),
+    /// A qualitative result (`positive`, `negative`...).
+    Result(String),
+}
+
+/// One usable lab measurement.
+#[derive(Debug, Clone)]
+pub struct LabValue {
+    pub resource: String,
+    /// The Observation's own id, the tie-breaker between two results at the same instant.
+    pub tie: String,
+    pub time: Instant,
+    pub code: String,
+    pub equation: Option<String>,
+    pub raw_value: Option<f64>,
+    pub raw_text: Option<String>,
+    pub raw_unit: Option<String>,
+    pub reading: Reading,
+    /// Upper limit of normal from this Observation's own referenceRange, in canonical units.
+    pub uln: Option<f64>,
+}
+
+/// A coded condition that counts (not refuted, not entered in error).
+#[derive(Debug, Clone)]
+pub struct ConditionFact {
+    pub resource: String,
+    pub sets: Vec<usize>,
+    pub code: String,
+    /// `active`, `recurrence`, `relapse`, `inactive`, `remission`, `resolved`, or None when absent.
+    pub clinical: Option<String>,
+    pub onset: Option<Instant>,
+    pub abatement: Option<Instant>,
+    /// abatementBoolean true, or an abatement[x] of another type: over, date unknown.
+    pub abated_undated: bool,
+    pub recorded: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MedSource {
+    Request,
+    Statement,
+    Administration,
+}
+
+/// A medication exposure: a period during which the patient had (or was to have) the drug.
+#[derive(Debug, Clone)]
+pub struct MedicationFact {
+    pub resource: String,
+    pub source: MedSource,
+    pub sets: Vec<usize>,
+    pub code: String,
+    pub start: Option<Instant>,
+    /// None with `ongoing`: still going; None without: a single point at `start`.
+    pub end: Option<Instant>,
+    pub ongoing: bool,
+    /// Route sets matched (`route-oral`, `route-intravenous`), from the dosage or the product.
+    pub routes: Vec<usize>,
+    /// Dose given, in grams (MedicationAdministration only).
+    pub dose_g: Option<f64>,
+    pub dose_text: Option<String>,
+}
+
+/// A dated coded event: a Procedure, an Immunization.
+#[derive(Debug, Clone)]
+pub struct EventFact {
+    pub resource: String,
+    pub sets: Vec<usize>,
+    pub code: String,
+    pub time: Option<Instant>,
+    pub end: Option<Instant>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AllergyFact {
+    pub resource: String,
+    pub sets: Vec<usize>,
+    pub code: String,
+}
+
+/// A kidney (or other) biopsy with the classes its report codes, if any.
+#[derive(Debug, Clone)]
+pub struct BiopsyFact {
+    pub kind: String,
+    pub resource: String,
+    pub time: Option<Instant>,
+    pub classes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Demographics {
+    pub birth_date: Option<Date>,
+    pub birth_text: Option<String>,
+    pub gender: Option<String>,
+    pub deceased: Option<String>,
+    pub inactive: bool,
+    pub replaced_by: Option<String>,
+}
+
+/// Which kinds of record the patient has at all: a rule about a kind the feed never sent
+/// cannot say "absent", only "unknown".
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Present {
+    pub observations: bool,
+    pub conditions: bool,
+    pub medications: bool,
+    pub procedures: bool,
+    pub immunizations: bool,
+    pub allergies: bool,
+    pub reports: bool,
+}
+
+/// Everything the rules may read about one patient.
+#[derive(Debug, Clone, Default)]
+pub struct PatientFacts {
+    pub key: String,
+    pub demographics: Demographics,
+    /// Lab values by lab index, in no particular order.
+    pub labs: HashMap<usize, Vec<LabValue>>,
+    pub conditions: Vec<ConditionFact>,
+    pub medications: Vec<MedicationFact>,
+    pub procedures: Vec<EventFact>,
+    pub immunizations: Vec<EventFact>,
+    pub allergies: Vec<AllergyFact>,
+    pub biopsies: Vec<BiopsyFact>,
+    pub present: Present,
+}
+
+/// Codes and units seen in the data that no mapping could use, for tuning mappings.
+#[derive(Debug, Clone, Default)]
+pub struct Unmapped {
+    pub counts: BTreeMap<(String, String, String), usize>,
+}
+
+impl Unmapped {
+    pub fn add(&mut self, system: &str, code: &str, unit: &str) {
+        *self
+            .counts
+            .entry((system.to_string(), code.to_string(), unit.to_string()))
+            .or_default() += 1;
+    }
+
+    pub fn merge(&mut self, other: Unmapped) {
+        for (k, v) in other.counts {
+            *self.counts.entry(k).or_default() += v;
+        }
+    }
+}

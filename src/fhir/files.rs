@@ -1,0 +1,282 @@
+//! FHIR R4 JSON from files and folders: a Bundle (collection, searchset, transaction, batch,
+//! or any other type), a single resource, or NDJSON with one resource per line as Bulk Data
+//! writes it. A malformed line, entry or resource is reported with its file and line (or entry
+//! index) and skipped; it never stops the other resources from being read.
+
+use super::model::*;
+use super::{InputIssue, READ_TYPES, Resource};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::path::{Path, PathBuf};
+
+/// A resource as read, with the `fullUrl` its Bundle entry gave it (used to resolve
+/// `urn:uuid:` references in Synthea-style bundles that carry no ids).
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    pub resource: Resource,
+    pub full_url: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct ReadOutput {
+    pub resources: Vec<Parsed>,
+    pub issues: Vec<InputIssue>,
+    /// Files read, in the order read.
+    pub files: Vec<PathBuf>,
+    /// Resources of types no criterion needs, skipped unparsed.
+    pub skipped: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadOptions {
+    /// Keep each Observation's JSON text, for mappings that read a field through JSONPath.
+    pub keep_observation_json: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}: no .json or .ndjson files found")]
+    Empty(PathBuf),
+}
+
+/// Reads every FHIR file under `path` (a file, or a folder searched recursively for
+/// `.json`, `.ndjson` and `.jsonl` files, in sorted order so runs are reproducible).
+pub fn read_path(path: &Path, opts: ReadOptions) -> Result<ReadOutput, ReadError> {
+    let mut files = Vec::new();
+    collect_files(path, &mut files)?;
+    if files.is_empty() {
+        return Err(ReadError::Empty(path.to_path_buf()));
+    }
+    let mut out = ReadOutput::default();
+    for f in files {
+        let text = std::fs::read_to_string(&f).map_err(|source| ReadError::Io { path: f.clone(), source })?;
+        read_text(&f.display().to_string(), &text, is_ndjson_name(&f), opts, &mut out);
+        out.files.push(f);
+    }
+    Ok(out)
+}
+
+fn collect_files(path: &Path, files: &mut Vec<PathBuf>) -> Result<(), ReadError> {
+    let io = |source| ReadError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if meta.is_file() {
+        files.push(path.to_path_buf());
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(io)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            collect_files(&p, files)?;
+        } else if matches!(p.extension().and_then(|e| e.to_str()), Some("json" | "ndjson" | "jsonl")) {
+            files.push(p);
+        }
+    }
+    Ok(())
+}
+
+fn is_ndjson_name(p: &Path) -> bool {
+    matches!(p.extension().and_then(|e| e.to_str()), Some("ndjson" | "jsonl"))
+}
+
+/// Reads one file's text. `name` labels issues. A `.json` file that turns out to hold one
+/// resource per line is read as NDJSON.
+pub fn read_text(name: &str, text: &str, ndjson: bool, opts: ReadOptions, out: &mut ReadOutput) {
+    if !ndjson {
+        match serde_json::from_str::<&RawValue>(text) {
+            Ok(raw) => {
+                read_value(name, text, raw, None, opts, out);
+                return;
+            }
+            Err(e) if e.line() > 1 && first_line_is_object(text) => {} // NDJSON saved as .json
+            Err(e) => {
+                out.issues
+                    .push(issue(format!("{name}:{}:{}", e.line(), e.column()), format!("not valid JSON: {e}")));
+                return;
+            }
+        }
+    }
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let loc = format!("{name}:{}", i + 1);
+        match serde_json::from_str::<&RawValue>(line) {
+            Ok(raw) => parse_resource(&loc, raw, None, opts, out),
+            Err(e) => out.issues.push(issue(loc, format!("not valid JSON: {e}"))),
+        }
+    }
+}
+
+fn first_line_is_object(text: &str) -> bool {
+    text.lines()
+        .find(|l| !l.trim().is_empty())
+        .is_some_and(|l| serde_json::from_str::<&RawValue>(l.trim()).is_ok())
+}
+
+#[derive(Deserialize)]
+struct BundleShape<'a> {
+    #[serde(borrow, default)]
+    entry: Vec<EntryShape<'a>>,
+}
+
+#[derive(Deserialize)]
+struct EntryShape<'a> {
+    #[serde(rename = "fullUrl")]
+    full_url: Option<String>,
+    #[serde(borrow)]
+    resource: Option<&'a RawValue>,
+}
+
+fn read_value(name: &str, text: &str, raw: &RawValue, full_url: Option<String>, opts: ReadOptions, out: &mut ReadOutput) {
+    let loc = format!("{name}:{}", line_of(text, raw));
+    if resource_type(raw).as_deref() != Some("Bundle") {
+        parse_resource(&loc, raw, full_url, opts, out);
+        return;
+    }
+    let bundle: BundleShape = match serde_json::from_str(raw.get()) {
+        Ok(b) => b,
+        Err(e) => {
+            out.issues.push(issue(loc, format!("Bundle cannot be read: {e}")));
+            return;
+        }
+    };
+    for (i, entry) in bundle.entry.into_iter().enumerate() {
+        match entry.resource {
+            Some(r) => read_value(&format!("{name} entry {i}"), text, r, entry.full_url, opts, out),
+            // Entries without a resource (a transaction's DELETE, a search outcome) carry no data.
+            None => {}
+        }
+    }
+}
+
+/// 1-based line of `raw` inside `text` (both borrowed from the same buffer).
+fn line_of(text: &str, raw: &RawValue) -> usize {
+    let off = (raw.get().as_ptr() as usize).wrapping_sub(text.as_ptr() as usize);
+    if off > text.len() {
+        return 1;
+    }
+    text.as_bytes()[..off].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+fn issue(location: String, message: String) -> InputIssue {
+    InputIssue { location, message }
+}
+
+/// The `resourceType` of a JSON object, found cheaply when it is the first key (as every
+/// FHIR serializer writes it) and by a full scan otherwise.
+fn resource_type(raw: &RawValue) -> Option<String> {
+    let s = raw.get().trim_start();
+    if let Some(rest) = s.strip_prefix('{') {
+        let rest = rest.trim_start();
+        if let Some(rest) = rest.strip_prefix("\"resourceType\"") {
+            let rest = rest.trim_start().strip_prefix(':')?.trim_start().strip_prefix('"')?;
+            let end = rest.find('"')?;
+            return Some(rest[..end].to_string());
+        }
+    }
+    #[derive(Deserialize)]
+    struct Peek {
+        #[serde(rename = "resourceType")]
+        rt: Option<String>,
+    }
+    serde_json::from_str::<Peek>(raw.get()).ok().and_then(|p| p.rt)
+}
+
+fn parse_resource(loc: &str, raw: &RawValue, full_url: Option<String>, opts: ReadOptions, out: &mut ReadOutput) {
+    let Some(rt) = resource_type(raw) else {
+        out.issues
+            .push(issue(loc.to_string(), "not a FHIR resource: no resourceType".into()));
+        return;
+    };
+    if !READ_TYPES.contains(&rt.as_str()) {
+        out.skipped += 1;
+        return;
+    }
+    let text = raw.get();
+    let parsed = match rt.as_str() {
+        "Patient" => serde_json::from_str(text).map(Resource::Patient),
+        "Observation" => serde_json::from_str(text).map(|o| {
+            let keep = opts.keep_observation_json.then(|| raw.to_owned());
+            Resource::Observation(Box::new(o), keep)
+        }),
+        "Condition" => serde_json::from_str(text).map(|r| Resource::Condition(Box::new(r))),
+        "MedicationRequest" => serde_json::from_str(text).map(|r| Resource::MedicationRequest(Box::new(r))),
+        "MedicationStatement" => serde_json::from_str(text).map(|r| Resource::MedicationStatement(Box::new(r))),
+        "MedicationAdministration" => serde_json::from_str(text).map(|r| Resource::MedicationAdministration(Box::new(r))),
+        "Medication" => serde_json::from_str::<Medication>(text).map(|r| Resource::Medication(Box::new(r))),
+        "Procedure" => serde_json::from_str(text).map(|r| Resource::Procedure(Box::new(r))),
+        "Immunization" => serde_json::from_str(text).map(|r| Resource::Immunization(Box::new(r))),
+        "AllergyIntolerance" => serde_json::from_str(text).map(|r| Resource::AllergyIntolerance(Box::new(r))),
+        "DiagnosticReport" => serde_json::from_str(text).map(|r| Resource::DiagnosticReport(Box::new(r))),
+        _ => unreachable!("READ_TYPES and this match list the same types"),
+    };
+    match parsed {
+        Ok(resource) => out.resources.push(Parsed { resource, full_url }),
+        Err(e) => out.issues.push(issue(
+            loc.to_string(),
+            format!("{rt} skipped: {e} (line {} of the resource)", e.line()),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(text: &str, ndjson: bool) -> ReadOutput {
+        let mut out = ReadOutput::default();
+        read_text("t.json", text, ndjson, ReadOptions::default(), &mut out);
+        out
+    }
+
+    #[test]
+    fn malformed_ndjson_line_is_reported_and_others_kept() {
+        let out = read(
+            "{\"resourceType\":\"Patient\",\"id\":\"a\"}\n{not json\n{\"resourceType\":\"Patient\",\"id\":\"b\"}\n",
+            true,
+        );
+        assert_eq!(out.resources.len(), 2);
+        assert_eq!(out.issues.len(), 1);
+        assert_eq!(out.issues[0].location, "t.json:2");
+    }
+
+    #[test]
+    fn bundle_entry_with_wrong_type_is_reported_by_index_and_line() {
+        let text = "{\"resourceType\":\"Bundle\",\"type\":\"collection\",\"entry\":[\n\
+            {\"resource\":{\"resourceType\":\"Patient\",\"id\":\"a\"}},\n\
+            {\"resource\":{\"resourceType\":\"Observation\",\"status\":7}},\n\
+            {\"resource\":{\"resourceType\":\"Encounter\",\"id\":\"e\"}}]}";
+        let out = read(text, false);
+        assert_eq!(out.resources.len(), 1);
+        assert_eq!(out.skipped, 1);
+        assert_eq!(out.issues.len(), 1);
+        assert_eq!(out.issues[0].location, "t.json entry 1:3");
+        assert!(out.issues[0].message.starts_with("Observation skipped"));
+    }
+
+    #[test]
+    fn ndjson_saved_as_json_is_read_line_by_line() {
+        let out = read(
+            "{\"resourceType\":\"Patient\",\"id\":\"a\"}\n{\"resourceType\":\"Patient\",\"id\":\"b\"}\n",
+            false,
+        );
+        assert_eq!(out.resources.len(), 2);
+        assert!(out.issues.is_empty());
+    }
+
+    #[test]
+    fn resource_type_not_first_is_still_found() {
+        let out = read("{\"id\":\"a\",\"resourceType\":\"Patient\"}", false);
+        assert_eq!(out.resources.len(), 1);
+    }
+}

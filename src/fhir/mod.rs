@@ -1,0 +1,98 @@
+//! The only place that speaks FHIR on disk. `files` turns paths into parsed resources with
+//! their locations; `record` groups them into one [`record::PatientRecord`] per patient.
+
+pub mod files;
+pub mod model;
+pub mod record;
+
+use model::*;
+use serde_json::value::RawValue;
+
+/// One parsed resource of a kind some criterion can use.
+#[derive(Debug, Clone)]
+pub enum Resource {
+    Patient(Patient),
+    Observation(Box<Observation>, Option<Box<RawValue>>),
+    Condition(Box<Condition>),
+    MedicationRequest(Box<MedicationRequest>),
+    MedicationStatement(Box<MedicationStatement>),
+    MedicationAdministration(Box<MedicationAdministration>),
+    Medication(Box<Medication>),
+    Procedure(Box<Procedure>),
+    Immunization(Box<Immunization>),
+    AllergyIntolerance(Box<AllergyIntolerance>),
+    DiagnosticReport(Box<DiagnosticReport>),
+}
+
+impl Resource {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Resource::Patient(_) => "Patient",
+            Resource::Observation(..) => "Observation",
+            Resource::Condition(_) => "Condition",
+            Resource::MedicationRequest(_) => "MedicationRequest",
+            Resource::MedicationStatement(_) => "MedicationStatement",
+            Resource::MedicationAdministration(_) => "MedicationAdministration",
+            Resource::Medication(_) => "Medication",
+            Resource::Procedure(_) => "Procedure",
+            Resource::Immunization(_) => "Immunization",
+            Resource::AllergyIntolerance(_) => "AllergyIntolerance",
+            Resource::DiagnosticReport(_) => "DiagnosticReport",
+        }
+    }
+
+    pub fn id(&self) -> Option<&str> {
+        match self {
+            Resource::Patient(r) => r.id.as_deref(),
+            Resource::Observation(r, _) => r.id.as_deref(),
+            Resource::Condition(r) => r.id.as_deref(),
+            Resource::MedicationRequest(r) => r.id.as_deref(),
+            Resource::MedicationStatement(r) => r.id.as_deref(),
+            Resource::MedicationAdministration(r) => r.id.as_deref(),
+            Resource::Medication(r) => r.id.as_deref(),
+            Resource::Procedure(r) => r.id.as_deref(),
+            Resource::Immunization(r) => r.id.as_deref(),
+            Resource::AllergyIntolerance(r) => r.id.as_deref(),
+            Resource::DiagnosticReport(r) => r.id.as_deref(),
+        }
+    }
+
+    /// The reference to the patient this resource is about, if it has one.
+    pub fn patient_reference(&self) -> Option<&str> {
+        let r = match self {
+            Resource::Patient(_) | Resource::Medication(_) => return None,
+            Resource::Observation(r, _) => r.subject.as_ref(),
+            Resource::Condition(r) => r.subject.as_ref(),
+            Resource::MedicationRequest(r) => r.subject.as_ref(),
+            Resource::MedicationStatement(r) => r.subject.as_ref(),
+            Resource::MedicationAdministration(r) => r.subject.as_ref(),
+            Resource::Procedure(r) => r.subject.as_ref(),
+            Resource::Immunization(r) => r.patient.as_ref(),
+            Resource::AllergyIntolerance(r) => r.patient.as_ref(),
+            Resource::DiagnosticReport(r) => r.subject.as_ref(),
+        };
+        r.and_then(|r| r.reference.as_deref())
+    }
+}
+
+/// Resource types trialgate reads; every other type is skipped without being parsed.
+pub const READ_TYPES: &[&str] = &[
+    "Patient",
+    "Observation",
+    "Condition",
+    "MedicationRequest",
+    "MedicationStatement",
+    "MedicationAdministration",
+    "Medication",
+    "Procedure",
+    "Immunization",
+    "AllergyIntolerance",
+    "DiagnosticReport",
+];
+
+/// A problem with one piece of input: where it is and what is wrong. Never fatal to the run.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct InputIssue {
+    pub location: String,
+    pub message: String,
+}

@@ -1,0 +1,241 @@
+//! trialgate: finds clinical-trial candidates in FHIR R4 data and explains every verdict.
+//!
+//! Data flows source -> facts -> verdicts -> sinks: [`fhir`] reads resources and groups them
+//! by patient, [`facts`] reduces each patient's resources to typed facts through the mappings,
+//! [`criteria`] evaluates every trial's criteria (purely, for a given date), and [`report`]
+//! writes the results. [`screen`] wires them together for files on disk; every other way in
+//! reuses the same pieces.
+
+pub mod config;
+pub mod criteria;
+pub mod facts;
+pub mod fhir;
+pub mod report;
+pub mod time;
+
+use config::ConfigError;
+use criteria::decisions::Decisions;
+use criteria::eval::{TrialResult, evaluate};
+use criteria::trial::{Trial, Warning, load_trial};
+use facts::Unmapped;
+use facts::mappings::Mappings;
+use fhir::InputIssue;
+use fhir::files::{ReadError, ReadOptions, read_path};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use time::Date;
+
+/// Mappings plus the trials to screen against, loaded and checked.
+pub struct Config {
+    pub mappings: Mappings,
+    pub trials: Vec<Trial>,
+    pub warnings: Vec<Warning>,
+    pub provenance: Provenance,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceFile {
+    pub kind: &'static str,
+    pub path: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Provenance {
+    pub version: String,
+    /// SHA-256 over the hashes of every trial and mapping file, in order.
+    pub config_hash: String,
+    pub sources: Vec<SourceFile>,
+}
+
+fn sha256_file(path: &Path) -> Result<String, ConfigError> {
+    let bytes = std::fs::read(path).map_err(|e| ConfigError::io(path, e))?;
+    Ok(hex(&Sha256::digest(&bytes)))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| ConfigError::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Loads the mappings and the trials. `selected` holds trial ids (looked up in `trials_dir`)
+/// or paths of trial files kept elsewhere; empty means every trial in `trials_dir`.
+pub fn load_config(mappings_dir: &Path, trials_dir: &Path, selected: &[String]) -> Result<Config, ConfigError> {
+    let mappings = Mappings::load_dir(mappings_dir)?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    let mut errors = Vec::new();
+    if selected.is_empty() {
+        files = yaml_files(trials_dir)?;
+        if files.is_empty() {
+            return Err(ConfigError::at(trials_dir, None, "no trial files (*.yaml) in this folder".into()));
+        }
+    }
+    let mut ids: Option<Vec<(String, PathBuf)>> = None;
+    for sel in selected {
+        let p = Path::new(sel);
+        if p.is_file() {
+            files.push(p.to_path_buf());
+            continue;
+        }
+        // An id: index the folder's files by the id they declare (read once).
+        if ids.is_none() {
+            #[derive(serde::Deserialize)]
+            struct IdOnly {
+                id: String,
+            }
+            let mut index = Vec::new();
+            for f in yaml_files(trials_dir)? {
+                match config::read_yaml::<IdOnly>(&f) {
+                    Ok(t) => index.push((t.id, f)),
+                    Err(e) => errors.push(e),
+                }
+            }
+            ids = Some(index);
+        }
+        let index = ids.as_deref().unwrap_or_default();
+        match index.iter().find(|(id, _)| id == sel) {
+            Some((_, f)) => files.push(f.clone()),
+            None => errors.push(ConfigError::at(
+                trials_dir,
+                None,
+                format!(
+                    "no trial with id `{sel}` (known: {}); pass an id or the path of a trial file",
+                    index.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            )),
+        }
+    }
+    let mut trials = Vec::new();
+    let mut warnings = Vec::new();
+    for f in &files {
+        match load_trial(f, &mappings) {
+            Ok((t, w)) => {
+                if trials.iter().any(|x: &Trial| x.id == t.id) {
+                    errors.push(ConfigError::at(f, None, format!("trial id `{}` is defined by two files", t.id)));
+                }
+                warnings.extend(w);
+                trials.push(t);
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ConfigError::Many(errors));
+    }
+    let mut sources = Vec::new();
+    for t in &trials {
+        sources.push(SourceFile {
+            kind: "trial",
+            path: t.file.display().to_string(),
+            sha256: sha256_file(&t.file)?,
+        });
+    }
+    for f in &mappings.files {
+        sources.push(SourceFile {
+            kind: "mapping",
+            path: f.display().to_string(),
+            sha256: sha256_file(f)?,
+        });
+    }
+    let mut h = Sha256::new();
+    for s in &sources {
+        h.update(s.sha256.as_bytes());
+    }
+    let provenance = Provenance {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        config_hash: hex(&h.finalize()),
+        sources,
+    };
+    Ok(Config {
+        mappings,
+        trials,
+        warnings,
+        provenance,
+    })
+}
+
+/// The outcome of screening some input against the configured trials.
+pub struct Screening {
+    pub as_of: Date,
+    pub patients: usize,
+    pub results: Vec<TrialResult>,
+    pub unmapped: Unmapped,
+    pub issues: Vec<InputIssue>,
+    pub provenance: Provenance,
+}
+
+/// Screens every patient found under `path` against every configured trial.
+pub fn screen(path: &Path, cfg: &Config, as_of: Date, decisions: &Decisions) -> Result<Screening, ReadError> {
+    let keep = cfg.mappings.labs.iter().any(|l| l.value_path.is_some());
+    let read = read_path(
+        path,
+        ReadOptions {
+            keep_observation_json: keep,
+        },
+    )?;
+    let mut provenance = cfg.provenance.clone();
+    for f in &read.files {
+        provenance.sources.push(SourceFile {
+            kind: "input",
+            path: f.display().to_string(),
+            sha256: String::new(),
+        });
+    }
+    let mut issues = read.issues;
+    let grouped = fhir::record::group(read.resources);
+    issues.extend(grouped.issues);
+    let records = grouped.records;
+    let meds = grouped.medications;
+
+    // Patients are independent: split them over the cores in contiguous chunks so the
+    // concatenated output keeps the input's sorted order.
+    let threads = std::thread::available_parallelism().map(usize::from).unwrap_or(1).max(1);
+    let chunk = records.len().div_ceil(threads).max(1);
+    let parts: Vec<(Vec<TrialResult>, Unmapped)> = std::thread::scope(|s| {
+        let handles: Vec<_> = records
+            .chunks(chunk)
+            .map(|part| {
+                let meds = &meds;
+                s.spawn(move || {
+                    let mut unmapped = Unmapped::default();
+                    let mut results = Vec::with_capacity(part.len() * cfg.trials.len());
+                    for rec in part {
+                        let facts = facts::extract::extract(rec, meds, &cfg.mappings, &mut unmapped);
+                        for t in &cfg.trials {
+                            results.push(evaluate(t, &facts, &cfg.mappings, as_of, decisions));
+                        }
+                    }
+                    (results, unmapped)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    });
+    let mut results = Vec::with_capacity(records.len() * cfg.trials.len());
+    let mut unmapped = Unmapped::default();
+    for (r, u) in parts {
+        results.extend(r);
+        unmapped.merge(u);
+    }
+    Ok(Screening {
+        as_of,
+        patients: records.len(),
+        results,
+        unmapped,
+        issues,
+        provenance,
+    })
+}
