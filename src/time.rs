@@ -196,12 +196,13 @@ impl Span {
 
 impl fmt::Display for Span {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Span::Days(n) => write!(f, "{n} days"),
-            Span::Weeks(n) => write!(f, "{n} weeks"),
-            Span::Months(n) => write!(f, "{n} months"),
-            Span::Years(n) => write!(f, "{n} years"),
-        }
+        let (n, unit) = match *self {
+            Span::Days(n) => (n, "day"),
+            Span::Weeks(n) => (n, "week"),
+            Span::Months(n) => (n, "month"),
+            Span::Years(n) => (n, "year"),
+        };
+        write!(f, "{n} {unit}{}", if n == 1 { "" } else { "s" })
     }
 }
 

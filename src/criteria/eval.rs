@@ -97,7 +97,8 @@ pub fn eval_node(cx: &Ctx, node: &Node) -> NodeResult {
         }
         Rule::Age { min, max } => age(cx, *min, *max),
         Rule::Sex(s) => match cx.facts.demographics.gender.as_deref() {
-            None => NodeResult::new(Outcome::Unknown, "sex not recorded"),
+            // FHIR's `unknown` means "applicable but not known": missing, not a third value.
+            None | Some("unknown") => NodeResult::new(Outcome::Unknown, "sex not recorded"),
             Some(g) if g == s => NodeResult::new(Outcome::Met, format!("sex is {g}")),
             Some(g) => NodeResult::new(Outcome::NotMet, format!("sex is {g}")),
         },
@@ -286,7 +287,7 @@ fn lab(cx: &Ctx, l: &LabRule) -> NodeResult {
             l.equation.as_deref().unwrap_or("")
         ));
     }
-    let (value, derived): (Option<(Bounded, Vec<Evidence>, Vec<String>, String)>, bool) = match latest(usable) {
+    let (value, derived): (Option<Derived>, bool) = match latest(usable) {
         Some(v) => {
             let ev = lab_evidence(v, &spec.spec.unit, v.equation.as_ref().map(|e| format!("reported ({e})")));
             match &v.reading {
@@ -316,8 +317,10 @@ fn lab(cx: &Ctx, l: &LabRule) -> NodeResult {
                         if uln <= 0.0 {
                             return NodeResult::new(Outcome::Unknown, format!("{name}: ULN {uln} is not positive"));
                         }
+                        // Value and ULN went through the same unit conversion, which can turn an
+                        // exact 2.5 (3.25 / 1.3 mg/dL) into 2.4999999999999996: round that noise off.
                         b = Bounded {
-                            value: b.value / uln,
+                            value: (b.value / uln * 1e9).round() / 1e9,
                             bound: b.bound,
                         };
                         desc = format!("{desc} = {} × ULN (ULN {} from {source})", fmt_bounded(b), fmt_num(uln));
@@ -488,7 +491,7 @@ fn derive_value(cx: &Ctx, l: &LabRule, window: Window) -> Result<Option<Derived>
             );
             let desc = format!(
                 "egfr {} mL/min/{{1.73_m2}} by CKD-EPI 2021 from serum creatinine {} mg/dL on {}",
-                fmt_num(value),
+                fmt_bounded(Bounded { value, bound }),
                 fmt_bounded(scr),
                 cr.time.date()
             );
@@ -585,38 +588,66 @@ fn condition(cx: &Ctx, c: &ConditionRule, policy: NoRecords) -> NodeResult {
     for f in &matching {
         let start = f.onset.or(f.recorded);
         let abated = f.abatement.is_some_and(|a| a < end) || f.abated_undated;
-        let status_active = f
-            .clinical
-            .as_deref()
-            .is_none_or(|s| matches!(s, "active" | "recurrence" | "relapse"));
         let started = start.is_none_or(|s| s < end);
-        let active_now = status_active && !abated && started;
+        // Active now: Some(true/false) when the record says, None when it cannot tell.
+        let active_now = if abated || !started {
+            Some(false)
+        } else {
+            match f.clinical.as_deref() {
+                Some(s) => Some(matches!(s, "active" | "recurrence" | "relapse")),
+                None if c.missing_status == MissingStatus::Active => Some(true),
+                None => None,
+            }
+        };
+        let no_status = || {
+            format!(
+                "{} ({}) has no clinicalStatus, so whether it is active is unknown",
+                f.code, f.resource
+            )
+        };
         let ok = if let Some(sp) = c.onset_before {
             let cutoff = sp.before(cx.as_of).end();
-            match start {
-                Some(s) if c.status == CondStatus::Any || active_now => s < cutoff,
-                Some(_) => false,
-                None => {
-                    if c.status == CondStatus::Any || active_now {
-                        unknown.push(format!("{} ({}) has no onset or recorded date", f.code, f.resource));
-                    }
+            let counts = if c.status == CondStatus::Any { Some(true) } else { active_now };
+            match (counts, start) {
+                (Some(true), Some(s)) => s < cutoff,
+                (Some(true), None) => {
+                    unknown.push(format!("{} ({}) has no onset or recorded date", f.code, f.resource));
                     false
                 }
+                (None, Some(s)) if s < cutoff => {
+                    unknown.push(no_status());
+                    false
+                }
+                _ => false,
             }
         } else if let Some(w) = window {
             // Present at some time in the window: active now, or started or ended inside it.
-            if active_now || start.is_some_and(|s| w.contains(s)) || f.abatement.is_some_and(|a| a >= w.start && a < end) {
+            if active_now == Some(true) || start.is_some_and(|s| w.contains(s)) || f.abatement.is_some_and(|a| a >= w.start && a < end) {
                 true
             } else {
-                if start.is_none() && f.abatement.is_none() {
-                    unknown.push(format!("{} ({}) is not active and has no dates", f.code, f.resource));
+                // Started before the window (or undated) and ended at an unknown time: it may
+                // still have been present inside the window.
+                match (active_now, start, f.abatement) {
+                    (None, ..) => unknown.push(no_status()),
+                    (_, None, None) => unknown.push(format!("{} ({}) is not active and has no dates", f.code, f.resource)),
+                    (_, Some(s), None) if s < w.start => unknown.push(format!(
+                        "{} ({}) started {} and is not active, but has no end date",
+                        f.code,
+                        f.resource,
+                        s.date()
+                    )),
+                    _ => {}
                 }
                 false
             }
         } else {
-            match c.status {
-                CondStatus::Active => active_now,
-                CondStatus::Any => started,
+            match (c.status, active_now) {
+                (CondStatus::Any, _) => started,
+                (CondStatus::Active, Some(a)) => a,
+                (CondStatus::Active, None) => {
+                    unknown.push(no_status());
+                    false
+                }
             }
         };
         if ok {
@@ -751,12 +782,16 @@ fn medication(cx: &Ctx, m: &MedicationRule, policy: NoRecords) -> NodeResult {
         let lo = min.map(|x| x * factor);
         let hi = max.map(|x| x * factor);
         let ok = !hits.is_empty() && lo.is_none_or(|lo| total >= lo) && hi.is_none_or(|hi| total <= hi);
+        let required = match (min, max) {
+            (Some(lo), Some(hi)) => format!("{}–{} {unit}", fmt_num(*lo), fmt_num(*hi)),
+            (Some(lo), None) => format!("at least {} {unit}", fmt_num(*lo)),
+            (None, Some(hi)) => format!("at most {} {unit}", fmt_num(*hi)),
+            (None, None) => "any total".to_string(),
+        };
         let reason = format!(
-            "{names}{route} {scope}: {} administration(s), total {} g (required {}–{} {unit})",
+            "{names}{route} {scope}: {} administration(s), total {} g (required {required})",
             hits.len(),
-            fmt_num(total),
-            min.map(fmt_num).unwrap_or_default(),
-            max.map(fmt_num).unwrap_or_default()
+            fmt_num(total)
         );
         let mut r = if hits.is_empty() {
             none_recorded("medication records", cx.facts.present.medications, policy, reason)
@@ -1047,9 +1082,12 @@ pub fn evaluate(trial: &Trial, facts: &PatientFacts, m: &Mappings, as_of: Date, 
         Kind::Exclusion => c.outcome == Outcome::NotMet,
     });
     let d = &facts.demographics;
+    // A death dated after the screening date did not stop the patient being screened then.
     let record = d
         .deceased
-        .clone()
+        .as_ref()
+        .filter(|x| x.when.is_none_or(|t| t < as_of.end()))
+        .map(|x| x.text.clone())
         .or_else(|| d.replaced_by.as_ref().map(|r| format!("merged: replaced by {r}")))
         .or_else(|| d.inactive.then(|| "inactive record (Patient.active is false)".to_string()));
     let status = if record.is_some() || !deciding.is_empty() {

@@ -35,9 +35,22 @@ pub enum NoRecords {
     NotMet,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum MissingStatus {
+    /// A Condition without `clinicalStatus` (allowed for encounter diagnoses) leaves "is it
+    /// active now?" unknown.
+    #[default]
+    Unknown,
+    /// A Condition without `clinicalStatus` counts as active unless it has abated.
+    Active,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Defaults {
+    #[serde(default)]
+    pub missing_clinical_status: MissingStatus,
     #[serde(default)]
     pub unconvertible_units: UnitPolicy,
     #[serde(default)]
@@ -119,6 +132,7 @@ pub struct RuleSpec {
     pub without: Option<Vec<String>>,
     pub except: Option<OneOrMany>,
     pub no_records: Option<NoRecords>,
+    pub missing_clinical_status: Option<MissingStatus>,
 
     // outcome modifiers
     pub review_if_met: Option<String>,
@@ -217,6 +231,7 @@ pub struct ConditionRule {
     pub status: CondStatus,
     pub within: Option<Span>,
     pub onset_before: Option<Span>,
+    pub missing_status: MissingStatus,
 }
 
 #[derive(Debug, Clone)]
@@ -400,6 +415,7 @@ fn check_params(cx: &mut Ctx, kind: &str, r: &RuleSpec) {
         ("without", r.without.is_some()),
         ("except", r.except.is_some()),
         ("no_records", r.no_records.is_some()),
+        ("missing_clinical_status", r.missing_clinical_status.is_some()),
     ];
     let allowed: &[&str] = match kind {
         "lab" => &[
@@ -414,7 +430,14 @@ fn check_params(cx: &mut Ctx, kind: &str, r: &RuleSpec) {
             "result",
             "unconvertible_units",
         ],
-        "condition" => &["status", "within", "onset_before", "except", "no_records"],
+        "condition" => &[
+            "status",
+            "within",
+            "onset_before",
+            "except",
+            "no_records",
+            "missing_clinical_status",
+        ],
         "medication" => &["within", "current", "route", "total_dose", "no_records"],
         "procedure" | "immunization" => &["within", "no_records"],
         "allergy" => &["no_records"],
@@ -488,6 +511,7 @@ fn compile(cx: &mut Ctx, r: &RuleSpec) -> Option<Node> {
                 status,
                 within: cx.span("within", &r.within),
                 onset_before: cx.span("onset_before", &r.onset_before),
+                missing_status: r.missing_clinical_status.unwrap_or(cx.defaults.missing_clinical_status),
             })
         }
         "medication" => {

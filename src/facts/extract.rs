@@ -74,8 +74,14 @@ pub fn extract(rec: &PatientRecord, meds: &MedicationIndex, m: &Mappings, unmapp
 
 fn demographics(p: &Patient) -> Demographics {
     let deceased = match (p.deceased_boolean, &p.deceased_date_time) {
-        (_, Some(t)) => Some(format!("deceased ({t})")),
-        (Some(true), None) => Some("deceased".to_string()),
+        (_, Some(t)) => Some(Deceased {
+            when: parse_fhir_instant(t),
+            text: format!("deceased ({t})"),
+        }),
+        (Some(true), None) => Some(Deceased {
+            when: None,
+            text: "deceased".to_string(),
+        }),
         _ => None,
     };
     let replaced_by = p.link.iter().find(|l| l.kind.as_deref() == Some("replaced-by")).map(|l| {
@@ -132,8 +138,13 @@ fn time_of(date_time: Option<&String>, period: Option<&Period>) -> Option<Option
     period.and_then(|p| p.start.as_ref()).map(|s| parse_fhir_instant(s))
 }
 
+const UCUM: &str = "http://unitsofmeasure.org";
+
+/// The unit a quantity is in: its `code` when that is a UCUM code (system UCUM or absent),
+/// else its human-readable `unit` (a code from another system, such as SNOMED, is not a unit).
 fn unit_key(q: &Quantity) -> Option<&str> {
-    q.code.as_deref().or(q.unit.as_deref()).map(str::trim)
+    let code = q.code.as_deref().filter(|_| q.system.as_deref().is_none_or(|s| s.trim() == UCUM));
+    code.or(q.unit.as_deref()).map(str::trim)
 }
 
 /// `<0.1`, `> 60`, `≥1.5`, `60`: a bound or an exact number.
@@ -148,6 +159,24 @@ pub fn parse_bounded_text(s: &str) -> Option<Bounded> {
     };
     let value: f64 = rest.trim().parse().ok()?;
     value.is_finite().then_some(Bounded { value, bound })
+}
+
+/// `>60 mL/min/1.73m2`: a bound or number followed by an optional unit.
+fn parse_bounded_with_unit(s: &str) -> Option<(Bounded, Option<&str>)> {
+    if let Some(b) = parse_bounded_text(s) {
+        return Some((b, None));
+    }
+    let s = s.trim();
+    let split = s.find(char::is_whitespace)?;
+    let (num, unit) = s.split_at(split);
+    let unit = unit.trim();
+    // `< 0.2 mg/mg`: the comparator may stand apart from the number.
+    if let Some(b) = parse_bounded_text(num).filter(|_| !unit.is_empty()) {
+        return Some((b, Some(unit)));
+    }
+    let (num2, unit2) = unit.split_at(unit.find(char::is_whitespace)?);
+    let b = parse_bounded_text(&format!("{num}{num2}"))?;
+    Some((b, Some(unit2.trim()).filter(|u| !u.is_empty())))
 }
 
 fn comparator(c: Option<&str>) -> Result<Option<Bound>, String> {
@@ -303,8 +332,24 @@ fn lab_value(
         if let Some(r) = result_of_text(spec, s) {
             v.reading = Reading::Result(r);
         } else {
-            // A bare bound such as `>60` carries no unit: it is read in the canonical unit.
-            v.reading = Reading::Number(parse_bounded_text(s)?);
+            let (b, unit) = parse_bounded_with_unit(s)?;
+            match unit {
+                // A bare bound such as `>60` carries no unit: it is read in the canonical unit.
+                None => v.reading = Reading::Number(b),
+                Some(u) => {
+                    v.raw_unit = Some(u.to_string());
+                    v.reading = match m.lab_factor(lab, u) {
+                        Some(f) => Reading::Number(Bounded {
+                            value: f.apply(b.value),
+                            bound: b.bound,
+                        }),
+                        None => {
+                            unmapped.add(&code.system, &code.code, u);
+                            Reading::Unconvertible { raw_unit: u.to_string() }
+                        }
+                    };
+                }
+            }
         }
     } else if let Some(cc) = parts.concept {
         let r = cc
@@ -317,7 +362,7 @@ fn lab_value(
     } else {
         return None;
     }
-    v.uln = uln_of(parts.ranges, lab, demo, time, m);
+    v.uln = uln_of(parts.ranges, lab, v.raw_unit.as_deref(), demo, time, m);
     Some(v)
 }
 
@@ -331,7 +376,14 @@ fn result_of_text(spec: &mappings::LabSpec, s: &str) -> Option<String> {
 
 /// ULN from referenceRange: entries of type normal (or untyped) that apply to the patient's
 /// sex and age; the first with a `high` in a convertible unit wins (codes.md section 5).
-fn uln_of(ranges: &[ReferenceRange], lab: usize, demo: &Demographics, time: crate::time::Instant, m: &Mappings) -> Option<f64> {
+fn uln_of(
+    ranges: &[ReferenceRange],
+    lab: usize,
+    value_unit: Option<&str>,
+    demo: &Demographics,
+    time: crate::time::Instant,
+    m: &Mappings,
+) -> Option<f64> {
     for r in ranges {
         if let Some(t) = &r.kind {
             if !t.coding.is_empty() && !t.has_code(&["normal"]) {
@@ -363,7 +415,8 @@ fn uln_of(ranges: &[ReferenceRange], lab: usize, demo: &Demographics, time: crat
         }
         let Some(high) = &r.high else { continue };
         let Some(value) = high.value else { continue };
-        let unit = unit_key(high).unwrap_or("");
+        // A unitless `high` is in the unit of the value it bounds.
+        let unit = unit_key(high).or(value_unit).unwrap_or("");
         let factor = if unit.is_empty() {
             Some(mappings::Factor::Multiply(1.0))
         } else {
@@ -804,5 +857,10 @@ mod tests {
         );
         assert_eq!(parse_bounded_text("45"), Some(Bounded { value: 45.0, bound: None }));
         assert_eq!(parse_bounded_text("high"), None);
+        let (b, u) = parse_bounded_with_unit(">60 mL/min/1.73m2").unwrap();
+        assert_eq!((b.value, b.bound, u), (60.0, Some(Bound::AtLeast), Some("mL/min/1.73m2")));
+        let (b, u) = parse_bounded_with_unit("< 0.2 mg/mg").unwrap();
+        assert_eq!((b.value, b.bound, u), (0.2, Some(Bound::AtMost), Some("mg/mg")));
+        assert!(parse_bounded_with_unit("see comment").is_none());
     }
 }

@@ -24,7 +24,7 @@ pub enum Factor {
 impl Factor {
     pub fn apply(self, v: f64) -> f64 {
         match self {
-            Factor::Multiply(f) if f == 1.0 => v,
+            // Multiplying by 1.0 is exact in IEEE arithmetic: no special case needed.
             Factor::Multiply(f) => v * f,
             Factor::Divide { divide } => v / divide,
         }

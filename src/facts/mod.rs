@@ -120,12 +120,19 @@ pub struct BiopsyFact {
     pub classes: Vec<String>,
 }
 
+#[derive(Debug, Clone)]
+pub struct Deceased {
+    /// When, if the record says so in a usable form; None: deceased at an unknown time.
+    pub when: Option<Instant>,
+    pub text: String,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Demographics {
     pub birth_date: Option<Date>,
     pub birth_text: Option<String>,
     pub gender: Option<String>,
-    pub deceased: Option<String>,
+    pub deceased: Option<Deceased>,
     pub inactive: bool,
     pub replaced_by: Option<String>,
 }

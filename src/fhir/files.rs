@@ -52,7 +52,9 @@ pub fn read_path(path: &Path, opts: ReadOptions) -> Result<ReadOutput, ReadError
     let mut out = ReadOutput::default();
     for f in files {
         let text = std::fs::read_to_string(&f).map_err(|source| ReadError::Io { path: f.clone(), source })?;
-        read_text(&f.display().to_string(), &text, is_ndjson_name(&f), opts, &mut out);
+        // Windows tools often write a UTF-8 byte-order mark, which JSON parsers reject.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        read_text(&f.display().to_string(), text, is_ndjson_name(&f), opts, &mut out);
         out.files.push(f);
     }
     Ok(out)
@@ -151,10 +153,9 @@ fn read_value(name: &str, text: &str, raw: &RawValue, full_url: Option<String>, 
         }
     };
     for (i, entry) in bundle.entry.into_iter().enumerate() {
-        match entry.resource {
-            Some(r) => read_value(&format!("{name} entry {i}"), text, r, entry.full_url, opts, out),
-            // Entries without a resource (a transaction's DELETE, a search outcome) carry no data.
-            None => {}
+        // Entries without a resource (a transaction's DELETE, a search outcome) carry no data.
+        if let Some(r) = entry.resource {
+            read_value(&format!("{name} entry {i}"), text, r, entry.full_url, opts, out);
         }
     }
 }

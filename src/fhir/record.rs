@@ -77,11 +77,10 @@ pub fn group(resources: Vec<Parsed>) -> Grouped {
     for (i, p) in resources.into_iter().enumerate() {
         match p.resource {
             Resource::Patient(patient) => {
-                let key = reference_for(&Resource::Patient(Patient::default()), None, i);
                 let key = match (&patient.id, &p.full_url) {
                     (Some(id), _) => format!("Patient/{id}"),
                     (None, Some(url)) => url.clone(),
-                    (None, None) => key,
+                    (None, None) => format!("Patient#{i}"),
                 };
                 if let Some(url) = &p.full_url {
                     alias.insert(url.clone(), key.clone());
