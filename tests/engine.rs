@@ -863,7 +863,7 @@ fn windows_just_inside_and_just_outside() {
     reason_has(
         res.get("w1"),
         "exc-1",
-        "no valid egfr in the 90 days window (2026-03-03 to 2026-06-01)",
+        "no valid egfr from 2026-03-03 to 2026-06-01",
         "window shown",
     );
     assert_eq!(
@@ -1144,7 +1144,7 @@ fn missing_data_is_never_ineligible() {
             c.reason
         );
     }
-    reason_has(r, "exc-1", "no valid egfr in the 90 days window", "lab");
+    reason_has(r, "exc-1", "no valid egfr from 2026-03-03 to 2026-06-01", "lab");
     reason_has(r, "inc-3", "the record holds no Condition records at all", "condition");
 
     let r = res.get("labs-only");

@@ -147,7 +147,14 @@ fn combine(cx: &Ctx, children: &[Node], all: bool) -> NodeResult {
         _ => results.iter().collect(),
     };
     let joiner = if all { "; and " } else { "; or " };
-    let mut out = NodeResult::new(outcome, shown.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>().join(joiner));
+    // Parts often fail for the same reason ("no medication records at all"): say it once.
+    let mut reasons: Vec<&str> = Vec::new();
+    for r in &shown {
+        if !reasons.contains(&r.reason.as_str()) {
+            reasons.push(&r.reason);
+        }
+    }
+    let mut out = NodeResult::new(outcome, reasons.join(joiner));
     for r in results {
         for e in r.evidence {
             if !out.evidence.contains(&e) {
@@ -387,7 +394,7 @@ fn lab(cx: &Ctx, l: &LabRule) -> NodeResult {
         },
     };
     let Some((b, evidence, from, desc)) = value.or_else(|| substitute(cx, l, window, &mut notes)) else {
-        let mut why = format!("no valid {name} in the {} window ({window})", l.window);
+        let mut why = format!("no valid {name} from {window}");
         if !notes.is_empty() {
             why = format!("{why}; {}", notes.join("; "));
         }
