@@ -74,9 +74,42 @@ pub fn read_yaml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
 }
 
 pub fn parse_yaml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
-    serde_saphyr::from_str(text).map_err(|e| ConfigError::at(path, None, one_line(&e.to_string())))
+    serde_saphyr::from_str(text).map_err(|e| {
+        let (line, message) = locate(&e.to_string());
+        ConfigError::at(path, line, message)
+    })
 }
 
-fn one_line(s: &str) -> String {
-    s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+/// The parser's message is `error: line L column C: what`, followed by a source snippet that
+/// repeats it: keep the first line, with the line number moved into the location.
+fn locate(message: &str) -> (Option<u64>, String) {
+    let first = message.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("invalid YAML");
+    let first = first.strip_prefix("error:").unwrap_or(first).trim();
+    if let Some(rest) = first.strip_prefix("line ") {
+        let (num, after) = rest.split_once(' ').unwrap_or((rest, ""));
+        if let Ok(line) = num.parse::<u64>() {
+            let what = after.split_once(": ").map(|(_, w)| w).unwrap_or(after);
+            return (Some(line), what.to_string());
+        }
+    }
+    (None, first.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_errors_keep_the_line_and_the_message() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct T {
+            a: u32,
+        }
+        let e = parse_yaml::<T>(Path::new("t.yaml"), "a: 1\nb: 2\n").unwrap_err().to_string();
+        assert!(e.starts_with("t.yaml:2: "), "{e}");
+        assert!(e.contains("unknown field `b`"), "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
+    }
 }
