@@ -67,6 +67,18 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Located<T> {
     }
 }
 
+/// The `*.yaml` / `*.yml` files of a folder, sorted so that loading order (and the config
+/// hash) does not depend on the file system.
+pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| ConfigError::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
 /// Reads and deserializes one YAML (or JSON) file.
 pub fn read_yaml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::io(path, e))?;

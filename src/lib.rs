@@ -13,7 +13,7 @@ pub mod fhir;
 pub mod report;
 pub mod time;
 
-use config::ConfigError;
+use config::{ConfigError, yaml_files};
 use criteria::decisions::Decisions;
 use criteria::eval::{TrialResult, evaluate};
 use criteria::trial::{Trial, Warning, load_trial};
@@ -56,16 +56,6 @@ fn sha256_file(path: &Path) -> Result<String, ConfigError> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| ConfigError::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-        .collect();
-    v.sort();
-    Ok(v)
 }
 
 /// Loads the mappings and the trials. `selected` holds trial ids (looked up in `trials_dir`)

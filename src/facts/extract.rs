@@ -548,6 +548,55 @@ fn period_bounds(p: Option<&Period>) -> (Option<Instant>, Option<Instant>) {
     }
 }
 
+/// What the three medication resources have in common once their own status and timing
+/// rules are applied.
+struct Exposure<'a> {
+    source: MedSource,
+    concept: Option<&'a CodeableConcept>,
+    reference: Option<&'a Reference>,
+    contained: &'a [Medication],
+    dosage_routes: Vec<Option<&'a CodeableConcept>>,
+    start: Option<Instant>,
+    end: Option<Instant>,
+    ongoing: bool,
+    dose: Option<&'a Quantity>,
+}
+
+fn exposure(reference: &str, e: Exposure, meds: &MedicationIndex, m: &Mappings, unmapped: &mut Unmapped) -> Option<MedicationFact> {
+    let (sets, mut routes, code) = medication_sets(e.concept, e.reference, e.contained, meds, m, unmapped);
+    if sets.is_empty() {
+        return None;
+    }
+    // A route stated on the dosage wins over the one the product's dose form implies.
+    let mut dose_routes = Vec::new();
+    for r in e.dosage_routes {
+        route_sets(r, m, &mut dose_routes);
+    }
+    if !dose_routes.is_empty() {
+        routes = dose_routes;
+    }
+    let dose_g = e.dose.and_then(|q| Some(m.dose_factor(unit_key(q)?)?.apply(q.value?)));
+    let dose_text = e.dose.map(|q| {
+        format!(
+            "{} {}",
+            q.value.map(|v| v.to_string()).unwrap_or_default(),
+            unit_key(q).unwrap_or("")
+        )
+    });
+    Some(MedicationFact {
+        resource: reference.to_string(),
+        source: e.source,
+        sets,
+        code,
+        start: e.start,
+        end: e.end,
+        ongoing: e.ongoing,
+        routes,
+        dose_g,
+        dose_text,
+    })
+}
+
 fn medication_request(
     reference: &str,
     r: &MedicationRequest,
@@ -562,17 +611,6 @@ fn medication_request(
     if matches!(r.intent.as_deref(), Some("plan" | "proposal" | "option")) || r.do_not_perform == Some(true) {
         return None;
     }
-    let (sets, mut routes, code) = medication_sets(
-        r.medication_codeable_concept.as_ref(),
-        r.medication_reference.as_ref(),
-        &r.contained,
-        meds,
-        m,
-        unmapped,
-    );
-    if sets.is_empty() {
-        return None;
-    }
     let bounds = r
         .dosage_instruction
         .iter()
@@ -582,25 +620,18 @@ fn medication_request(
     if start.is_none() {
         start = r.authored_on.as_deref().and_then(parse_fhir_instant);
     }
-    let mut dose_routes = Vec::new();
-    for d in &r.dosage_instruction {
-        route_sets(d.route.as_ref(), m, &mut dose_routes);
-    }
-    if !dose_routes.is_empty() {
-        routes = dose_routes;
-    }
-    Some(MedicationFact {
-        resource: reference.to_string(),
+    let e = Exposure {
         source: MedSource::Request,
-        sets,
-        code,
+        concept: r.medication_codeable_concept.as_ref(),
+        reference: r.medication_reference.as_ref(),
+        contained: &r.contained,
+        dosage_routes: r.dosage_instruction.iter().map(|d| d.route.as_ref()).collect(),
         start,
         end,
         ongoing: end.is_none() && matches!(status, "active" | "on-hold"),
-        routes,
-        dose_g: None,
-        dose_text: None,
-    })
+        dose: None,
+    };
+    exposure(reference, e, meds, m, unmapped)
 }
 
 fn medication_statement(
@@ -614,41 +645,23 @@ fn medication_statement(
     if !["active", "completed", "stopped", "on-hold"].contains(&status) {
         return None;
     }
-    let (sets, mut routes, code) = medication_sets(
-        r.medication_codeable_concept.as_ref(),
-        r.medication_reference.as_ref(),
-        &r.contained,
-        meds,
-        m,
-        unmapped,
-    );
-    if sets.is_empty() {
-        return None;
-    }
     let (start, end) = match (&r.effective_date_time, &r.effective_period) {
         (Some(t), _) => (parse_fhir_instant(t), None),
         (None, Some(p)) => period_bounds(Some(p)),
         (None, None) => (r.date_asserted.as_deref().and_then(parse_fhir_instant), None),
     };
-    let mut dose_routes = Vec::new();
-    for d in &r.dosage {
-        route_sets(d.route.as_ref(), m, &mut dose_routes);
-    }
-    if !dose_routes.is_empty() {
-        routes = dose_routes;
-    }
-    Some(MedicationFact {
-        resource: reference.to_string(),
+    let e = Exposure {
         source: MedSource::Statement,
-        sets,
-        code,
+        concept: r.medication_codeable_concept.as_ref(),
+        reference: r.medication_reference.as_ref(),
+        contained: &r.contained,
+        dosage_routes: r.dosage.iter().map(|d| d.route.as_ref()).collect(),
         start,
         end,
         ongoing: end.is_none() && matches!(status, "active" | "on-hold"),
-        routes,
-        dose_g: None,
-        dose_text: None,
-    })
+        dose: None,
+    };
+    exposure(reference, e, meds, m, unmapped)
 }
 
 fn medication_administration(
@@ -662,47 +675,22 @@ fn medication_administration(
     if !["completed", "in-progress", "stopped"].contains(&status) {
         return None;
     }
-    let (sets, mut routes, code) = medication_sets(
-        r.medication_codeable_concept.as_ref(),
-        r.medication_reference.as_ref(),
-        &r.contained,
-        meds,
-        m,
-        unmapped,
-    );
-    if sets.is_empty() {
-        return None;
-    }
     let (start, end) = match (&r.effective_date_time, &r.effective_period) {
         (Some(t), _) => (parse_fhir_instant(t), None),
         (None, p) => period_bounds(p.as_ref()),
     };
-    let mut dose_routes = Vec::new();
-    route_sets(r.dosage.as_ref().and_then(|d| d.route.as_ref()), m, &mut dose_routes);
-    if !dose_routes.is_empty() {
-        routes = dose_routes;
-    }
-    let dose = r.dosage.as_ref().and_then(|d| d.dose.as_ref());
-    let dose_g = dose.and_then(|q| Some(m.dose_factor(unit_key(q)?)?.apply(q.value?)));
-    let dose_text = dose.map(|q| {
-        format!(
-            "{} {}",
-            q.value.map(|v| v.to_string()).unwrap_or_default(),
-            unit_key(q).unwrap_or("")
-        )
-    });
-    Some(MedicationFact {
-        resource: reference.to_string(),
+    let e = Exposure {
         source: MedSource::Administration,
-        sets,
-        code,
+        concept: r.medication_codeable_concept.as_ref(),
+        reference: r.medication_reference.as_ref(),
+        contained: &r.contained,
+        dosage_routes: vec![r.dosage.as_ref().and_then(|d| d.route.as_ref())],
         start,
         end,
         ongoing: false,
-        routes,
-        dose_g,
-        dose_text,
-    })
+        dose: r.dosage.as_ref().and_then(|d| d.dose.as_ref()),
+    };
+    exposure(reference, e, meds, m, unmapped)
 }
 
 fn procedure(reference: &str, p: &Procedure, m: &Mappings, f: &mut PatientFacts) {

@@ -5,7 +5,7 @@
 //! a trial refers to is checked against them then, so a typo fails `trialgate check`, not a
 //! screening run.
 
-use crate::config::{ConfigError, Located, read_yaml};
+use crate::config::{ConfigError, Located, read_yaml, yaml_files};
 use jsonpath_rust::parser::model::JpQuery;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
@@ -195,12 +195,7 @@ pub struct SystemCode {
 impl Mappings {
     /// Loads every `*.yaml` file in `dir` (sorted), merging them; a name defined twice is an error.
     pub fn load_dir(dir: &Path) -> Result<Mappings, ConfigError> {
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| ConfigError::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-            .collect();
-        paths.sort();
+        let paths = yaml_files(dir)?;
         if paths.is_empty() {
             return Err(ConfigError::at(dir, None, "no mapping files (*.yaml) in this folder".into()));
         }
