@@ -89,3 +89,47 @@ fn the_benchmark_trial_loads_from_its_own_folder() {
     assert_eq!(cfg.trials.len(), 1);
     assert_eq!(cfg.trials[0].id, "bench-ln");
 }
+
+/// Synthea's lupus module codes lupus as SNOMED 200936003 "Lupus erythematosus", which does
+/// not say whether it is systemic: every seed trial must send it to review, not reject it,
+/// while a patient with no lupus code at all is rejected by the SLE inclusion.
+#[test]
+fn unspecified_lupus_is_a_review_item_in_every_seed_trial() {
+    let dir = std::env::temp_dir().join(format!("trialgate-trials-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bundle = |code: &str| {
+        serde_json::json!({"resourceType": "Bundle", "type": "collection", "entry": [
+            {"resource": {"resourceType": "Patient", "id": "p", "gender": "female", "birthDate": "1990-01-01"}},
+            {"resource": {"resourceType": "Condition", "id": "c", "subject": {"reference": "Patient/p"},
+                "clinicalStatus": {"coding": [{"code": "active"}]},
+                "code": {"coding": [{"system": "http://snomed.info/sct", "code": code}]},
+                "onsetDateTime": "2015-03-01"}}]})
+        .to_string()
+    };
+    let cfg = config();
+    let as_of = trialgate::time::Date::parse("2026-06-01").unwrap();
+    let decisions = trialgate::criteria::decisions::Decisions::default();
+
+    let unspecified = dir.join("unspecified.json");
+    std::fs::write(&unspecified, bundle("200936003")).unwrap();
+    let s = trialgate::screen(&unspecified, &cfg, as_of, &decisions).unwrap();
+    assert_eq!(s.results.len(), 5);
+    for r in &s.results {
+        let c = r
+            .criteria
+            .iter()
+            .find(|c| c.reason.contains("lupus erythematosus, unspecified"))
+            .unwrap_or_else(|| panic!("{}: no criterion mentions the unspecified lupus code", r.trial));
+        assert_eq!(c.outcome, trialgate::criteria::Outcome::Manual, "{} {}", r.trial, c.id);
+        assert!(!r.decided_by.iter().any(|d| d.id == c.id), "{}: {} must not exclude", r.trial, c.id);
+    }
+
+    // Another disease entirely (rheumatoid arthritis): the SLE inclusion of 000 is not met.
+    let other = dir.join("other.json");
+    std::fs::write(&other, bundle("69896004")).unwrap();
+    let s = trialgate::screen(&other, &cfg, as_of, &decisions).unwrap();
+    let r000 = s.results.iter().find(|r| r.trial == "NCT06406205").unwrap();
+    assert_eq!(r000.status, trialgate::criteria::Status::Ineligible);
+    assert!(r000.decided_by.iter().any(|d| d.id == "inc-3"), "{:?}", r000.decided_by);
+    let _ = std::fs::remove_dir_all(&dir);
+}
