@@ -510,8 +510,11 @@ impl Pattern {
             Pattern::NumRange(a, b) => code.len() == a.len() && code >= a.as_str() && code <= b.as_str(),
             Pattern::Range(a, b) => {
                 // Compare on the category (first three characters) so that C96 includes C96.Z.
-                let cat = &code[..code.len().min(3)];
-                code.len() >= 3 && cat >= &a[..a.len().min(3)] && cat <= &b[..b.len().min(3)]
+                // `get` rather than slicing: a code from the data may hold multi-byte characters.
+                match (code.get(..3), a.get(..3), b.get(..3)) {
+                    (Some(cat), Some(lo), Some(hi)) => cat >= lo && cat <= hi,
+                    _ => false,
+                }
             }
         }
     }
@@ -543,6 +546,8 @@ mod tests {
         assert!(hit("M3214"));
         assert!(hit("z99.2"));
         assert!(!hit("M35.00"));
+        assert!(!hit("Ü1"), "multi-byte characters in a code are compared, not sliced");
+        assert!(!hit("CCÜ"), "a character across the third byte");
     }
 
     #[test]
