@@ -34,11 +34,29 @@ pub struct Config {
     pub provenance: Provenance,
 }
 
+/// A file that went into a report: a trial, a mapping or a decisions file (hashed, as they
+/// decide outcomes), or an input (named and sized; hashing gigabytes of NDJSON per run would
+/// cost more than the screening).
 #[derive(Debug, Clone, Serialize)]
 pub struct SourceFile {
     pub kind: &'static str,
     pub path: String,
-    pub sha256: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+}
+
+impl SourceFile {
+    /// A configuration file, with its SHA-256.
+    pub fn hashed(kind: &'static str, path: &Path) -> Result<SourceFile, ConfigError> {
+        Ok(SourceFile {
+            kind,
+            path: path.display().to_string(),
+            sha256: Some(sha256_file(path)?),
+            bytes: None,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -124,22 +142,14 @@ pub fn load_config(mappings_dir: &Path, trials_dir: &Path, selected: &[String]) 
     }
     let mut sources = Vec::new();
     for t in &trials {
-        sources.push(SourceFile {
-            kind: "trial",
-            path: t.file.display().to_string(),
-            sha256: sha256_file(&t.file)?,
-        });
+        sources.push(SourceFile::hashed("trial", &t.file)?);
     }
     for f in &mappings.files {
-        sources.push(SourceFile {
-            kind: "mapping",
-            path: f.display().to_string(),
-            sha256: sha256_file(f)?,
-        });
+        sources.push(SourceFile::hashed("mapping", f)?);
     }
     let mut h = Sha256::new();
     for s in &sources {
-        h.update(s.sha256.as_bytes());
+        h.update(s.sha256.as_deref().unwrap_or_default().as_bytes());
     }
     let provenance = Provenance {
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -178,7 +188,8 @@ pub fn screen(path: &Path, cfg: &Config, as_of: Date, decisions: &Decisions) -> 
         provenance.sources.push(SourceFile {
             kind: "input",
             path: f.display().to_string(),
-            sha256: String::new(),
+            sha256: None,
+            bytes: std::fs::metadata(f).ok().map(|m| m.len()),
         });
     }
     let mut issues = read.issues;

@@ -147,9 +147,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for w in &cfg.warnings {
                 tracing::info!("{}", w.0);
             }
-            let decisions = match decisions {
+            let decisions_path = decisions;
+            let decisions = match &decisions_path {
                 Some(p) => {
-                    let d = Decisions::load(&p).map_err(bad)?;
+                    let d = Decisions::load(p).map_err(bad)?;
                     let known: Vec<(String, Vec<String>)> = cfg
                         .trials
                         .iter()
@@ -168,7 +169,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => Decisions::default(),
             };
             let started = std::time::Instant::now();
-            let s = trialgate::screen(&bundle, &cfg, as_of, &decisions).map_err(bad)?;
+            let mut s = trialgate::screen(&bundle, &cfg, as_of, &decisions).map_err(bad)?;
+            if let Some(p) = &decisions_path {
+                // Decisions change outcomes, so the report names the file and its hash.
+                s.provenance
+                    .sources
+                    .push(trialgate::SourceFile::hashed("decisions", p).map_err(bad)?);
+            }
             for i in &s.issues {
                 tracing::warn!("{}: {}", i.location, i.message);
             }

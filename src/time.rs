@@ -158,6 +158,32 @@ pub fn parse_fhir_instant(s: &str) -> Option<Instant> {
     Some(Instant(date.start().0 + h * 3600 + mi * 60 + sec - offset))
 }
 
+/// A FHIR `date`/`dateTime` as the half-open range of instants it may mean: one second for
+/// a full date or time (a date stands for its 00:00:00Z instant, as everywhere else here),
+/// the whole year or month for a partial date (`2010`, `2010-04`). A partial date cannot
+/// place an event inside a window, but it can prove that it happened long before one.
+pub fn parse_fhir_range(s: &str) -> Option<(Instant, Instant)> {
+    if let Some(t) = parse_fhir_instant(s) {
+        return Some((t, Instant(t.0 + 1)));
+    }
+    let s = s.trim();
+    let b = s.as_bytes();
+    let year = |b: &[u8]| parse_digits(b).filter(|_| b.len() == 4);
+    match b.len() {
+        4 => {
+            let y = year(b)?;
+            Some((Date::from_ymd(y, 1, 1)?.start(), Date::from_ymd(y + 1, 1, 1)?.start()))
+        }
+        7 if b[4] == b'-' => {
+            let y = year(&b[..4])?;
+            let m = parse_digits(&b[5..7])? as u32;
+            let first = Date::from_ymd(y, m, 1)?;
+            Some((first.start(), first.add_months(1).start()))
+        }
+        _ => None,
+    }
+}
+
 /// A length of time as written in trial files: `90d`, `12w`, `3mo`, `2y`.
 /// Months and years are calendar months and years counted back from the screening date.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,7 +199,9 @@ impl Span {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit())?;
         let (num, unit) = s.split_at(split);
-        let n: i64 = num.parse().ok()?;
+        // Bounded so that calendar arithmetic can never overflow (no listing looks back
+        // further than a few decades).
+        let n: i64 = num.parse().ok().filter(|n| *n <= 100_000)?;
         match unit.trim() {
             "d" | "day" | "days" => Some(Span::Days(n)),
             "w" | "wk" | "week" | "weeks" => Some(Span::Weeks(n)),
@@ -354,5 +382,19 @@ mod tests {
         assert_eq!(Span::parse("3mo"), Some(Span::Months(3)));
         assert_eq!(Span::parse("2 y"), Some(Span::Years(2)));
         assert_eq!(Span::parse("3m"), None);
+        assert_eq!(Span::parse("9999999999999999y"), None);
+    }
+
+    #[test]
+    fn partial_dates_are_ranges() {
+        assert_eq!(parse_fhir_range("2010"), Some((d("2010-01-01").start(), d("2011-01-01").start())));
+        assert_eq!(
+            parse_fhir_range("2010-12"),
+            Some((d("2010-12-01").start(), d("2011-01-01").start()))
+        );
+        let t = parse_fhir_instant("2026-03-03").unwrap();
+        assert_eq!(parse_fhir_range("2026-03-03"), Some((t, Instant(t.0 + 1))));
+        assert_eq!(parse_fhir_range("2010-13"), None);
+        assert_eq!(parse_fhir_range("20x0"), None);
     }
 }

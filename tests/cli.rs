@@ -793,6 +793,18 @@ fn decisions_answer_manual_items_until_they_expire_and_never_override_data() {
         "--decisions",
         file.to_str().unwrap(),
     ]));
+    // The decisions file changes outcomes, so the report names it with its hash; inputs are
+    // named with their size.
+    let sources = v["provenance"]["sources"].as_array().expect("sources");
+    let d = sources
+        .iter()
+        .find(|s| s["kind"] == "decisions")
+        .expect("decisions file in provenance");
+    assert_eq!(d["path"], file.to_str().unwrap());
+    assert_eq!(d["sha256"].as_str().map(str::len), Some(64));
+    let input = sources.iter().find(|s| s["kind"] == "input").expect("an input in provenance");
+    assert!(input["bytes"].as_u64().is_some_and(|b| b > 0), "{input}");
+    assert!(input.get("sha256").is_none(), "inputs are not hashed: {input}");
     let mei = result(&v, "Patient/meilin-zhou", TRIAL);
     // In force: inc-1 (consent) becomes met, with who and when.
     let inc1 = criterion(mei, "inc-1");

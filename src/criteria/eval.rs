@@ -468,6 +468,21 @@ fn derive_value(cx: &Ctx, l: &LabRule, window: Window) -> Result<Option<Derived>
                 return Ok(None);
             }
             let src = spec.from.first().map(String::as_str).unwrap_or("creatinine");
+            // The latest creatinine decides, whatever its form: deriving from an older one
+            // because the newest is in an unreadable unit would hide a change.
+            let latest_any =
+                cx.m.lab(src)
+                    .and_then(|i| latest(cx.facts.labs.get(&i)?.iter().filter(|v| window.contains(v.time))));
+            match latest_any.map(|v| &v.reading) {
+                None => return Ok(None),
+                Some(Reading::Number(_)) => {}
+                Some(Reading::Unconvertible { raw_unit }) => {
+                    return Err(format!(
+                        "eGFR not derived: the latest serum creatinine is in unit `{raw_unit}`, which cannot be converted"
+                    ));
+                }
+                Some(_) => return Err("eGFR not derived: the latest serum creatinine is not a usable number".into()),
+            }
             let Some(cr) = latest_of(src, Some(window)) else { return Ok(None) };
             let d = &cx.facts.demographics;
             let female = match d.gender.as_deref() {
@@ -593,58 +608,82 @@ fn condition(cx: &Ctx, c: &ConditionRule, policy: NoRecords) -> NodeResult {
     let mut unknown = Vec::new();
     let mut seen = Vec::new();
     for f in &matching {
-        let start = f.onset.or(f.recorded);
-        let abated = f.abatement.is_some_and(|a| a < end) || f.abated_undated;
-        let started = start.is_none_or(|s| s < end);
-        // Active now: Some(true/false) when the record says, None when it cannot tell.
-        let active_now = if abated || !started {
-            Some(false)
+        // What the record proves about when it began and ended, as bounds: onset is at or
+        // after `on_lo` and before `on_hi` (a partial date is a whole year or month, and it
+        // cannot be later than the recordedDate); abatement likewise.
+        let on_lo = f.onset.map(|o| o.0);
+        let on_hi = match (f.onset, f.recorded) {
+            (Some(o), Some(r)) => Some(o.1.min(Instant(r.0 + 1))),
+            (Some(o), None) => Some(o.1),
+            (None, Some(r)) => Some(Instant(r.0 + 1)),
+            (None, None) => None,
+        };
+        let (ab_lo, ab_hi) = (f.abatement.map(|a| a.0), f.abatement.map(|a| a.1));
+        let started = on_lo.is_none_or(|lo| lo < end);
+        // Abated by the end of the screening day: Some when the record tells, None when a
+        // partial abatement date straddles it.
+        let abated = if f.abated_undated || ab_hi.is_some_and(|hi| hi <= end) {
+            Some(true)
+        } else if ab_lo.is_some_and(|lo| lo < end) {
+            None
         } else {
-            match f.clinical.as_deref() {
-                Some(s) => Some(matches!(s, "active" | "recurrence" | "relapse")),
+            Some(false)
+        };
+        // Active now: Some(true/false) when the record says, None when it cannot tell.
+        let active_now = match (abated, started) {
+            (Some(true), _) | (_, false) => Some(false),
+            (None, _) => None,
+            (Some(false), true) => match f.clinical.as_deref() {
                 None if c.missing_status == MissingStatus::Active => Some(true),
-                None => None,
-            }
+                Some("unrecognised") if c.missing_status == MissingStatus::Active => Some(false),
+                None | Some("unrecognised") => None,
+                Some(s) => Some(matches!(s, "active" | "recurrence" | "relapse")),
+            },
         };
         let no_status = || {
             format!(
-                "{} ({}) has no clinicalStatus, so whether it is active is unknown",
+                "{} ({}) has no usable clinicalStatus, so whether it is active is unknown",
                 f.code, f.resource
             )
         };
         let ok = if let Some(sp) = c.onset_before {
             let cutoff = sp.before(cx.as_of).end();
             let counts = if c.status == CondStatus::Any { Some(true) } else { active_now };
-            match (counts, start) {
-                (Some(true), Some(s)) => s < cutoff,
-                (Some(true), None) => {
-                    unknown.push(format!("{} ({}) has no onset or recorded date", f.code, f.resource));
+            let surely_before = on_hi.is_some_and(|hi| hi <= cutoff);
+            let surely_after = on_lo.is_some_and(|lo| lo >= cutoff);
+            match counts {
+                Some(true) if surely_before => true,
+                Some(true) if surely_after => false,
+                Some(true) => {
+                    unknown.push(format!("{} ({}) has no onset date precise enough to tell", f.code, f.resource));
                     false
                 }
-                (None, Some(s)) if s < cutoff => {
+                None if !surely_after => {
                     unknown.push(no_status());
                     false
                 }
                 _ => false,
             }
         } else if let Some(w) = window {
-            // Present at some time in the window: active now, or started or ended inside it.
-            if active_now == Some(true) || start.is_some_and(|s| w.contains(s)) || f.abatement.is_some_and(|a| a >= w.start && a < end) {
+            // Present at some time in the window: active now, or surely began or ended inside it.
+            let began_inside = on_lo.is_some_and(|lo| lo >= w.start) && on_hi.is_some_and(|hi| hi <= end);
+            let ended_inside = ab_lo.is_some_and(|lo| lo >= w.start) && ab_hi.is_some_and(|hi| hi <= end);
+            if active_now == Some(true) || began_inside || ended_inside {
                 true
+            } else if on_lo.is_some_and(|lo| lo >= end) || ab_hi.is_some_and(|hi| hi <= w.start) {
+                false // began after the screening day, or ended before the window
             } else {
-                // Started before the window (or undated) and ended at an unknown time: it may
-                // still have been present inside the window.
-                match (active_now, start, f.abatement) {
-                    (None, ..) => unknown.push(no_status()),
-                    (_, None, None) => unknown.push(format!("{} ({}) is not active and has no dates", f.code, f.resource)),
-                    (_, Some(s), None) if s < w.start => unknown.push(format!(
-                        "{} ({}) started {} and is not active, but has no end date",
+                unknown.push(match (active_now, on_hi, f.abatement) {
+                    (None, ..) => no_status(),
+                    (_, None, None) => format!("{} ({}) is not active and has no dates", f.code, f.resource),
+                    (_, Some(hi), None) if hi <= w.start => format!(
+                        "{} ({}) began before {} and is not active, but has no end date",
                         f.code,
                         f.resource,
-                        s.date()
-                    )),
-                    _ => {}
-                }
+                        w.start.date()
+                    ),
+                    _ => format!("{} ({}) has dates too imprecise to place it in the window", f.code, f.resource),
+                });
                 false
             }
         } else {
@@ -664,12 +703,12 @@ fn condition(cx: &Ctx, c: &ConditionRule, policy: NoRecords) -> NodeResult {
     let evidence = |fs: &[&crate::facts::ConditionFact]| -> Vec<Evidence> {
         fs.iter()
             .map(|f| Evidence {
-                date: f.onset.or(f.recorded).map(|t| t.to_string()),
+                date: f.onset.map(|o| o.0).or(f.recorded).map(|t| t.to_string()),
                 code: Some(f.code.clone()),
                 note: Some(format!(
                     "clinicalStatus {}{}",
                     f.clinical.as_deref().unwrap_or("absent"),
-                    f.abatement.map(|a| format!(", abated {}", a.date())).unwrap_or_default()
+                    f.abatement.map(|a| format!(", abated {}", a.0.date())).unwrap_or_default()
                 )),
                 ..Evidence::of(&f.resource)
             })
@@ -687,7 +726,12 @@ fn condition(cx: &Ctx, c: &ConditionRule, policy: NoRecords) -> NodeResult {
             format!(
                 "{names} {qualifier}: {}",
                 seen.iter()
-                    .map(|f| format!("{} ({}, since {})", f.code, f.resource, fmt_time(f.onset.or(f.recorded))))
+                    .map(|f| format!(
+                        "{} ({}, since {})",
+                        f.code,
+                        f.resource,
+                        fmt_time(f.onset.map(|o| o.0).or(f.recorded))
+                    ))
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
@@ -724,14 +768,19 @@ fn medication(cx: &Ctx, m: &MedicationRule, policy: NoRecords) -> NodeResult {
     let mut hits = Vec::new();
     let mut unknown = Vec::new();
     for f in cx.facts.medications.iter().filter(|f| f.sets.iter().any(|s| m.sets.contains(s))) {
-        if let Some(route) = m.route {
-            if f.routes.is_empty() {
-                unknown.push(format!("{} ({}) has no route", f.code, f.resource));
-                continue;
+        match m.route {
+            Some(RouteFilter::Only(route)) => {
+                if f.routes.is_empty() {
+                    unknown.push(format!("{} ({}) has no route", f.code, f.resource));
+                    continue;
+                }
+                if !f.routes.contains(&route) {
+                    continue;
+                }
             }
-            if !f.routes.contains(&route) {
-                continue;
-            }
+            // Systemic unless the record says local: most exposures carry no route at all.
+            Some(RouteFilter::NotLocal(local)) if f.routes.contains(&local) => continue,
+            _ => {}
         }
         if m.total_dose.is_some() && f.source != MedSource::Administration {
             continue;
@@ -742,7 +791,7 @@ fn medication(cx: &Ctx, m: &MedicationRule, policy: NoRecords) -> NodeResult {
         };
         let end = if f.ongoing { None } else { Some(f.end.unwrap_or(start)) };
         let in_scope = match (m.current, window) {
-            (true, _) => today.overlaps(start, end),
+            (true, _) => !f.finished && today.overlaps(start, end),
             (false, Some(w)) => w.overlaps(start, end),
             (false, None) => start < cx.as_of.end(),
         };
@@ -771,7 +820,11 @@ fn medication(cx: &Ctx, m: &MedicationRule, policy: NoRecords) -> NodeResult {
         (false, Some(s)) => format!("within {s} of {}", cx.as_of),
         (false, None) => "ever".into(),
     };
-    let route = m.route.map(|r| format!(" ({})", cx.m.sets[r].name)).unwrap_or_default();
+    let route = match m.route {
+        Some(RouteFilter::Only(r)) => format!(" ({})", cx.m.sets[r].name),
+        Some(RouteFilter::NotLocal(_)) => " (systemic)".to_string(),
+        None => String::new(),
+    };
     if let Some((min, max, unit)) = &m.total_dose {
         let mut total = 0.0;
         for f in &hits {
@@ -844,7 +897,12 @@ fn event(cx: &Ctx, kind: EventKind, sets: &[usize], within: Option<Span>, policy
     let mut undated = Vec::new();
     for f in list.iter().filter(|f| f.sets.iter().any(|s| sets.contains(s))) {
         let Some(t) = f.time else {
-            undated.push(f);
+            // Undated: it happened, but it cannot be placed in a window.
+            if window.is_none() {
+                hits.push(f);
+            } else {
+                undated.push(f);
+            }
             continue;
         };
         let ok = match window {

@@ -234,12 +234,22 @@ pub struct ConditionRule {
     pub missing_status: MissingStatus,
 }
 
+/// Which routes a medication rule counts.
+#[derive(Debug, Clone, Copy)]
+pub enum RouteFilter {
+    /// Only this route set (`route: oral` -> set `route-oral`).
+    Only(usize),
+    /// Anything but the local routes of set `route-local` (`route: systemic`): tacrolimus
+    /// ointment or ciclosporin eye drops are not systemic immunosuppression.
+    NotLocal(usize),
+}
+
 #[derive(Debug, Clone)]
 pub struct MedicationRule {
     pub sets: Vec<usize>,
     pub within: Option<Span>,
     pub current: bool,
-    pub route: Option<usize>,
+    pub route: Option<RouteFilter>,
     pub total_dose: Option<(Option<f64>, Option<f64>, String)>,
 }
 
@@ -516,12 +526,22 @@ fn compile(cx: &mut Ctx, r: &RuleSpec) -> Option<Node> {
         }
         "medication" => {
             let route = r.route.as_ref().and_then(|name| {
-                let set = format!("route-{name}");
+                let set = if name == "systemic" {
+                    "route-local".to_string()
+                } else {
+                    format!("route-{name}")
+                };
                 let found = cx.m.set(&set);
                 if found.is_none() {
-                    cx.err(format!("route `{name}` has no set `{set}` in the mappings"));
+                    cx.err(format!("route `{name}` needs a set `{set}` in the mappings"));
                 }
-                found
+                found.map(|s| {
+                    if name == "systemic" {
+                        RouteFilter::NotLocal(s)
+                    } else {
+                        RouteFilter::Only(s)
+                    }
+                })
             });
             let total_dose = r.total_dose.as_ref().map(|d| {
                 if cx.m.dose_factor(&d.unit).is_none() {

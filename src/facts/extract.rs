@@ -6,7 +6,7 @@ use super::*;
 use crate::fhir::Resource;
 use crate::fhir::model::*;
 use crate::fhir::record::{MedicationIndex, PatientRecord};
-use crate::time::{Date, parse_fhir_instant};
+use crate::time::{Date, parse_fhir_instant, parse_fhir_range};
 
 const OBS_VALID: &[&str] = &["final", "amended", "corrected"];
 
@@ -334,8 +334,16 @@ fn lab_value(
         } else {
             let (b, unit) = parse_bounded_with_unit(s)?;
             match unit {
-                // A bare bound such as `>60` carries no unit: it is read in the canonical unit.
-                None => v.reading = Reading::Number(b),
+                // A bare bound such as `>60` (how labs report an eGFR or a UPCR off the scale)
+                // is read in the canonical unit; a bare number is not, since it could be in
+                // any unit (creatinine `88` is umol/L, not mg/dL).
+                None if b.bound.is_some() || dimensionless => v.reading = Reading::Number(b),
+                None => {
+                    unmapped.add(&code.system, &code.code, "(no unit)");
+                    v.reading = Reading::Unconvertible {
+                        raw_unit: "(no unit)".into(),
+                    };
+                }
                 Some(u) => {
                     v.raw_unit = Some(u.to_string());
                     v.reading = match m.lab_factor(lab, u) {
@@ -446,21 +454,27 @@ fn condition(reference: &str, c: &Condition, m: &Mappings, unmapped: &mut Unmapp
         }
         return None;
     }
+    // Some feeds send the status as text only ({"text": "Active"}): read that too.
     let clinical = c.clinical_status.as_ref().map(|cs| {
         cs.coding
             .iter()
             .filter_map(|x| x.code.as_deref())
-            .find(|k| CLINICAL.contains(k))
-            .unwrap_or("unrecognised")
-            .to_string()
+            .chain(cs.text.as_deref())
+            .map(|k| k.trim().to_ascii_lowercase())
+            .find(|k| CLINICAL.contains(&k.as_str()))
+            .unwrap_or_else(|| "unrecognised".to_string())
     });
-    let onset = time_of(c.onset_date_time.as_ref(), c.onset_period.as_ref()).flatten();
-    let abatement = c.abatement_date_time.as_deref().and_then(parse_fhir_instant).or_else(|| {
-        c.abatement_period
-            .as_ref()
-            .and_then(|p| p.end.as_deref().or(p.start.as_deref()))
-            .and_then(parse_fhir_instant)
-    });
+    let period_range = |p: &Period| p.start.as_deref().and_then(parse_fhir_range);
+    let onset = match (&c.onset_date_time, &c.onset_period) {
+        (Some(t), _) => parse_fhir_range(t),
+        (None, Some(p)) => period_range(p),
+        (None, None) => None,
+    };
+    let abatement = match (&c.abatement_date_time, &c.abatement_period) {
+        (Some(t), _) => parse_fhir_range(t),
+        (None, Some(p)) => p.end.as_deref().or(p.start.as_deref()).and_then(parse_fhir_range),
+        (None, None) => None,
+    };
     Some(ConditionFact {
         resource: reference.to_string(),
         sets,
@@ -468,8 +482,8 @@ fn condition(reference: &str, c: &Condition, m: &Mappings, unmapped: &mut Unmapp
         clinical,
         onset,
         abatement,
-        abated_undated: abatement.is_none()
-            && (c.abatement_boolean == Some(true) || c.abatement_date_time.is_some() || c.abatement_period.is_some()),
+        // Over, date unknown; an unusable abatement date is ignored like any unusable time.
+        abated_undated: abatement.is_none() && c.abatement_boolean == Some(true),
         recorded: c.recorded_date.as_deref().and_then(parse_fhir_instant),
     })
 }
@@ -559,6 +573,7 @@ struct Exposure<'a> {
     start: Option<Instant>,
     end: Option<Instant>,
     ongoing: bool,
+    finished: bool,
     dose: Option<&'a Quantity>,
 }
 
@@ -591,6 +606,7 @@ fn exposure(reference: &str, e: Exposure, meds: &MedicationIndex, m: &Mappings, 
         start: e.start,
         end: e.end,
         ongoing: e.ongoing,
+        finished: e.finished,
         routes,
         dose_g,
         dose_text,
@@ -616,10 +632,15 @@ fn medication_request(
         .iter()
         .find_map(|d| d.timing.as_ref()?.repeat.as_ref()?.bounds_period.as_ref());
     let validity = r.dispense_request.as_ref().and_then(|d| d.validity_period.as_ref());
-    let (mut start, end) = period_bounds(bounds.or(validity));
-    if start.is_none() {
-        start = r.authored_on.as_deref().and_then(parse_fhir_instant);
-    }
+    let (dose_start, dose_end) = period_bounds(bounds);
+    let (valid_start, valid_end) = period_bounds(validity);
+    let start = dose_start
+        .or_else(|| r.authored_on.as_deref().and_then(parse_fhir_instant))
+        .or(valid_start);
+    let finished = matches!(status, "completed" | "stopped");
+    // validityPeriod bounds dispensing, not taking: it closes an exposure only once the order
+    // itself is over; an active order whose prescription window lapsed is still being taken.
+    let end = dose_end.or(if finished { valid_end } else { None });
     let e = Exposure {
         source: MedSource::Request,
         concept: r.medication_codeable_concept.as_ref(),
@@ -628,7 +649,8 @@ fn medication_request(
         dosage_routes: r.dosage_instruction.iter().map(|d| d.route.as_ref()).collect(),
         start,
         end,
-        ongoing: end.is_none() && matches!(status, "active" | "on-hold"),
+        ongoing: end.is_none() && !finished,
+        finished,
         dose: None,
     };
     exposure(reference, e, meds, m, unmapped)
@@ -659,6 +681,7 @@ fn medication_statement(
         start,
         end,
         ongoing: end.is_none() && matches!(status, "active" | "on-hold"),
+        finished: matches!(status, "completed" | "stopped"),
         dose: None,
     };
     exposure(reference, e, meds, m, unmapped)
@@ -688,6 +711,7 @@ fn medication_administration(
         start,
         end,
         ongoing: false,
+        finished: false,
         dose: r.dosage.as_ref().and_then(|d| d.dose.as_ref()),
     };
     exposure(reference, e, meds, m, unmapped)
@@ -790,20 +814,23 @@ fn diagnostic_report(reference: &str, d: &DiagnosticReport, m: &Mappings, f: &mu
         return;
     }
     let sets = sets_for(&codes_of(d.code.as_ref(), m), m);
+    let mut found = Vec::new();
+    for cc in &d.conclusion_code {
+        found.extend(sets_for(&codes_of(Some(cc), m), m));
+    }
     for (kind, b) in &m.biopsies {
-        if !m.set(&b.reports).is_some_and(|s| sets.contains(&s)) {
-            continue;
-        }
-        let mut found = Vec::new();
-        for cc in &d.conclusion_code {
-            found.extend(sets_for(&codes_of(Some(cc), m), m));
-        }
-        let classes = b
+        let classes: Vec<String> = b
             .classes
             .iter()
             .filter(|(_, set)| m.set(set).is_some_and(|s| found.contains(&s)))
             .map(|(class, _)| class.clone())
             .collect();
+        // Pathology reports are usually coded with a generic LOINC (a pathology panel), not
+        // the biopsy: a conclusion coding a class of this kind identifies the report as well.
+        let is_report = m.set(&b.reports).is_some_and(|s| sets.contains(&s));
+        if !is_report && classes.is_empty() {
+            continue;
+        }
         let time = time_of(d.effective_date_time.as_ref(), d.effective_period.as_ref())
             .flatten()
             .or_else(|| d.issued.as_deref().and_then(parse_fhir_instant));

@@ -62,9 +62,11 @@ pub struct ConditionFact {
     pub code: String,
     /// `active`, `recurrence`, `relapse`, `inactive`, `remission`, `resolved`, or None when absent.
     pub clinical: Option<String>,
-    pub onset: Option<Instant>,
-    pub abatement: Option<Instant>,
-    /// abatementBoolean true, or an abatement[x] of another type: over, date unknown.
+    /// When it began, as a half-open range (a partial date such as `2010` is a whole year).
+    pub onset: Option<(Instant, Instant)>,
+    /// When it ended, as a half-open range.
+    pub abatement: Option<(Instant, Instant)>,
+    /// abatementBoolean true: over, date unknown.
     pub abated_undated: bool,
     pub recorded: Option<Instant>,
 }
@@ -87,6 +89,9 @@ pub struct MedicationFact {
     /// None with `ongoing`: still going; None without: a single point at `start`.
     pub end: Option<Instant>,
     pub ongoing: bool,
+    /// The order or statement says the course is over (completed, stopped): never current,
+    /// whatever end date it carries.
+    pub finished: bool,
     /// Route sets matched (`route-oral`, `route-intravenous`), from the dosage or the product.
     pub routes: Vec<usize>,
     /// Dose given, in grams (MedicationAdministration only).

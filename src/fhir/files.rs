@@ -7,6 +7,7 @@ use super::model::*;
 use super::{InputIssue, READ_TYPES, Resource};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 /// A resource as read, with the `fullUrl` its Bundle entry gave it (used to resolve
@@ -45,7 +46,7 @@ pub enum ReadError {
 /// `.json`, `.ndjson` and `.jsonl` files, in sorted order so runs are reproducible).
 pub fn read_path(path: &Path, opts: ReadOptions) -> Result<ReadOutput, ReadError> {
     let mut files = Vec::new();
-    collect_files(path, &mut files)?;
+    collect_files(path, &mut files, &mut HashSet::new())?;
     if files.is_empty() {
         return Err(ReadError::Empty(path.to_path_buf()));
     }
@@ -60,12 +61,17 @@ pub fn read_path(path: &Path, opts: ReadOptions) -> Result<ReadOutput, ReadError
     Ok(out)
 }
 
-fn collect_files(path: &Path, files: &mut Vec<PathBuf>) -> Result<(), ReadError> {
+/// `seen` holds canonical paths: a folder reached twice through symbolic links (or a link
+/// loop) is read once, so no resource is counted twice.
+fn collect_files(path: &Path, files: &mut Vec<PathBuf>, seen: &mut HashSet<PathBuf>) -> Result<(), ReadError> {
     let io = |source| ReadError::Io {
         path: path.to_path_buf(),
         source,
     };
     let meta = std::fs::metadata(path).map_err(io)?;
+    if !seen.insert(std::fs::canonicalize(path).map_err(io)?) {
+        return Ok(());
+    }
     if meta.is_file() {
         files.push(path.to_path_buf());
         return Ok(());
@@ -76,10 +82,8 @@ fn collect_files(path: &Path, files: &mut Vec<PathBuf>) -> Result<(), ReadError>
         .collect();
     entries.sort();
     for p in entries {
-        if p.is_dir() {
-            collect_files(&p, files)?;
-        } else if matches!(p.extension().and_then(|e| e.to_str()), Some("json" | "ndjson" | "jsonl")) {
-            files.push(p);
+        if p.is_dir() || matches!(p.extension().and_then(|e| e.to_str()), Some("json" | "ndjson" | "jsonl")) {
+            collect_files(&p, files, seen)?;
         }
     }
     Ok(())
@@ -113,7 +117,9 @@ pub fn read_text(name: &str, text: &str, ndjson: bool, opts: ReadOptions, out: &
         }
         let loc = format!("{name}:{}", i + 1);
         match serde_json::from_str::<&RawValue>(line) {
-            Ok(raw) => parse_resource(&loc, raw, None, opts, out),
+            // A line may hold a whole Bundle.
+            Ok(raw) if resource_type(raw).as_deref() == Some("Bundle") => read_value(&loc, line, raw, None, opts, out),
+            Ok(raw) => parse_resource(&|| loc.clone(), raw, None, opts, out),
             Err(e) => out.issues.push(issue(loc, format!("not valid JSON: {e}"))),
         }
     }
@@ -140,7 +146,9 @@ struct EntryShape<'a> {
 }
 
 fn read_value(name: &str, text: &str, raw: &RawValue, full_url: Option<String>, opts: ReadOptions, out: &mut ReadOutput) {
-    let loc = format!("{name}:{}", line_of(text, raw));
+    // The line is worked out only when something must be reported: counting lines for every
+    // entry made large Bundles quadratic.
+    let loc = || format!("{name}:{}", line_of(text, raw));
     if resource_type(raw).as_deref() != Some("Bundle") {
         parse_resource(&loc, raw, full_url, opts, out);
         return;
@@ -148,7 +156,7 @@ fn read_value(name: &str, text: &str, raw: &RawValue, full_url: Option<String>, 
     let bundle: BundleShape = match serde_json::from_str(raw.get()) {
         Ok(b) => b,
         Err(e) => {
-            out.issues.push(issue(loc, format!("Bundle cannot be read: {e}")));
+            out.issues.push(issue(loc(), format!("Bundle cannot be read: {e}")));
             return;
         }
     };
@@ -193,10 +201,9 @@ fn resource_type(raw: &RawValue) -> Option<String> {
     serde_json::from_str::<Peek>(raw.get()).ok().and_then(|p| p.rt)
 }
 
-fn parse_resource(loc: &str, raw: &RawValue, full_url: Option<String>, opts: ReadOptions, out: &mut ReadOutput) {
+fn parse_resource(loc: &dyn Fn() -> String, raw: &RawValue, full_url: Option<String>, opts: ReadOptions, out: &mut ReadOutput) {
     let Some(rt) = resource_type(raw) else {
-        out.issues
-            .push(issue(loc.to_string(), "not a FHIR resource: no resourceType".into()));
+        out.issues.push(issue(loc(), "not a FHIR resource: no resourceType".into()));
         return;
     };
     if !READ_TYPES.contains(&rt.as_str()) {
@@ -223,10 +230,9 @@ fn parse_resource(loc: &str, raw: &RawValue, full_url: Option<String>, opts: Rea
     };
     match parsed {
         Ok(resource) => out.resources.push(Parsed { resource, full_url }),
-        Err(e) => out.issues.push(issue(
-            loc.to_string(),
-            format!("{rt} skipped: {e} (line {} of the resource)", e.line()),
-        )),
+        Err(e) => out
+            .issues
+            .push(issue(loc(), format!("{rt} skipped: {e} (line {} of the resource)", e.line()))),
     }
 }
 

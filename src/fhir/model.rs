@@ -104,7 +104,6 @@ pub struct Component {
     pub value_string: Option<String>,
     pub value_integer: Option<i64>,
     pub value_codeable_concept: Option<CodeableConcept>,
-    pub data_absent_reason: Option<CodeableConcept>,
     #[serde(default)]
     pub reference_range: Vec<ReferenceRange>,
 }
@@ -123,7 +122,6 @@ pub struct Observation {
     pub value_string: Option<String>,
     pub value_integer: Option<i64>,
     pub value_codeable_concept: Option<CodeableConcept>,
-    pub data_absent_reason: Option<CodeableConcept>,
     #[serde(default)]
     pub reference_range: Vec<ReferenceRange>,
     #[serde(default)]
