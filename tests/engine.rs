@@ -1051,6 +1051,28 @@ fn ignored_medications() {
         ("no medication records at all", vec![], Unknown),
     ];
     table(Trial::Yaml(&trial), "im", Pt::adult, "mmf", &rows);
+
+    // A finished order with only authoredOn lasts its expected supply, fill after fill:
+    // authored 2026-01-01, 30 days x 3 fills reaches 2026-04-01, inside the 90-day window
+    // (from 2026-03-03); a single fill ends on 2026-01-31, before it.
+    let supply = |repeats: u32| {
+        med_request("200060", "2026-01-01").with(json!({ "status": "completed", "dispenseRequest": {
+            "numberOfRepeatsAllowed": repeats,
+            "expectedSupplyDuration": { "value": 30, "unit": "days", "system": "http://unitsofmeasure.org", "code": "d" } } }))
+    };
+    let rows: Vec<Row> = vec![
+        ("completed, 30 days x 3 fills", vec![supply(2)], Met),
+        ("completed, one 30-day fill", vec![supply(0)], NotMet),
+        (
+            "active order whose dispensing window lapsed is still taken",
+            vec![
+                med_request("200060", "2025-01-01")
+                    .with(json!({ "dispenseRequest": { "validityPeriod": { "start": "2025-01-01", "end": "2025-06-01" } } })),
+            ],
+            Met,
+        ),
+    ];
+    table(Trial::Yaml(&trial), "sup", Pt::adult, "mmf", &rows);
 }
 
 #[test]

@@ -640,7 +640,13 @@ fn medication_request(
     let finished = matches!(status, "completed" | "stopped");
     // validityPeriod bounds dispensing, not taking: it closes an exposure only once the order
     // itself is over; an active order whose prescription window lapsed is still being taken.
-    let end = dose_end.or(if finished { valid_end } else { None });
+    // A finished order with no dates of its own lasted its expected supply (each fill).
+    let supplied = r.dispense_request.as_ref().and_then(|d| {
+        let days = duration_days(d.expected_supply_duration.as_ref()?)?;
+        let fills = f64::from(d.number_of_repeats_allowed.unwrap_or(0).min(365) + 1);
+        Some(Instant(start?.0 + (days * fills * 86_400.0) as i64))
+    });
+    let end = dose_end.or(if finished { valid_end.or(supplied) } else { None });
     let e = Exposure {
         source: MedSource::Request,
         concept: r.medication_codeable_concept.as_ref(),
@@ -654,6 +660,19 @@ fn medication_request(
         dose: None,
     };
     exposure(reference, e, meds, m, unmapped)
+}
+
+/// A FHIR Duration in days (`d`, `wk`, `mo` as 30 days, `a` as 365); None for other units.
+fn duration_days(q: &Quantity) -> Option<f64> {
+    let v = q.value.filter(|v| v.is_finite() && *v >= 0.0 && *v <= 36_500.0)?;
+    let per_day = match unit_key(q)? {
+        "d" | "day" | "days" => 1.0,
+        "wk" | "week" | "weeks" => 7.0,
+        "mo" | "month" | "months" => 30.0,
+        "a" | "year" | "years" => 365.0,
+        _ => return None,
+    };
+    Some(v * per_day)
 }
 
 fn medication_statement(

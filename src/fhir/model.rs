@@ -174,6 +174,8 @@ pub struct Dosage {
 #[serde(rename_all = "camelCase")]
 pub struct DispenseRequest {
     pub validity_period: Option<Period>,
+    pub number_of_repeats_allowed: Option<u32>,
+    pub expected_supply_duration: Option<Quantity>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
