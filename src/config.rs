@@ -71,7 +71,16 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Located<T> {
 /// hash) does not depend on the file system.
 pub fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| ConfigError::io(dir, e))?
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ConfigError::at(
+                dir,
+                None,
+                "no such folder; run trialgate from its own folder, or pass --mappings / --trials-dir \
+                 (or set TRIALGATE_MAPPINGS / TRIALGATE_TRIALS)"
+                    .into(),
+            ),
+            _ => ConfigError::io(dir, e),
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
         .collect();
