@@ -294,7 +294,7 @@ fn lab(cx: &Ctx, l: &LabRule) -> NodeResult {
             l.equation.as_deref().unwrap_or("")
         ));
     }
-    let (value, derived): (Option<Derived>, bool) = match latest(usable) {
+    let (value, derived): (Option<Found>, bool) = match latest(usable) {
         Some(v) => {
             let ev = lab_evidence(v, &spec.spec.unit, v.equation.as_ref().map(|e| format!("reported ({e})")));
             match &v.reading {
@@ -303,27 +303,10 @@ fn lab(cx: &Ctx, l: &LabRule) -> NodeResult {
                     let mut desc = format!("{name} {} {} on {}", fmt_bounded(b), spec.spec.unit, v.time.date());
                     let mut evidence = vec![ev];
                     if l.uln_ratio {
-                        let (uln, source) = match (v.uln, &spec.spec.uln) {
-                            (Some(u), _) => (u, "the Observation's referenceRange"),
-                            (None, Some(d)) => match cx.m.lab_factor(l.lab, &d.unit) {
-                                Some(f) => (f.apply(d.default), "the configured default"),
-                                None => {
-                                    return NodeResult::new(
-                                        Outcome::Unknown,
-                                        format!("{name}: default ULN unit {} cannot be converted", d.unit),
-                                    );
-                                }
-                            },
-                            (None, None) => {
-                                return NodeResult::new(
-                                    Outcome::Unknown,
-                                    format!("{name}: no ULN on the Observation and no default configured"),
-                                );
-                            }
+                        let (uln, source) = match uln_for(cx, l, v) {
+                            Ok(u) => u,
+                            Err(why) => return NodeResult::new(Outcome::Unknown, format!("{name}: {why}")),
                         };
-                        if uln <= 0.0 {
-                            return NodeResult::new(Outcome::Unknown, format!("{name}: ULN {uln} is not positive"));
-                        }
                         // Value and ULN went through the same unit conversion, which can turn an
                         // exact 2.5 (3.25 / 1.3 mg/dL) into 2.4999999999999996: round that noise off.
                         b = Bounded {
@@ -340,7 +323,13 @@ fn lab(cx: &Ctx, l: &LabRule) -> NodeResult {
                             ));
                         }
                     }
-                    (Some((b, evidence, vec![v.resource.clone()], desc)), false)
+                    let found = Found {
+                        value: b,
+                        evidence,
+                        from: vec![v.resource.clone()],
+                        desc,
+                    };
+                    (Some(found), false)
                 }
                 Reading::Unconvertible { raw_unit } => {
                     let mut r = NodeResult::new(
@@ -393,7 +382,13 @@ fn lab(cx: &Ctx, l: &LabRule) -> NodeResult {
             }
         },
     };
-    let Some((b, evidence, from, desc)) = value.or_else(|| substitute(cx, l, window, &mut notes)) else {
+    let Some(Found {
+        value: b,
+        evidence,
+        from,
+        desc,
+    }) = value.or_else(|| substitute(cx, l, window, &mut notes))
+    else {
         let mut why = format!("no valid {name} from {window}");
         if !notes.is_empty() {
             why = format!("{why}; {}", notes.join("; "));
@@ -435,11 +430,37 @@ fn lab(cx: &Ctx, l: &LabRule) -> NodeResult {
     r
 }
 
-type Derived = (Bounded, Vec<Evidence>, Vec<String>, String);
+/// The upper limit of normal for a value, in canonical units, and where it came from: the
+/// Observation's own referenceRange, else the lab's configured default.
+fn uln_for(cx: &Ctx, l: &LabRule, v: &LabValue) -> Result<(f64, &'static str), String> {
+    let spec = &cx.m.labs[l.lab].spec;
+    let (uln, source) = match (v.uln, &spec.uln) {
+        (Some(u), _) => (u, "the Observation's referenceRange"),
+        (None, Some(d)) => match cx.m.lab_factor(l.lab, &d.unit) {
+            Some(f) => (f.apply(d.default), "the configured default"),
+            None => return Err(format!("default ULN unit {} cannot be converted", d.unit)),
+        },
+        (None, None) => return Err("no ULN on the Observation and no default configured".into()),
+    };
+    if uln <= 0.0 {
+        return Err(format!("ULN {uln} is not positive"));
+    }
+    Ok((uln, source))
+}
+
+/// A value a lab rule can test, reported, derived or stood in, with how it was found.
+struct Found {
+    value: Bounded,
+    evidence: Vec<Evidence>,
+    /// The resources it came from.
+    from: Vec<String>,
+    /// How it reads in the reason ("egfr 38 mL/min/{1.73_m2} on 2026-05-02").
+    desc: String,
+}
 
 /// A derived value when no reported one exists in the window: eGFR by CKD-EPI 2021 from serum
 /// creatinine, BMI from weight and height. `Err` explains why it could not be derived.
-fn derive_value(cx: &Ctx, l: &LabRule, window: Window) -> Result<Option<Derived>, String> {
+fn derive_value(cx: &Ctx, l: &LabRule, window: Window) -> Result<Option<Found>, String> {
     let name = cx.m.labs[l.lab].name.as_str();
     let Some(spec) = cx.m.derived.get(name) else { return Ok(None) };
     if !l.derive {
@@ -517,7 +538,12 @@ fn derive_value(cx: &Ctx, l: &LabRule, window: Window) -> Result<Option<Derived>
                 fmt_bounded(scr),
                 cr.time.date()
             );
-            Ok(Some((Bounded { value, bound }, vec![ev], vec![cr.resource.clone()], desc)))
+            Ok(Some(Found {
+                value: Bounded { value, bound },
+                evidence: vec![ev],
+                from: vec![cr.resource.clone()],
+                desc,
+            }))
         }
         "bmi" => {
             let (Some(w), Some(h)) = (spec.from.first(), spec.from.get(1)) else {
@@ -549,19 +575,19 @@ fn derive_value(cx: &Ctx, l: &LabRule, window: Window) -> Result<Option<Derived>
                 wv.time.date(),
                 fmt_num(hb.value)
             );
-            Ok(Some((
-                Bounded { value, bound: None },
-                evs,
-                vec![wv.resource.clone(), hv.resource.clone()],
+            Ok(Some(Found {
+                value: Bounded { value, bound: None },
+                evidence: evs,
+                from: vec![wv.resource.clone(), hv.resource.clone()],
                 desc,
-            )))
+            }))
         }
         _ => Ok(None),
     }
 }
 
 /// A stand-in lab the trial explicitly accepts (a spot UPCR for 24-hour protein), shown as such.
-fn substitute(cx: &Ctx, l: &LabRule, window: Window, notes: &mut Vec<String>) -> Option<Derived> {
+fn substitute(cx: &Ctx, l: &LabRule, window: Window, notes: &mut Vec<String>) -> Option<Found> {
     let name = &cx.m.labs[l.lab].name;
     let s = l.substitute?;
     let sname = &cx.m.labs[s].name;
@@ -576,7 +602,12 @@ fn substitute(cx: &Ctx, l: &LabRule, window: Window, notes: &mut Vec<String>) ->
         cx.m.labs[s].spec.unit
     );
     let ev = lab_evidence(sv, &cx.m.labs[s].spec.unit, Some(note.clone()));
-    Some((b, vec![ev], vec![sv.resource.clone()], note))
+    Some(Found {
+        value: b,
+        evidence: vec![ev],
+        from: vec![sv.resource.clone()],
+        desc: note,
+    })
 }
 
 fn set_names(cx: &Ctx, sets: &[usize]) -> String {
