@@ -11,6 +11,7 @@ pub mod criteria;
 pub mod facts;
 pub mod fhir;
 pub mod report;
+pub mod sweep;
 pub mod time;
 
 use config::{ConfigError, yaml_files};
@@ -176,22 +177,31 @@ pub struct Screening {
 
 /// Screens every patient found under `path` against every configured trial.
 pub fn screen(path: &Path, cfg: &Config, as_of: Date, decisions: &Decisions) -> Result<Screening, ReadError> {
-    let keep = cfg.mappings.labs.iter().any(|l| l.value_path.is_some());
-    let read = read_path(
-        path,
-        ReadOptions {
-            keep_observation_json: keep,
-        },
-    )?;
-    let mut provenance = cfg.provenance.clone();
-    for f in &read.files {
-        provenance.sources.push(SourceFile {
+    let read = read_path(path, read_options(cfg))?;
+    let inputs = read
+        .files
+        .iter()
+        .map(|f| SourceFile {
             kind: "input",
             path: f.display().to_string(),
             sha256: None,
             bytes: std::fs::metadata(f).ok().map(|m| m.len()),
-        });
+        })
+        .collect();
+    Ok(screen_read(read, inputs, cfg, as_of, decisions))
+}
+
+/// Whether any mapping reads Observations through JSONPath (they must then be kept as JSON).
+pub fn read_options(cfg: &Config) -> ReadOptions {
+    ReadOptions {
+        keep_observation_json: cfg.mappings.labs.iter().any(|l| l.value_path.is_some()),
     }
+}
+
+/// Screens resources already read, from files or from a server: group, extract, evaluate.
+pub fn screen_read(read: fhir::files::ReadOutput, inputs: Vec<SourceFile>, cfg: &Config, as_of: Date, decisions: &Decisions) -> Screening {
+    let mut provenance = cfg.provenance.clone();
+    provenance.sources.extend(inputs);
     let mut issues = read.issues;
     let grouped = fhir::record::group(read.resources);
     issues.extend(grouped.issues);
@@ -231,12 +241,12 @@ pub fn screen(path: &Path, cfg: &Config, as_of: Date, decisions: &Decisions) -> 
         results.extend(r);
         unmapped.merge(u);
     }
-    Ok(Screening {
+    Screening {
         as_of,
         patients: records.len(),
         results,
         unmapped,
         issues,
         provenance,
-    })
+    }
 }

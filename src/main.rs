@@ -5,9 +5,11 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use trialgate::criteria::decisions::Decisions;
+use trialgate::fhir::client::{ClientOptions, FhirClient};
+use trialgate::sweep::{Cohort, SweepOptions};
 use trialgate::time::Date;
 
 #[derive(Parser)]
@@ -72,6 +74,67 @@ enum Command {
         #[arg(long, short, value_name = "FILE")]
         output: Option<PathBuf>,
     },
+    /// Screen a cohort fetched from a FHIR R4 server (read only; the report is the same as `screen`'s).
+    #[command(after_help = "Examples:\n  \
+        trialgate sweep --server https://fhir.example.org/r4 --as-of 2026-06-01\n  \
+        trialgate sweep --server $FHIR --group ln-clinic --format csv > verdicts.csv\n  \
+        trialgate sweep --server $FHIR --patients 'Condition?code=http://snomed.info/sct|55464009'\n  \
+        FHIR_TOKEN=... trialgate sweep --server $FHIR --patient 123 --patient 456 --token-env FHIR_TOKEN\n\n\
+        The cohort is every Patient unless --group, --patients or --patient says otherwise. For each \
+        batch of patients trialgate searches each resource type the trials read (patient=a,b,c), \
+        follows every page, and retries timeouts, 429 and 5xx with backoff (honouring Retry-After). \
+        A patient whose data still cannot be fetched is reported with status `error` and the \
+        server's reason. A summary of requests and errors goes to stderr.")]
+    Sweep {
+        /// Base URL of the FHIR R4 server.
+        #[arg(long, value_name = "URL")]
+        server: String,
+        /// Screen the members of this Group.
+        #[arg(long, value_name = "ID", conflicts_with_all = ["patients", "patient"])]
+        group: Option<String>,
+        /// Screen the subjects of this search, e.g. 'Condition?code=http://snomed.info/sct|55464009'.
+        #[arg(long, value_name = "SEARCH", conflicts_with = "patient")]
+        patients: Option<String>,
+        /// Screen this patient id (repeatable).
+        #[arg(long, value_name = "ID")]
+        patient: Vec<String>,
+        /// Screening date (YYYY-MM-DD). Default: today (UTC).
+        #[arg(long, value_name = "YYYY-MM-DD")]
+        as_of: Option<String>,
+        /// A trial id from the trials folder, or the path of a trial file. Repeatable. Default: all.
+        #[arg(long = "trial", value_name = "ID|FILE")]
+        trials: Vec<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+        /// Coordinators' recorded answers to manual criteria (YAML list; see README).
+        #[arg(long, value_name = "FILE")]
+        decisions: Option<PathBuf>,
+        /// Write the report here instead of standard output.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Environment variable holding a bearer token for the server.
+        #[arg(long, value_name = "VAR", conflicts_with = "token_file")]
+        token_env: Option<String>,
+        /// File holding a bearer token for the server.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// Patients per search request.
+        #[arg(long, default_value_t = 50)]
+        batch: usize,
+        /// Searches in flight at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Resources per page asked of the server (_count).
+        #[arg(long, default_value_t = 200)]
+        page_size: usize,
+        /// Seconds to wait for a response before retrying.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// Retries of one request after its first attempt.
+        #[arg(long, default_value_t = 5)]
+        max_retries: u32,
+    },
     /// Validate every trial and mapping file, and lint criteria for suspect thresholds.
     #[command(
         after_help = "Examples:\n  trialgate check\n  trialgate check --trial config/bench/bench-ln.yaml\n  trialgate check --list\n\n\
@@ -126,6 +189,71 @@ fn main() -> ExitCode {
     }
 }
 
+fn parse_as_of(as_of: Option<String>) -> anyhow::Result<Date> {
+    match as_of {
+        Some(s) => Date::parse(&s).ok_or_else(|| bad(format!("--as-of `{s}` is not a date; write YYYY-MM-DD"))),
+        None => Ok(Date::today_utc()),
+    }
+}
+
+fn load_config(mappings: &Path, trials_dir: &Path, trials: &[String]) -> anyhow::Result<trialgate::Config> {
+    let cfg = trialgate::load_config(mappings, trials_dir, trials).map_err(bad)?;
+    for w in &cfg.warnings {
+        tracing::info!("{}", w.0);
+    }
+    Ok(cfg)
+}
+
+fn load_decisions(path: &Option<PathBuf>, cfg: &trialgate::Config) -> anyhow::Result<Decisions> {
+    let Some(p) = path else { return Ok(Decisions::default()) };
+    let d = Decisions::load(p).map_err(bad)?;
+    let known: Vec<(String, Vec<String>)> = cfg
+        .trials
+        .iter()
+        .map(|t| (t.id.clone(), t.criteria.iter().map(|c| c.id.clone()).collect()))
+        .collect();
+    for x in d.dangling(&known) {
+        tracing::warn!(
+            "{}: decision for trial `{}` criterion `{}` matches no loaded criterion",
+            p.display(),
+            x.trial,
+            x.criterion
+        );
+    }
+    Ok(d)
+}
+
+/// Names the decisions file in the provenance, logs input problems, writes the report.
+fn finish(s: &mut trialgate::Screening, decisions: &Option<PathBuf>, format: Format, output: Option<PathBuf>) -> anyhow::Result<()> {
+    if let Some(p) = decisions {
+        // Decisions change outcomes, so the report names the file and its hash.
+        s.provenance
+            .sources
+            .push(trialgate::SourceFile::hashed("decisions", p).map_err(bad)?);
+    }
+    for i in &s.issues {
+        tracing::warn!("{}: {}", i.location, i.message);
+    }
+    let text = match format {
+        Format::Json => trialgate::report::json(s),
+        Format::Text => trialgate::report::text(s),
+        Format::Csv => trialgate::report::csv(s),
+    };
+    match output {
+        Some(p) => std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?,
+        None => {
+            let mut out = std::io::stdout().lock();
+            // A closed pipe (`| head`) is not an error worth reporting.
+            if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    return Err(e).context("writing the report");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Screen {
@@ -136,73 +264,91 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             decisions,
             output,
         } => {
-            let as_of = match as_of {
-                Some(s) => Date::parse(&s).ok_or_else(|| bad(format!("--as-of `{s}` is not a date; write YYYY-MM-DD")))?,
-                None => Date::today_utc(),
-            };
+            let as_of = parse_as_of(as_of)?;
             if !bundle.exists() {
                 return Err(bad(format!("{}: no such file or folder", bundle.display())));
             }
-            let cfg = trialgate::load_config(&cli.mappings, &cli.trials_dir, &trials).map_err(bad)?;
-            for w in &cfg.warnings {
-                tracing::info!("{}", w.0);
-            }
-            let decisions_path = decisions;
-            let decisions = match &decisions_path {
-                Some(p) => {
-                    let d = Decisions::load(p).map_err(bad)?;
-                    let known: Vec<(String, Vec<String>)> = cfg
-                        .trials
-                        .iter()
-                        .map(|t| (t.id.clone(), t.criteria.iter().map(|c| c.id.clone()).collect()))
-                        .collect();
-                    for d in d.dangling(&known) {
-                        tracing::warn!(
-                            "{}: decision for trial `{}` criterion `{}` matches no loaded criterion",
-                            p.display(),
-                            d.trial,
-                            d.criterion
-                        );
-                    }
-                    d
-                }
-                None => Decisions::default(),
-            };
+            let cfg = load_config(&cli.mappings, &cli.trials_dir, &trials)?;
+            let loaded = load_decisions(&decisions, &cfg)?;
             let started = std::time::Instant::now();
-            let mut s = trialgate::screen(&bundle, &cfg, as_of, &decisions).map_err(bad)?;
-            if let Some(p) = &decisions_path {
-                // Decisions change outcomes, so the report names the file and its hash.
-                s.provenance
-                    .sources
-                    .push(trialgate::SourceFile::hashed("decisions", p).map_err(bad)?);
-            }
-            for i in &s.issues {
-                tracing::warn!("{}: {}", i.location, i.message);
-            }
+            let mut s = trialgate::screen(&bundle, &cfg, as_of, &loaded).map_err(bad)?;
             tracing::info!(
                 patients = s.patients,
                 results = s.results.len(),
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "screening done"
             );
-            let text = match format {
-                Format::Json => trialgate::report::json(&s),
-                Format::Text => trialgate::report::text(&s),
-                Format::Csv => trialgate::report::csv(&s),
-            };
-            match output {
-                Some(p) => std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?,
-                None => {
-                    let mut out = std::io::stdout().lock();
-                    // A closed pipe (`| head`) is not an error worth reporting.
-                    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-                        if e.kind() != std::io::ErrorKind::BrokenPipe {
-                            return Err(e).context("writing the report");
-                        }
-                    }
+            finish(&mut s, &decisions, format, output)
+        }
+        Command::Sweep {
+            server,
+            group,
+            patients,
+            patient,
+            as_of,
+            trials,
+            format,
+            decisions,
+            output,
+            token_env,
+            token_file,
+            batch,
+            concurrency,
+            page_size,
+            timeout,
+            max_retries,
+        } => {
+            let as_of = parse_as_of(as_of)?;
+            let cfg = load_config(&cli.mappings, &cli.trials_dir, &trials)?;
+            let loaded = load_decisions(&decisions, &cfg)?;
+            // The token is read here and handed to the client; it is never logged or echoed.
+            let bearer = match (token_env, token_file) {
+                (Some(var), _) => {
+                    Some(std::env::var(&var).map_err(|_| bad(format!("--token-env: the environment variable {var} is not set")))?)
                 }
-            }
-            Ok(())
+                (None, Some(f)) => Some(
+                    std::fs::read_to_string(&f)
+                        .map_err(|e| bad(format!("--token-file {}: {e}", f.display())))?
+                        .trim()
+                        .to_string(),
+                ),
+                (None, None) => None,
+            };
+            let opts = ClientOptions {
+                read_timeout: std::time::Duration::from_secs(timeout.max(1)),
+                max_retries,
+                bearer,
+                ..Default::default()
+            };
+            let client = FhirClient::new(&server, opts).map_err(bad)?;
+            let cohort = match (group, patients, patient.is_empty()) {
+                (Some(g), _, _) => Cohort::Group(g),
+                (None, Some(q), _) => Cohort::Search(q),
+                (None, None, false) => Cohort::Ids(patient),
+                (None, None, true) => Cohort::All,
+            };
+            let sweep_opts = SweepOptions {
+                cohort,
+                batch,
+                concurrency,
+                page_size,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let started = std::time::Instant::now();
+            let (mut s, summary) = runtime.block_on(trialgate::sweep::sweep(&client, &cfg, as_of, &loaded, &sweep_opts))?;
+            eprintln!(
+                "sweep: {} patient(s), {} in error; {} request(s), {} retried, {} failed; {:.1} s",
+                summary.patients,
+                summary.errors,
+                summary.requests,
+                summary.retries,
+                summary.failed_requests,
+                started.elapsed().as_secs_f64()
+            );
+            finish(&mut s, &decisions, format, output)
         }
         Command::Check { trials, list } => {
             let cfg = trialgate::load_config(&cli.mappings, &cli.trials_dir, &trials).map_err(bad)?;

@@ -66,6 +66,7 @@ fn bench_ln_agrees_with_the_reference_implementation() {
                 Status::Eligible => "eligible",
                 Status::Ineligible => "ineligible",
                 Status::PotentiallyEligible => "unknown",
+                Status::Error => "error",
             };
             (id, outcome)
         })

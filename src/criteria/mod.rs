@@ -50,6 +50,8 @@ pub enum Status {
     Eligible,
     PotentiallyEligible,
     Ineligible,
+    /// The patient's data could not be fetched; `record` says why. Never a verdict.
+    Error,
 }
 
 impl Status {
@@ -58,6 +60,7 @@ impl Status {
             Status::Eligible => "eligible",
             Status::PotentiallyEligible => "potentially-eligible",
             Status::Ineligible => "ineligible",
+            Status::Error => "error",
         }
     }
 }

@@ -324,6 +324,50 @@ pub struct Trial {
     pub criteria: Vec<Criterion>,
 }
 
+impl Trial {
+    /// The FHIR resource types this trial's rules read (Patient always), for sources that fetch
+    /// only what is needed.
+    pub fn resource_types(&self) -> std::collections::BTreeSet<&'static str> {
+        fn walk(n: &Node, out: &mut std::collections::BTreeSet<&'static str>) {
+            match &n.rule {
+                Rule::All(c) | Rule::Any(c) => c.iter().for_each(|c| walk(c, out)),
+                Rule::Not(c) => walk(c, out),
+                Rule::Lab(_) => {
+                    out.insert("Observation");
+                }
+                Rule::Condition(_) => {
+                    out.insert("Condition");
+                }
+                Rule::Medication(_) => out.extend(["MedicationRequest", "MedicationStatement", "MedicationAdministration"]),
+                Rule::Event {
+                    kind: EventKind::Procedure,
+                    ..
+                } => {
+                    out.insert("Procedure");
+                }
+                Rule::Event {
+                    kind: EventKind::Immunization,
+                    ..
+                } => {
+                    out.insert("Immunization");
+                }
+                Rule::Allergy { .. } => {
+                    out.insert("AllergyIntolerance");
+                }
+                Rule::Biopsy { .. } => out.extend(["Procedure", "DiagnosticReport"]),
+                Rule::Age { .. } | Rule::Sex(_) | Rule::Manual(_) => {}
+            }
+        }
+        let mut out = std::collections::BTreeSet::from(["Patient"]);
+        for c in &self.criteria {
+            if let Decide::Rule(n) = &c.decide {
+                walk(n, &mut out);
+            }
+        }
+        out
+    }
+}
+
 /// A finding of the suspect-threshold lint on a criterion that already says `suspect:`.
 #[derive(Debug, Clone)]
 pub struct Warning(pub String);

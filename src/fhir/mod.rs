@@ -1,6 +1,7 @@
 //! The only place that speaks FHIR on disk. `files` turns paths into parsed resources with
 //! their locations; `record` groups them into one [`record::PatientRecord`] per patient.
 
+pub mod client;
 pub mod files;
 pub mod model;
 pub mod record;

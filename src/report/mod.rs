@@ -27,6 +27,7 @@ struct TrialSummary {
     eligible: usize,
     potentially_eligible: usize,
     ineligible: usize,
+    error: usize,
 }
 
 #[derive(Serialize)]
@@ -50,6 +51,7 @@ fn summary(s: &Screening) -> Summary {
                     eligible: 0,
                     potentially_eligible: 0,
                     ineligible: 0,
+                    error: 0,
                 });
                 trials.last_mut().expect("just pushed")
             }
@@ -58,6 +60,7 @@ fn summary(s: &Screening) -> Summary {
             Status::Eligible => t.eligible += 1,
             Status::PotentiallyEligible => t.potentially_eligible += 1,
             Status::Ineligible => t.ineligible += 1,
+            Status::Error => t.error += 1,
         }
     }
     Summary {
@@ -161,7 +164,7 @@ pub fn text(s: &Screening) -> String {
                 let _ = writeln!(out, "          {}", short(&c.reason, 160));
             }
         }
-        if r.status != Status::Ineligible {
+        if matches!(r.status, Status::Eligible | Status::PotentiallyEligible) {
             for c in r.criteria.iter().filter(|c| c.outcome == Outcome::Unknown) {
                 let _ = writeln!(out, "      ? {}: {}", c.id, short(&c.reason, 150));
             }
@@ -172,12 +175,12 @@ pub fn text(s: &Screening) -> String {
         }
     }
     let sum = summary(s);
-    let _ = writeln!(out, "\nSummary: eligible / potentially eligible / ineligible");
+    let _ = writeln!(out, "\nSummary: eligible / potentially eligible / ineligible / error");
     for t in &sum.trials {
         let _ = writeln!(
             out,
-            "  {:<28} {:>5} / {:>5} / {:>5}",
-            t.trial, t.eligible, t.potentially_eligible, t.ineligible
+            "  {:<28} {:>5} / {:>5} / {:>5} / {:>5}",
+            t.trial, t.eligible, t.potentially_eligible, t.ineligible, t.error
         );
     }
     if !s.issues.is_empty() {

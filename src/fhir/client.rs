@@ -1,0 +1,384 @@
+//! FHIR REST reads: the one place trialgate talks to a FHIR server.
+//!
+//! Real servers time out, throttle (429), fail (5xx), reset connections and now and then send
+//! a truncated body. Every GET here therefore has connect and read timeouts and is retried
+//! with exponential backoff and full jitter on connection errors, 429, 5xx and unreadable
+//! bodies, honouring `Retry-After`, under a per-request limit and a budget shared by the whole
+//! run (a server that is down must not be hammered for hours). When a request still fails, the
+//! error carries the server's OperationOutcome in its own words.
+
+use serde::Deserialize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    /// Retries of one request after its first attempt.
+    pub max_retries: u32,
+    /// Retries allowed over the whole run.
+    pub retry_budget: u32,
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
+    /// A bearer token sent as `Authorization: Bearer ...`; never logged.
+    pub bearer: Option<String>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(60),
+            max_retries: 5,
+            retry_budget: 500,
+            base_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+            bearer: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{url}: HTTP {status}: {message}")]
+    Status { url: String, status: u16, message: String },
+    #[error("{url}: {message}")]
+    Transport { url: String, message: String },
+    #[error("{url}: the response is not a FHIR JSON resource: {message}")]
+    Body { url: String, message: String },
+    #[error("{url}: not retried: the run's retry budget of {budget} is spent")]
+    Budget { url: String, budget: u32 },
+    #[error("invalid server URL `{0}`")]
+    BadUrl(String),
+}
+
+/// Requests made, for the run summary.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub requests: AtomicU64,
+    pub retries: AtomicU64,
+    pub failures: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct FhirClient {
+    http: reqwest::Client,
+    base: String,
+    opts: ClientOptions,
+    budget_left: Arc<AtomicU32>,
+    pub stats: Arc<Stats>,
+}
+
+#[derive(Deserialize)]
+struct OperationOutcome {
+    #[serde(default)]
+    issue: Vec<OutcomeIssue>,
+}
+
+#[derive(Deserialize)]
+struct OutcomeIssue {
+    severity: Option<String>,
+    code: Option<String>,
+    diagnostics: Option<String>,
+    details: Option<super::model::CodeableConcept>,
+}
+
+/// The issues of an OperationOutcome body, in the server's words; None if it is not one.
+fn outcome_text(body: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Peek {
+        #[serde(rename = "resourceType")]
+        rt: Option<String>,
+    }
+    if serde_json::from_str::<Peek>(body).ok()?.rt.as_deref() != Some("OperationOutcome") {
+        return None;
+    }
+    let oo: OperationOutcome = serde_json::from_str(body).ok()?;
+    let parts: Vec<String> = oo
+        .issue
+        .iter()
+        .map(|i| {
+            let text = i
+                .diagnostics
+                .clone()
+                .or_else(|| i.details.as_ref().and_then(|d| d.text.clone()))
+                .unwrap_or_else(|| "no details".into());
+            format!(
+                "{} ({}): {text}",
+                i.severity.as_deref().unwrap_or("error"),
+                i.code.as_deref().unwrap_or("?")
+            )
+        })
+        .collect();
+    Some(if parts.is_empty() {
+        "OperationOutcome without issues".into()
+    } else {
+        parts.join("; ")
+    })
+}
+
+/// Seconds from a `Retry-After` header (delta-seconds form; an HTTP date falls back to backoff).
+fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
+    let v = resp.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// A number in [0, 1) that differs from call to call, for jitter. Retry timing needs spread,
+/// not unpredictability, so the clock's nanoseconds through a mixer are enough.
+fn jitter() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let mut x = u64::from(nanos).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 29;
+    (x % 1_000_000) as f64 / 1_000_000.0
+}
+
+enum Attempt {
+    Done(String),
+    Retry { error: ClientError, wait: Option<Duration> },
+    Fail(ClientError),
+}
+
+impl FhirClient {
+    pub fn new(base: &str, opts: ClientOptions) -> Result<FhirClient, ClientError> {
+        let base = base.trim().trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(ClientError::BadUrl(base));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(opts.connect_timeout)
+            .read_timeout(opts.read_timeout)
+            .user_agent(concat!("trialgate/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ClientError::Transport {
+                url: base.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(FhirClient {
+            http,
+            budget_left: Arc::new(AtomicU32::new(opts.retry_budget)),
+            opts,
+            base,
+            stats: Arc::default(),
+        })
+    }
+
+    /// A transport error in words a person can act on: reqwest's own message names only the
+    /// URL, the cause is in its source chain.
+    fn describe(&self, e: &reqwest::Error) -> String {
+        if e.is_timeout() {
+            return format!("timed out: no answer within {} s", self.opts.read_timeout.as_secs_f64());
+        }
+        let mut parts = vec![e.to_string()];
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            parts.push(s.to_string());
+            source = s.source();
+        }
+        parts.join(": ")
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// An absolute URL for a path relative to the base (`Patient?_count=10`), or the URL itself.
+    pub fn url(&self, path_or_url: &str) -> String {
+        if path_or_url.starts_with("http://") || path_or_url.starts_with("https://") {
+            path_or_url.to_string()
+        } else {
+            format!("{}/{}", self.base, path_or_url.trim_start_matches('/'))
+        }
+    }
+
+    async fn attempt(&self, url: &str) -> Attempt {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let mut req = self.http.get(url).header(reqwest::header::ACCEPT, "application/fhir+json");
+        if let Some(t) = &self.opts.bearer {
+            req = req.bearer_auth(t);
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            // Connection refused or reset, timeouts: transient by nature.
+            Err(e) => {
+                return Attempt::Retry {
+                    error: ClientError::Transport {
+                        url: url.into(),
+                        message: self.describe(&e),
+                    },
+                    wait: None,
+                };
+            }
+        };
+        let status = resp.status();
+        let wait = retry_after(&resp);
+        let body = match resp.text().await {
+            Ok(b) => b,
+            Err(e) => {
+                return Attempt::Retry {
+                    error: ClientError::Transport {
+                        url: url.into(),
+                        message: self.describe(&e),
+                    },
+                    wait,
+                };
+            }
+        };
+        if !status.is_success() {
+            let message = outcome_text(&body).unwrap_or_else(|| {
+                let snippet: String = body.chars().take(200).collect();
+                format!("{} {}", status.canonical_reason().unwrap_or(""), snippet.trim())
+                    .trim()
+                    .to_string()
+            });
+            let error = ClientError::Status {
+                url: url.into(),
+                status: status.as_u16(),
+                message,
+            };
+            return if status.as_u16() == 429 || status.is_server_error() {
+                Attempt::Retry { error, wait }
+            } else {
+                Attempt::Fail(error)
+            };
+        }
+        // A truncated or garbled body is usually a dropped connection: worth another try.
+        #[derive(Deserialize)]
+        struct Peek {
+            #[serde(rename = "resourceType")]
+            rt: Option<String>,
+        }
+        match serde_json::from_str::<Peek>(&body) {
+            Ok(Peek { rt: Some(rt) }) if rt == "OperationOutcome" => Attempt::Fail(ClientError::Body {
+                url: url.into(),
+                message: format!(
+                    "the server answered with an OperationOutcome: {}",
+                    outcome_text(&body).unwrap_or_default()
+                ),
+            }),
+            Ok(Peek { rt: Some(_) }) => Attempt::Done(body),
+            Ok(Peek { rt: None }) => Attempt::Fail(ClientError::Body {
+                url: url.into(),
+                message: "JSON without a resourceType".into(),
+            }),
+            Err(e) => Attempt::Retry {
+                error: ClientError::Body {
+                    url: url.into(),
+                    message: e.to_string(),
+                },
+                wait: None,
+            },
+        }
+    }
+
+    /// GETs one URL (absolute, or relative to the base) and returns its body, a FHIR resource.
+    pub async fn get(&self, path_or_url: &str) -> Result<String, ClientError> {
+        let url = self.url(path_or_url);
+        let mut retries = 0u32;
+        loop {
+            let (error, wait) = match self.attempt(&url).await {
+                Attempt::Done(body) => return Ok(body),
+                Attempt::Fail(e) => {
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    return Err(e);
+                }
+                Attempt::Retry { error, wait } => (error, wait),
+            };
+            if retries >= self.opts.max_retries {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                return Err(error);
+            }
+            let spent = self
+                .budget_left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1));
+            if spent.is_err() {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, "retry budget spent");
+                return Err(ClientError::Budget {
+                    url,
+                    budget: self.opts.retry_budget,
+                });
+            }
+            // Full jitter over an exponential ceiling, unless the server said how long to wait.
+            let ceiling = self
+                .opts
+                .base_backoff
+                .saturating_mul(1u32 << retries.min(16))
+                .min(self.opts.max_backoff);
+            let pause = wait
+                .map(|w| w.min(self.opts.max_backoff.max(w.min(Duration::from_secs(300)))))
+                .unwrap_or_else(|| ceiling.mul_f64(jitter()));
+            retries += 1;
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%error, retry = retries, wait_ms = pause.as_millis() as u64, "retrying");
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// Every page of a search, following `Bundle.link[relation=next]` to the end.
+    pub async fn search(&self, path_or_url: &str) -> Result<Vec<String>, ClientError> {
+        #[derive(Deserialize)]
+        struct Link {
+            relation: Option<String>,
+            url: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct Page {
+            #[serde(default)]
+            link: Vec<Link>,
+        }
+        let mut pages = Vec::new();
+        let mut next = Some(self.url(path_or_url));
+        let mut seen = std::collections::HashSet::new();
+        while let Some(url) = next.take() {
+            // A server that links a page to itself must not keep us here forever.
+            if !seen.insert(url.clone()) {
+                return Err(ClientError::Body {
+                    url,
+                    message: "the next link points back to a page already read".into(),
+                });
+            }
+            let body = self.get(&url).await?;
+            let page: Page = serde_json::from_str(&body).map_err(|e| ClientError::Body {
+                url: url.clone(),
+                message: e.to_string(),
+            })?;
+            next = page
+                .link
+                .into_iter()
+                .find(|l| l.relation.as_deref() == Some("next"))
+                .and_then(|l| l.url)
+                .map(|u| self.url(&u));
+            pages.push(body);
+        }
+        Ok(pages)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operation_outcomes_are_shown_in_the_servers_words() {
+        let body = r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"invalid","diagnostics":"Unknown search parameter 'patinet'"}]}"#;
+        assert_eq!(
+            outcome_text(body).as_deref(),
+            Some("error (invalid): Unknown search parameter 'patinet'")
+        );
+        assert_eq!(outcome_text(r#"{"resourceType":"Patient"}"#), None);
+        assert_eq!(outcome_text("<html>"), None);
+    }
+
+    #[test]
+    fn jitter_stays_in_range() {
+        for _ in 0..100 {
+            let j = jitter();
+            assert!((0.0..1.0).contains(&j));
+        }
+    }
+}

@@ -1,0 +1,531 @@
+//! `sweep` against a mock FHIR server (wiremock): the same verdicts as `screen` for the same
+//! data, pages followed to the end, and the faults real servers have (429 with Retry-After,
+//! 5xx, timeouts, truncated bodies, OperationOutcome errors) retried or reported per patient.
+
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+use trialgate::criteria::Status;
+use trialgate::criteria::decisions::Decisions;
+use trialgate::fhir::client::{ClientOptions, FhirClient};
+use trialgate::sweep::{Cohort, SweepOptions, sweep};
+use trialgate::time::Date;
+use wiremock::matchers::{method, path, query_param};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn config(trial: &str) -> trialgate::Config {
+    trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[trial.to_string()]).expect("config")
+}
+
+fn as_of() -> Date {
+    Date::parse("2026-06-01").unwrap()
+}
+
+fn fast() -> ClientOptions {
+    ClientOptions {
+        read_timeout: Duration::from_secs(2),
+        max_retries: 2,
+        base_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_secs(2),
+        ..Default::default()
+    }
+}
+
+fn searchset(resources: &[Value], next: Option<String>) -> Value {
+    let mut b = json!({"resourceType": "Bundle", "type": "searchset",
+        "entry": resources.iter().map(|r| json!({"resource": r})).collect::<Vec<_>>()});
+    if let Some(url) = next {
+        b["link"] = json!([{"relation": "next", "url": url}]);
+    }
+    b
+}
+
+fn ok(body: &Value) -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_raw(body.to_string(), "application/fhir+json")
+}
+
+fn patient(id: &str) -> Value {
+    json!({"resourceType": "Patient", "id": id, "gender": "female", "birthDate": "1990-01-01"})
+}
+
+fn egfr(id: &str, patient: &str, value: f64) -> Value {
+    json!({"resourceType": "Observation", "id": id, "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "98979-8"}]},
+        "subject": {"reference": format!("Patient/{patient}")},
+        "effectiveDateTime": "2026-05-20T09:00:00Z",
+        "valueQuantity": {"value": value, "unit": "mL/min/{1.73_m2}", "system": "http://unitsofmeasure.org", "code": "mL/min/{1.73_m2}"}})
+}
+
+/// Every type a small trial on eGFR reads, answered empty unless a test says otherwise.
+async fn empty_searches(server: &MockServer, types: &[&str]) {
+    for t in types {
+        Mock::given(method("GET"))
+            .and(path(format!("/{t}")))
+            .respond_with(ok(&searchset(&[], None)))
+            .with_priority(10)
+            .mount(server)
+            .await;
+    }
+}
+
+fn statuses(results: &[trialgate::criteria::eval::TrialResult]) -> BTreeMap<(String, String), Status> {
+    results.iter().map(|r| ((r.patient.clone(), r.trial.clone()), r.status)).collect()
+}
+
+/// The fixture cohort served by a mock server gives exactly the verdicts `screen` gives for
+/// the same files, with the Patient list paged and batched searches per resource type.
+#[tokio::test]
+async fn sweep_of_the_fixture_cohort_matches_screen() {
+    let dir = root().join("fixtures/bundles");
+    let mut by_type: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for f in std::fs::read_dir(&dir).unwrap() {
+        let b: Value = serde_json::from_str(&std::fs::read_to_string(f.unwrap().path()).unwrap()).unwrap();
+        for e in b["entry"].as_array().unwrap() {
+            let r = e["resource"].clone();
+            by_type.entry(r["resourceType"].as_str().unwrap().to_string()).or_default().push(r);
+        }
+    }
+    let server = MockServer::start().await;
+    let types: Vec<String> = by_type.keys().cloned().collect();
+    let cap = json!({"resourceType": "CapabilityStatement", "status": "active", "kind": "instance", "fhirVersion": "4.0.1",
+        "rest": [{"mode": "server", "resource": types.iter().map(|t| json!({"type": t})).collect::<Vec<_>>()}]});
+    Mock::given(method("GET"))
+        .and(path("/metadata"))
+        .respond_with(ok(&cap))
+        .mount(&server)
+        .await;
+    // The Patient list in two pages.
+    let mut patients = by_type["Patient"].clone();
+    patients.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    let (first, second) = patients.split_at(patients.len() / 2);
+    let next = format!("{}/Patient?page=2", server.uri());
+    Mock::given(method("GET"))
+        .and(path("/Patient"))
+        .and(query_param("_count", "200"))
+        .respond_with(ok(&searchset(first, Some(next))))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/Patient"))
+        .and(query_param("page", "2"))
+        .respond_with(ok(&searchset(second, None)))
+        .mount(&server)
+        .await;
+    // One batched search per type naming every patient; Observations come in three pages.
+    let ids: Vec<&str> = patients.iter().map(|p| p["id"].as_str().unwrap()).collect();
+    let list = ids.join(",");
+    for t in [
+        "Observation",
+        "Condition",
+        "MedicationRequest",
+        "MedicationStatement",
+        "MedicationAdministration",
+        "Procedure",
+        "Immunization",
+        "AllergyIntolerance",
+        "DiagnosticReport",
+    ] {
+        // A type the fixtures lack is not in the CapabilityStatement: it must not be asked for.
+        let Some(all) = by_type.get(t).cloned() else { continue };
+        if t == "Observation" {
+            let third = all.len().div_ceil(3);
+            let pages: Vec<&[Value]> = all.chunks(third).collect();
+            for (i, page) in pages.iter().enumerate() {
+                let next = (i + 1 < pages.len()).then(|| format!("{}/Observation?cursor={}", server.uri(), i + 2));
+                let m = Mock::given(method("GET")).and(path("/Observation"));
+                let m = if i == 0 {
+                    m.and(query_param("patient", list.as_str()))
+                } else {
+                    m.and(query_param("cursor", (i + 1).to_string().as_str()))
+                };
+                m.respond_with(ok(&searchset(page, next))).expect(1).mount(&server).await;
+            }
+        } else {
+            Mock::given(method("GET"))
+                .and(path(format!("/{t}")))
+                .and(query_param("patient", list.as_str()))
+                .respond_with(ok(&searchset(&all, None)))
+                .expect(1)
+                .mount(&server)
+                .await;
+        }
+    }
+
+    let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[]).unwrap();
+    let client = FhirClient::new(&server.uri(), fast()).unwrap();
+    let (swept, summary) = sweep(&client, &cfg, as_of(), &Decisions::default(), &SweepOptions::default())
+        .await
+        .expect("sweep");
+    let screened = trialgate::screen(&dir, &cfg, as_of(), &Decisions::default()).unwrap();
+    assert_eq!(summary.errors, 0);
+    assert_eq!(swept.patients, patients.len());
+    assert_eq!(statuses(&swept.results), statuses(&screened.results));
+    // Same criteria outcomes too, not just the same statuses.
+    for (a, b) in swept.results.iter().zip(&screened.results) {
+        let oa: Vec<_> = a.criteria.iter().map(|c| (&c.id, c.outcome)).collect();
+        let ob: Vec<_> = b.criteria.iter().map(|c| (&c.id, c.outcome)).collect();
+        assert_eq!(oa, ob, "{} {}", a.patient, a.trial);
+    }
+    // metadata + 2 Patient pages + 3 Observation pages + one page per other type served: the
+    // fixtures hold no MedicationAdministration, so the mock does not serve it and it is not
+    // asked for, and the report says criteria needing it stay unknown.
+    let others = types
+        .iter()
+        .filter(|t| !["Patient", "Observation", "Medication"].contains(&t.as_str()))
+        .count();
+    assert_eq!(summary.requests as usize, 1 + 2 + 3 + others);
+    assert!(!summary.types.contains(&"MedicationAdministration".to_string()));
+    assert!(
+        swept
+            .issues
+            .iter()
+            .any(|i| i.message.contains("does not serve MedicationAdministration")),
+        "{:?}",
+        swept.issues
+    );
+    assert_eq!(summary.retries, 0);
+}
+
+/// 429 with Retry-After, then 500, then success: the patient is screened, the retries counted,
+/// and the server's Retry-After waited for.
+#[tokio::test]
+async fn throttling_and_server_errors_are_retried() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/metadata"))
+        .respond_with(ResponseTemplate::new(404))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/Observation"))
+        .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "1"))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/Observation"))
+        .respond_with(ResponseTemplate::new(503).set_body_string("upstream unavailable"))
+        .up_to_n_times(1)
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/Observation"))
+        .respond_with(ok(&searchset(&[egfr("o1", "p1", 40.0)], None)))
+        .with_priority(3)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/Patient"))
+        .respond_with(ok(&searchset(&[patient("p1")], None)))
+        .mount(&server)
+        .await;
+
+    let cfg = config("NCT06406205");
+    let client = FhirClient::new(&server.uri(), fast()).unwrap();
+    let opts = SweepOptions {
+        cohort: Cohort::Ids(vec!["p1".into()]),
+        ..Default::default()
+    };
+    empty_searches(
+        &server,
+        &[
+            "Condition",
+            "MedicationRequest",
+            "MedicationStatement",
+            "MedicationAdministration",
+            "Procedure",
+            "Immunization",
+            "AllergyIntolerance",
+            "DiagnosticReport",
+        ],
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let (s, summary) = sweep(&client, &cfg, as_of(), &Decisions::default(), &opts).await.unwrap();
+    assert_eq!(summary.errors, 0);
+    assert_eq!(summary.retries, 2, "one 429 and one 503 retried");
+    assert!(started.elapsed() >= Duration::from_millis(950), "Retry-After: 1 was honoured");
+    let r = &s.results[0];
+    assert_eq!(r.patient, "Patient/p1");
+    assert_eq!(r.status, Status::Ineligible, "eGFR 40 excludes (exc-1)");
+}
+
+/// A truncated body is retried; a page that never comes right marks its patients `error`
+/// with the reason, while the others in the batch are still screened.
+#[tokio::test]
+async fn a_failing_patient_is_reported_and_does_not_stop_the_others() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/metadata"))
+        .respond_with(ResponseTemplate::new(404))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/Patient"))
+        .and(query_param("_id", "good,bad"))
+        .respond_with(ok(&searchset(&[patient("good"), patient("bad")], None)))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/Patient"))
+        .and(query_param("_id", "good"))
+        .respond_with(ok(&searchset(&[patient("good")], None)))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/Patient"))
+        .and(query_param("_id", "bad"))
+        .respond_with(ok(&searchset(&[patient("bad")], None)))
+        .mount(&server)
+        .await;
+    let oo = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing",
+        "diagnostics": "Observation index for patient bad is being rebuilt"}]});
+    // The batch fails (the bad patient is in it), then each patient is tried alone.
+    Mock::given(method("GET"))
+        .and(path("/Observation"))
+        .and(query_param("patient", "good,bad"))
+        .respond_with(ResponseTemplate::new(500).set_body_raw(oo.to_string(), "application/fhir+json"))
+        .mount(&server)
+        .await;
+    // The good patient's page first arrives cut off, then whole.
+    Mock::given(method("GET"))
+        .and(path("/Observation"))
+        .and(query_param("patient", "good"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(
+            r#"{"resourceType":"Bundle","type":"searchset","entry":[{"res"#,
+            "application/fhir+json",
+        ))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/Observation"))
+        .and(query_param("patient", "good"))
+        .respond_with(ok(&searchset(&[egfr("o1", "good", 80.0)], None)))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/Observation"))
+        .and(query_param("patient", "bad"))
+        .respond_with(ResponseTemplate::new(500).set_body_raw(oo.to_string(), "application/fhir+json"))
+        .mount(&server)
+        .await;
+    empty_searches(
+        &server,
+        &[
+            "Condition",
+            "MedicationRequest",
+            "MedicationStatement",
+            "MedicationAdministration",
+            "Procedure",
+            "Immunization",
+            "AllergyIntolerance",
+            "DiagnosticReport",
+        ],
+    )
+    .await;
+
+    let cfg = config("NCT06406205");
+    let client = FhirClient::new(&server.uri(), fast()).unwrap();
+    let opts = SweepOptions {
+        cohort: Cohort::Ids(vec!["good".into(), "bad".into()]),
+        ..Default::default()
+    };
+    let (s, summary) = sweep(&client, &cfg, as_of(), &Decisions::default(), &opts).await.unwrap();
+    assert_eq!(summary.patients, 2);
+    assert_eq!(summary.errors, 1);
+    let by: BTreeMap<&str, &trialgate::criteria::eval::TrialResult> = s.results.iter().map(|r| (r.patient.as_str(), r)).collect();
+    let bad = by["Patient/bad"];
+    assert_eq!(bad.status, Status::Error);
+    let reason = bad.record.as_deref().unwrap();
+    assert!(
+        reason.contains("HTTP 500") && reason.contains("index for patient bad is being rebuilt"),
+        "{reason}"
+    );
+    let good = by["Patient/good"];
+    assert_ne!(good.status, Status::Error);
+    let exc1 = good.criteria.iter().find(|c| c.id == "exc-1").unwrap();
+    assert_eq!(exc1.outcome, trialgate::criteria::Outcome::NotMet, "{}", exc1.reason);
+    assert!(summary.retries >= 1, "the truncated page was retried");
+    // The report says so in every format.
+    assert!(trialgate::report::csv(&s).contains("Patient/bad,NCT06406205,error"));
+}
+
+/// A server that never answers in time: the request times out, is retried, and the patient
+/// ends up `error` with a reason that says so.
+#[tokio::test]
+async fn timeouts_end_in_an_error_with_the_reason() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/metadata"))
+        .respond_with(ResponseTemplate::new(404))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/Patient"))
+        .respond_with(ok(&searchset(&[patient("slow")], None)))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/Observation"))
+        .respond_with(ok(&searchset(&[], None)).set_delay(Duration::from_secs(3)))
+        .mount(&server)
+        .await;
+    empty_searches(
+        &server,
+        &[
+            "Condition",
+            "MedicationRequest",
+            "MedicationStatement",
+            "MedicationAdministration",
+            "Procedure",
+            "Immunization",
+            "AllergyIntolerance",
+            "DiagnosticReport",
+        ],
+    )
+    .await;
+    let cfg = config("NCT06406205");
+    let opts = ClientOptions {
+        read_timeout: Duration::from_millis(300),
+        max_retries: 1,
+        ..fast()
+    };
+    let client = FhirClient::new(&server.uri(), opts).unwrap();
+    let sweep_opts = SweepOptions {
+        cohort: Cohort::Ids(vec!["slow".into()]),
+        ..Default::default()
+    };
+    let (s, summary) = sweep(&client, &cfg, as_of(), &Decisions::default(), &sweep_opts).await.unwrap();
+    assert_eq!(summary.errors, 1);
+    assert_eq!(summary.retries, 1);
+    let reason = s.results[0].record.as_deref().unwrap();
+    assert!(reason.to_lowercase().contains("time"), "{reason}");
+}
+
+/// A client error from the server (a bad search) is not retried, and the OperationOutcome is
+/// shown in the server's own words; an unreadable cohort stops the sweep with that reason.
+#[tokio::test]
+async fn operation_outcomes_are_shown_and_client_errors_not_retried() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/metadata"))
+        .respond_with(ResponseTemplate::new(404))
+        .mount(&server)
+        .await;
+    let oo = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-supported",
+        "diagnostics": "Search parameter 'code' is not supported for Condition"}]});
+    Mock::given(method("GET"))
+        .and(path("/Condition"))
+        .respond_with(ResponseTemplate::new(400).set_body_raw(oo.to_string(), "application/fhir+json"))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let cfg = config("NCT06406205");
+    let client = FhirClient::new(&server.uri(), fast()).unwrap();
+    let opts = SweepOptions {
+        cohort: Cohort::Search("Condition?code=http://snomed.info/sct|55464009".into()),
+        ..Default::default()
+    };
+    let Err(err) = sweep(&client, &cfg, as_of(), &Decisions::default(), &opts).await else {
+        panic!("an unreadable cohort must stop the sweep");
+    };
+    let err = err.to_string();
+    assert!(
+        err.contains("HTTP 400") && err.contains("Search parameter 'code' is not supported for Condition"),
+        "{err}"
+    );
+    assert_eq!(client.stats.retries.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+/// The real binary: `sweep --server` with a bearer token from an environment variable. Every
+/// request carries the token; the token appears in no output; the summary goes to stderr.
+#[tokio::test]
+async fn the_sweep_command_sends_the_token_and_never_prints_it() {
+    use wiremock::matchers::header;
+    let server = MockServer::start().await;
+    let auth = || header("Authorization", "Bearer s3cr3t-t0ken");
+    Mock::given(method("GET"))
+        .and(path("/metadata"))
+        .and(auth())
+        .respond_with(ResponseTemplate::new(404))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/Patient"))
+        .and(auth())
+        .respond_with(ok(&searchset(&[patient("p1")], None)))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/Observation"))
+        .and(auth())
+        .respond_with(ok(&searchset(&[egfr("o1", "p1", 40.0)], None)))
+        .mount(&server)
+        .await;
+    for t in [
+        "Condition",
+        "MedicationRequest",
+        "MedicationStatement",
+        "MedicationAdministration",
+        "Procedure",
+        "Immunization",
+        "AllergyIntolerance",
+        "DiagnosticReport",
+    ] {
+        Mock::given(method("GET"))
+            .and(path(format!("/{t}")))
+            .and(auth())
+            .respond_with(ok(&searchset(&[], None)))
+            .mount(&server)
+            .await;
+    }
+    // Anything without the token is refused, so a request that forgot it would fail the sweep.
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(401))
+        .with_priority(100)
+        .mount(&server)
+        .await;
+    let uri = server.uri();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_trialgate"))
+            .current_dir(root())
+            .env("TG_TEST_TOKEN", "s3cr3t-t0ken")
+            .env("RUST_LOG", "debug")
+            .args([
+                "sweep",
+                "--server",
+                &uri,
+                "--patient",
+                "p1",
+                "--trial",
+                "NCT06406205",
+                "--as-of",
+                "2026-06-01",
+                "--format",
+                "csv",
+                "--token-env",
+                "TG_TEST_TOKEN",
+            ])
+            .output()
+            .expect("trialgate runs")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.starts_with("patient,trial,status"), "{stdout}");
+    assert!(stdout.contains("Patient/p1,NCT06406205,ineligible,exc-1"), "{stdout}");
+    assert!(stderr.contains("sweep: 1 patient(s), 0 in error"), "{stderr}");
+    assert!(!stdout.contains("s3cr3t") && !stderr.contains("s3cr3t"), "the token leaked");
+}
