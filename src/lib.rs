@@ -13,6 +13,7 @@ pub mod fhir;
 pub mod report;
 pub mod sweep;
 pub mod time;
+pub mod writeback;
 
 use config::{ConfigError, yaml_files};
 use criteria::decisions::Decisions;

@@ -11,6 +11,7 @@ use trialgate::criteria::decisions::Decisions;
 use trialgate::fhir::client::{ClientOptions, FhirClient};
 use trialgate::sweep::{Cohort, SweepOptions};
 use trialgate::time::Date;
+use trialgate::writeback::WriteOptions;
 
 #[derive(Parser)]
 #[command(
@@ -134,6 +135,20 @@ enum Command {
         /// Retries of one request after its first attempt.
         #[arg(long, default_value_t = 5)]
         max_retries: u32,
+        /// Write a ResearchSubject per patient and trial (potential candidates and eligible
+        /// patients, and updates of written ones that turned ineligible).
+        #[arg(long)]
+        write_back: bool,
+        /// Also write ResearchSubjects for ineligible patients.
+        #[arg(long, requires = "write_back")]
+        write_ineligible: bool,
+        /// Write to this server instead of the one read (same token).
+        #[arg(long, value_name = "URL", requires = "write_back")]
+        write_to: Option<String>,
+        /// Show the batch Bundle that would be written (on stdout, instead of the report) and
+        /// write nothing.
+        #[arg(long, requires = "write_back")]
+        dry_run: bool,
     },
     /// Validate every trial and mapping file, and lint criteria for suspect thresholds.
     #[command(
@@ -297,6 +312,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             page_size,
             timeout,
             max_retries,
+            write_back,
+            write_ineligible,
+            write_to,
+            dry_run,
         } => {
             let as_of = parse_as_of(as_of)?;
             let cfg = load_config(&cli.mappings, &cli.trials_dir, &trials)?;
@@ -320,7 +339,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 bearer,
                 ..Default::default()
             };
-            let client = FhirClient::new(&server, opts).map_err(bad)?;
+            let client = FhirClient::new(&server, opts.clone()).map_err(bad)?;
+            let writer = match (&write_to, write_back) {
+                (Some(url), _) => Some(FhirClient::new(url, opts).map_err(bad)?),
+                (None, true) => Some(client.clone()),
+                (None, false) => None,
+            };
             let cohort = match (group, patients, patient.is_empty()) {
                 (Some(g), _, _) => Cohort::Group(g),
                 (None, Some(q), _) => Cohort::Search(q),
@@ -348,6 +372,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 summary.failed_requests,
                 started.elapsed().as_secs_f64()
             );
+            if let Some(writer) = writer {
+                let wopts = WriteOptions { write_ineligible, dry_run };
+                let w = runtime
+                    .block_on(trialgate::writeback::write_back(&writer, &cfg.trials, &s.results, as_of, &wopts))
+                    .context("writing ResearchSubjects")?;
+                eprintln!(
+                    "write-back{}: {} created, {} updated, {} unchanged, {} left alone (moved on by a person), {} not written, {} refused",
+                    if dry_run { " (dry run: nothing sent)" } else { "" },
+                    w.created,
+                    w.updated,
+                    w.unchanged,
+                    w.left_alone,
+                    w.not_written,
+                    w.failed.len()
+                );
+                for (ident, why) in &w.failed {
+                    tracing::warn!("ResearchSubject {ident} was refused: {why}");
+                }
+                if dry_run {
+                    let bundle = serde_json::json!({"resourceType": "Bundle", "type": "batch", "entry": w.planned});
+                    println!("{}", serde_json::to_string_pretty(&bundle).unwrap_or_default());
+                    return Ok(());
+                }
+                if !w.failed.is_empty() {
+                    finish(&mut s, &decisions, format, output)?;
+                    anyhow::bail!(
+                        "{} ResearchSubject write(s) were refused by the server (see the warnings above)",
+                        w.failed.len()
+                    );
+                }
+            }
             finish(&mut s, &decisions, format, output)
         }
         Command::Check { trials, list } => {

@@ -137,8 +137,26 @@ fn jitter() -> f64 {
     (x % 1_000_000) as f64 / 1_000_000.0
 }
 
+/// A request as sent (and re-sent on retry).
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: reqwest::Method,
+    pub url: String,
+    pub body: Option<String>,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// A successful response: its status, the headers write-back needs, and the body.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub location: Option<String>,
+    pub etag: Option<String>,
+    pub body: String,
+}
+
 enum Attempt {
-    Done(String),
+    Done(Response),
     Retry { error: ClientError, wait: Option<Duration> },
     Fail(ClientError),
 }
@@ -190,14 +208,26 @@ impl FhirClient {
     pub fn url(&self, path_or_url: &str) -> String {
         if path_or_url.starts_with("http://") || path_or_url.starts_with("https://") {
             path_or_url.to_string()
+        } else if path_or_url.is_empty() {
+            self.base.clone() // a batch or transaction Bundle goes to the base itself
         } else {
             format!("{}/{}", self.base, path_or_url.trim_start_matches('/'))
         }
     }
 
-    async fn attempt(&self, url: &str) -> Attempt {
+    async fn attempt(&self, r: &Request) -> Attempt {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let mut req = self.http.get(url).header(reqwest::header::ACCEPT, "application/fhir+json");
+        let url = r.url.as_str();
+        let mut req = self
+            .http
+            .request(r.method.clone(), url)
+            .header(reqwest::header::ACCEPT, "application/fhir+json");
+        for (k, v) in &r.headers {
+            req = req.header(*k, v);
+        }
+        if let Some(b) = &r.body {
+            req = req.header(reqwest::header::CONTENT_TYPE, "application/fhir+json").body(b.clone());
+        }
         if let Some(t) = &self.opts.bearer {
             req = req.bearer_auth(t);
         }
@@ -216,6 +246,8 @@ impl FhirClient {
         };
         let status = resp.status();
         let wait = retry_after(&resp);
+        let header = |name: reqwest::header::HeaderName| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let (location, etag) = (header(reqwest::header::LOCATION), header(reqwest::header::ETAG));
         let body = match resp.text().await {
             Ok(b) => b,
             Err(e) => {
@@ -252,6 +284,15 @@ impl FhirClient {
             #[serde(rename = "resourceType")]
             rt: Option<String>,
         }
+        // A write answered with `return=minimal` has no body at all, which is fine.
+        if r.method != reqwest::Method::GET && body.trim().is_empty() {
+            return Attempt::Done(Response {
+                status: status.as_u16(),
+                location,
+                etag,
+                body,
+            });
+        }
         match serde_json::from_str::<Peek>(&body) {
             Ok(Peek { rt: Some(rt) }) if rt == "OperationOutcome" => Attempt::Fail(ClientError::Body {
                 url: url.into(),
@@ -260,7 +301,12 @@ impl FhirClient {
                     outcome_text(&body).unwrap_or_default()
                 ),
             }),
-            Ok(Peek { rt: Some(_) }) => Attempt::Done(body),
+            Ok(Peek { rt: Some(_) }) => Attempt::Done(Response {
+                status: status.as_u16(),
+                location,
+                etag,
+                body,
+            }),
             Ok(Peek { rt: None }) => Attempt::Fail(ClientError::Body {
                 url: url.into(),
                 message: "JSON without a resourceType".into(),
@@ -277,11 +323,35 @@ impl FhirClient {
 
     /// GETs one URL (absolute, or relative to the base) and returns its body, a FHIR resource.
     pub async fn get(&self, path_or_url: &str) -> Result<String, ClientError> {
-        let url = self.url(path_or_url);
+        let req = Request {
+            method: reqwest::Method::GET,
+            url: self.url(path_or_url),
+            body: None,
+            headers: Vec::new(),
+        };
+        Ok(self.send(&req).await?.body)
+    }
+
+    /// POSTs a resource (a conditional create, a batch Bundle). Only idempotent writes are
+    /// sent this way (conditional creates, batches of conditional operations), which is what
+    /// makes retrying them safe.
+    pub async fn post(&self, path_or_url: &str, body: String, headers: Vec<(&'static str, String)>) -> Result<Response, ClientError> {
+        let req = Request {
+            method: reqwest::Method::POST,
+            url: self.url(path_or_url),
+            body: Some(body),
+            headers,
+        };
+        self.send(&req).await
+    }
+
+    /// Sends a request, retrying what is worth retrying.
+    pub async fn send(&self, req: &Request) -> Result<Response, ClientError> {
+        let url = req.url.clone();
         let mut retries = 0u32;
         loop {
-            let (error, wait) = match self.attempt(&url).await {
-                Attempt::Done(body) => return Ok(body),
+            let (error, wait) = match self.attempt(req).await {
+                Attempt::Done(r) => return Ok(r),
                 Attempt::Fail(e) => {
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
                     return Err(e);

@@ -1,0 +1,352 @@
+//! Write-back: one FHIR R4 ResearchSubject per patient and trial, idempotently.
+//!
+//! Each trial is bound to a ResearchStudy found by its identifier (created with a conditional
+//! create only when absent). Each ResearchSubject carries a deterministic identifier derived
+//! from (trial, patient), so a second run finds what the first wrote: new subjects go in with
+//! a conditional create (`ifNoneExist`), changed ones with an update guarded by `ifMatch`
+//! against lost updates, unchanged ones are not sent at all. trialgate owns only the three
+//! statuses it computes (potential-candidate, eligible, ineligible): a subject a person has
+//! moved on (screening, on-study, withdrawn...) is never touched. Writes travel in batch
+//! Bundles, not one request per resource. R4 ResearchSubject has no element for the reasons,
+//! so the narrative (`text`, XHTML) says which criteria decided and which need a person.
+
+use crate::criteria::eval::TrialResult;
+use crate::criteria::trial::Trial;
+use crate::criteria::{Kind, Outcome, Status};
+use crate::fhir::client::{ClientError, FhirClient};
+use crate::time::Date;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+
+/// Identifier system of the ResearchSubjects trialgate writes; the value is `<trial>:<patient>`.
+pub const SUBJECT_SYSTEM: &str = "urn:trialgate:research-subject";
+/// Identifier system of the ResearchStudies trialgate binds trials to; the value is the trial id.
+pub const STUDY_SYSTEM: &str = "urn:trialgate:trial";
+/// The statuses trialgate computes and may change; any other belongs to a person.
+const OWNED: [&str; 3] = ["potential-candidate", "eligible", "ineligible"];
+/// Entries per batch Bundle.
+const BATCH: usize = 100;
+
+#[derive(Debug, Clone, Default)]
+pub struct WriteOptions {
+    /// Also write patients found ineligible (by default only candidates are written, and an
+    /// already written one that turns ineligible is updated).
+    pub write_ineligible: bool,
+    /// Plan the writes and return them without sending them.
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct WriteSummary {
+    pub created: usize,
+    pub updated: usize,
+    pub unchanged: usize,
+    /// Subjects a person has moved to a status trialgate does not own.
+    pub left_alone: usize,
+    /// Results not written by policy (ineligible without --write-ineligible, errors).
+    pub not_written: usize,
+    /// Writes the server refused, with its reason.
+    pub failed: Vec<(String, String)>,
+    /// The batch entries, as sent (or, in a dry run, as they would be).
+    pub planned: Vec<Value>,
+}
+
+/// The R4 ResearchSubject.status for a screening status; None for an error (nothing to say).
+pub fn r4_status(s: Status) -> Option<&'static str> {
+    match s {
+        Status::Eligible => Some("eligible"),
+        Status::PotentiallyEligible => Some("potential-candidate"),
+        Status::Ineligible => Some("ineligible"),
+        Status::Error => None,
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The narrative a coordinator reads on the ResearchSubject: the status, what decided it, and
+/// what is unknown or needs a person. Valid XHTML, as R4 narrative requires.
+fn narrative(trial: &Trial, r: &TrialResult, as_of: Date) -> String {
+    let mut html = format!(
+        "<div xmlns=\"http://www.w3.org/1999/xhtml\"><p>trialgate screening for {} ({}) as of {}: <b>{}</b></p>",
+        escape(&trial.title),
+        escape(&trial.id),
+        as_of,
+        r.status.as_str()
+    );
+    if let Some(rec) = &r.record {
+        html.push_str(&format!("<p>Not a candidate: {}</p>", escape(rec)));
+    }
+    let list = |title: &str, items: Vec<String>| {
+        if items.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "<p>{title}</p><ul>{}</ul>",
+                items.iter().map(|i| format!("<li>{i}</li>")).collect::<String>()
+            )
+        }
+    };
+    let item = |c: &crate::criteria::eval::CriterionResult| format!("{} ({}): {}", escape(&c.id), c.kind.as_str(), escape(&c.reason));
+    let deciding = r
+        .criteria
+        .iter()
+        .filter(|c| (c.kind == Kind::Inclusion && c.outcome == Outcome::NotMet) || (c.kind == Kind::Exclusion && c.outcome == Outcome::Met))
+        .map(item)
+        .collect();
+    html.push_str(&list("Decided by:", deciding));
+    html.push_str(&list(
+        "Unknown (data missing or unusable):",
+        r.criteria.iter().filter(|c| c.outcome == Outcome::Unknown).map(item).collect(),
+    ));
+    html.push_str(&list(
+        "Needs a person:",
+        r.criteria.iter().filter(|c| c.outcome == Outcome::Manual).map(item).collect(),
+    ));
+    html.push_str("</div>");
+    html
+}
+
+/// The ResearchSubject for one result.
+pub fn research_subject(trial: &Trial, study_id: &str, r: &TrialResult, status: &str, as_of: Date, id: Option<&str>) -> Value {
+    let mut s = json!({
+        "resourceType": "ResearchSubject",
+        "identifier": [{"system": SUBJECT_SYSTEM, "value": format!("{}:{}", trial.id, r.patient)}],
+        "status": status,
+        "study": {"reference": format!("ResearchStudy/{study_id}")},
+        "individual": {"reference": r.patient},
+        "text": {"status": "generated", "div": narrative(trial, r, as_of)},
+    });
+    if let Some(id) = id {
+        s["id"] = json!(id);
+    }
+    s
+}
+
+#[derive(Deserialize)]
+struct Ident {
+    system: Option<String>,
+    value: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Meta {
+    #[serde(rename = "versionId")]
+    version_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Subject {
+    id: Option<String>,
+    status: Option<String>,
+    #[serde(default)]
+    identifier: Vec<Ident>,
+    meta: Option<Meta>,
+}
+
+struct Existing {
+    id: String,
+    status: String,
+    version: Option<String>,
+}
+
+/// Finds the trial's ResearchStudy by identifier, creating it only when absent.
+async fn bind_study(client: &FhirClient, trial: &Trial) -> Result<String, ClientError> {
+    let study = json!({
+        "resourceType": "ResearchStudy",
+        "identifier": [{"system": STUDY_SYSTEM, "value": trial.id}],
+        "title": trial.title,
+        "status": "active",
+    });
+    let resp = client
+        .post(
+            "ResearchStudy",
+            study.to_string(),
+            vec![
+                ("If-None-Exist", format!("identifier={STUDY_SYSTEM}|{}", trial.id)),
+                ("Prefer", "return=representation".into()),
+            ],
+        )
+        .await?;
+    #[derive(Deserialize)]
+    struct Id {
+        id: Option<String>,
+    }
+    let from_body = serde_json::from_str::<Id>(&resp.body).ok().and_then(|i| i.id);
+    let from_location = resp.location.as_deref().and_then(|l| {
+        let l = l.split("/_history/").next()?;
+        l.rsplit('/').next().map(str::to_string)
+    });
+    from_body.or(from_location).ok_or_else(|| ClientError::Body {
+        url: client.url("ResearchStudy"),
+        message: "the server created the ResearchStudy but returned neither its body nor a Location".into(),
+    })
+}
+
+/// The ResearchSubjects already on the server for a study, by identifier value.
+async fn existing(client: &FhirClient, study_id: &str) -> Result<HashMap<String, Existing>, ClientError> {
+    #[derive(Deserialize)]
+    struct Entry {
+        resource: Option<Value>,
+    }
+    #[derive(Deserialize)]
+    struct Page {
+        #[serde(default)]
+        entry: Vec<Entry>,
+    }
+    let mut out = HashMap::new();
+    for body in client
+        .search(&format!("ResearchSubject?study=ResearchStudy/{study_id}&_count=500"))
+        .await?
+    {
+        let page: Page = serde_json::from_str(&body).map_err(|e| ClientError::Body {
+            url: client.url("ResearchSubject"),
+            message: e.to_string(),
+        })?;
+        for e in page.entry {
+            let Some(s) = e.resource.and_then(|v| serde_json::from_value::<Subject>(v).ok()) else {
+                continue;
+            };
+            let Some(value) = s
+                .identifier
+                .iter()
+                .find(|i| i.system.as_deref() == Some(SUBJECT_SYSTEM))
+                .and_then(|i| i.value.clone())
+            else {
+                continue;
+            };
+            if let (Some(id), Some(status)) = (s.id, s.status) {
+                out.insert(
+                    value,
+                    Existing {
+                        id,
+                        status,
+                        version: s.meta.and_then(|m| m.version_id),
+                    },
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Writes the ResearchSubjects for `results` (every trial in `trials`) to `client`'s server.
+pub async fn write_back(
+    client: &FhirClient,
+    trials: &[Trial],
+    results: &[TrialResult],
+    as_of: Date,
+    opts: &WriteOptions,
+) -> Result<WriteSummary, ClientError> {
+    let mut summary = WriteSummary::default();
+    let mut entries: Vec<(String, Value)> = Vec::new();
+    for trial in trials {
+        let mine: Vec<&TrialResult> = results.iter().filter(|r| r.trial == trial.id).collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let study = bind_study(client, trial).await?;
+        let have = existing(client, &study).await?;
+        for r in mine {
+            let Some(status) = r4_status(r.status) else {
+                summary.not_written += 1;
+                continue;
+            };
+            let ident = format!("{}:{}", trial.id, r.patient);
+            match have.get(&ident) {
+                Some(e) if !OWNED.contains(&e.status.as_str()) => summary.left_alone += 1,
+                Some(e) if e.status == status => summary.unchanged += 1,
+                Some(e) => {
+                    let mut request = json!({"method": "PUT", "url": format!("ResearchSubject/{}", e.id)});
+                    if let Some(v) = &e.version {
+                        request["ifMatch"] = json!(format!("W/\"{v}\""));
+                    }
+                    let resource = research_subject(trial, &study, r, status, as_of, Some(&e.id));
+                    entries.push((ident, json!({"resource": resource, "request": request})));
+                }
+                None if status == "ineligible" && !opts.write_ineligible => summary.not_written += 1,
+                None => {
+                    let resource = research_subject(trial, &study, r, status, as_of, None);
+                    let request =
+                        json!({"method": "POST", "url": "ResearchSubject", "ifNoneExist": format!("identifier={SUBJECT_SYSTEM}|{ident}")});
+                    entries.push((ident, json!({"resource": resource, "request": request})));
+                }
+            }
+        }
+    }
+    summary.planned = entries.iter().map(|(_, e)| e.clone()).collect();
+    if opts.dry_run {
+        return Ok(summary);
+    }
+    #[derive(Deserialize)]
+    struct EntryResponse {
+        status: Option<String>,
+        outcome: Option<Value>,
+    }
+    #[derive(Deserialize)]
+    struct RespEntry {
+        response: Option<EntryResponse>,
+    }
+    #[derive(Deserialize)]
+    struct BatchResponse {
+        #[serde(default)]
+        entry: Vec<RespEntry>,
+    }
+    for chunk in entries.chunks(BATCH) {
+        let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": chunk.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>()});
+        let resp = client.post("", bundle.to_string(), Vec::new()).await?;
+        let parsed: BatchResponse = serde_json::from_str(&resp.body).map_err(|e| ClientError::Body {
+            url: client.base().to_string(),
+            message: e.to_string(),
+        })?;
+        for (i, (ident, entry)) in chunk.iter().enumerate() {
+            let code = parsed
+                .entry
+                .get(i)
+                .and_then(|e| e.response.as_ref())
+                .and_then(|r| r.status.clone())
+                .unwrap_or_default();
+            let created = entry["request"]["method"] == "POST";
+            match code.split_whitespace().next().and_then(|c| c.parse::<u16>().ok()) {
+                Some(201) => summary.created += 1,
+                // 200 to a conditional create: it already existed (another process wrote it).
+                Some(200) if created => summary.unchanged += 1,
+                Some(200) => summary.updated += 1,
+                _ => {
+                    let outcome = parsed
+                        .entry
+                        .get(i)
+                        .and_then(|e| e.response.as_ref())
+                        .and_then(|r| r.outcome.as_ref())
+                        .map(|o| o.to_string())
+                        .unwrap_or_default();
+                    summary.failed.push((ident.clone(), format!("{code} {outcome}").trim().to_string()));
+                }
+            }
+        }
+    }
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_r4_codes() {
+        assert_eq!(r4_status(Status::PotentiallyEligible), Some("potential-candidate"));
+        assert_eq!(r4_status(Status::Eligible), Some("eligible"));
+        assert_eq!(r4_status(Status::Ineligible), Some("ineligible"));
+        assert_eq!(r4_status(Status::Error), None);
+    }
+
+    #[test]
+    fn narrative_text_is_escaped() {
+        assert_eq!(escape("UPCR <0.2 & eGFR >60"), "UPCR &lt;0.2 &amp; eGFR &gt;60");
+    }
+}

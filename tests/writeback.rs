@@ -1,0 +1,245 @@
+//! Write-back against a mock FHIR server: the ResearchStudy bound by a conditional create,
+//! new ResearchSubjects created with `ifNoneExist`, changed ones updated with `ifMatch`,
+//! unchanged ones and those a person moved on never sent, ineligible ones written only when
+//! asked, all in one batch Bundle; and a dry run that sends nothing.
+
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use trialgate::criteria::Status;
+use trialgate::criteria::eval::TrialResult;
+use trialgate::fhir::client::{ClientOptions, FhirClient};
+use trialgate::time::Date;
+use trialgate::writeback::{SUBJECT_SYSTEM, WriteOptions, write_back};
+use wiremock::matchers::{body_partial_json, header, method, path, query_param};
+use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+
+fn trial() -> trialgate::criteria::trial::Trial {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let cfg = trialgate::load_config(&root.join("mappings"), &root.join("config/trials"), &["NCT06406205".into()]).unwrap();
+    cfg.trials.into_iter().next().unwrap()
+}
+
+fn result(patient: &str, status: Status) -> TrialResult {
+    TrialResult {
+        patient: format!("Patient/{patient}"),
+        trial: "NCT06406205".into(),
+        status,
+        record: None,
+        decided_by: Vec::new(),
+        criteria: Vec::new(),
+        facts: Vec::new(),
+    }
+}
+
+fn subject(id: &str, patient: &str, status: &str, version: &str) -> Value {
+    json!({"resourceType": "ResearchSubject", "id": id, "meta": {"versionId": version}, "status": status,
+        "identifier": [{"system": SUBJECT_SYSTEM, "value": format!("NCT06406205:Patient/{patient}")}],
+        "study": {"reference": "ResearchStudy/st1"}, "individual": {"reference": format!("Patient/{patient}")}})
+}
+
+async fn server_with_state(existing: &[Value], study_status: u16) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/ResearchStudy"))
+        .and(header("If-None-Exist", "identifier=urn:trialgate:trial|NCT06406205"))
+        .and(body_partial_json(json!({"resourceType": "ResearchStudy", "status": "active",
+            "identifier": [{"system": "urn:trialgate:trial", "value": "NCT06406205"}]})))
+        .respond_with(ResponseTemplate::new(study_status).set_body_raw(
+            json!({"resourceType": "ResearchStudy", "id": "st1", "status": "active"}).to_string(),
+            "application/fhir+json",
+        ))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let page = json!({"resourceType": "Bundle", "type": "searchset",
+        "entry": existing.iter().map(|r| json!({"resource": r})).collect::<Vec<_>>()});
+    Mock::given(method("GET"))
+        .and(path("/ResearchSubject"))
+        .and(query_param("study", "ResearchStudy/st1"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(page.to_string(), "application/fhir+json"))
+        .mount(&server)
+        .await;
+    server
+}
+
+fn client(server: &MockServer) -> FhirClient {
+    FhirClient::new(
+        &server.uri(),
+        ClientOptions {
+            base_backoff: std::time::Duration::from_millis(10),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn batch_response(statuses: &[&str]) -> ResponseTemplate {
+    let b = json!({"resourceType": "Bundle", "type": "batch-response",
+        "entry": statuses.iter().map(|s| json!({"response": {"status": s}})).collect::<Vec<_>>()});
+    ResponseTemplate::new(200).set_body_raw(b.to_string(), "application/fhir+json")
+}
+
+async fn sent_batch(server: &MockServer) -> Value {
+    let reqs: Vec<Request> = server.received_requests().await.unwrap();
+    let batch = reqs
+        .iter()
+        .find(|r| r.method.as_str() == "POST" && r.url.path() == "/")
+        .expect("a batch was posted");
+    serde_json::from_slice(&batch.body).unwrap()
+}
+
+#[tokio::test]
+async fn writes_only_what_changed_and_never_touches_what_a_person_owns() {
+    // On the server: A was moved on-study by a coordinator; B was a potential candidate (v3)
+    // and is now ineligible; E is eligible as before.
+    let server = server_with_state(
+        &[
+            subject("rs-a", "a", "on-study", "7"),
+            subject("rs-b", "b", "potential-candidate", "3"),
+            subject("rs-e", "e", "eligible", "1"),
+        ],
+        201,
+    )
+    .await;
+    Mock::given(method("POST"))
+        .and(path("/"))
+        .respond_with(batch_response(&["200 OK", "201 Created"]))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let results = [
+        result("a", Status::Ineligible),          // person-owned: left alone
+        result("b", Status::Ineligible),          // written before: updated
+        result("c", Status::PotentiallyEligible), // new: created
+        result("d", Status::Ineligible),          // new and ineligible: not written by default
+        result("e", Status::Eligible),            // unchanged: not sent
+        result("f", Status::Error),               // no data: nothing to say
+    ];
+    let as_of = Date::parse("2026-06-01").unwrap();
+    let w = write_back(&client(&server), &[trial()], &results, as_of, &WriteOptions::default())
+        .await
+        .unwrap();
+    assert_eq!((w.created, w.updated, w.unchanged, w.left_alone, w.not_written), (1, 1, 1, 1, 2));
+    assert!(w.failed.is_empty());
+
+    let batch = sent_batch(&server).await;
+    assert_eq!(batch["type"], "batch");
+    let entries = batch["entry"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "only the changed and the new subject are sent: {batch}");
+    let update = &entries[0];
+    assert_eq!(update["request"]["method"], "PUT");
+    assert_eq!(update["request"]["url"], "ResearchSubject/rs-b");
+    assert_eq!(update["request"]["ifMatch"], "W/\"3\"");
+    assert_eq!(update["resource"]["id"], "rs-b");
+    assert_eq!(update["resource"]["status"], "ineligible");
+    let create = &entries[1];
+    assert_eq!(create["request"]["method"], "POST");
+    assert_eq!(
+        create["request"]["ifNoneExist"],
+        format!("identifier={SUBJECT_SYSTEM}|NCT06406205:Patient/c")
+    );
+    let rs = &create["resource"];
+    // A valid R4 ResearchSubject: the required elements, an R4 status code, XHTML narrative.
+    assert_eq!(rs["resourceType"], "ResearchSubject");
+    assert_eq!(rs["status"], "potential-candidate");
+    assert_eq!(rs["study"]["reference"], "ResearchStudy/st1");
+    assert_eq!(rs["individual"]["reference"], "Patient/c");
+    assert_eq!(rs["identifier"][0]["value"], "NCT06406205:Patient/c");
+    assert_eq!(rs["text"]["status"], "generated");
+    assert!(
+        rs["text"]["div"]
+            .as_str()
+            .unwrap()
+            .starts_with("<div xmlns=\"http://www.w3.org/1999/xhtml\">")
+    );
+}
+
+#[tokio::test]
+async fn ineligible_patients_are_written_when_asked_and_a_dry_run_sends_nothing() {
+    let server = server_with_state(&[], 200).await;
+    Mock::given(method("POST"))
+        .and(path("/"))
+        .respond_with(batch_response(&["201 Created"]))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let as_of = Date::parse("2026-06-01").unwrap();
+    let results = [result("d", Status::Ineligible)];
+    let opts = WriteOptions {
+        write_ineligible: true,
+        dry_run: false,
+    };
+    let w = write_back(&client(&server), &[trial()], &results, as_of, &opts).await.unwrap();
+    assert_eq!(w.created, 1);
+    assert_eq!(sent_batch(&server).await["entry"][0]["resource"]["status"], "ineligible");
+
+    let dry = server_with_state(&[], 200).await;
+    Mock::given(method("POST"))
+        .and(path("/"))
+        .respond_with(batch_response(&[]))
+        .expect(0)
+        .mount(&dry)
+        .await;
+    let opts = WriteOptions {
+        write_ineligible: true,
+        dry_run: true,
+    };
+    let w = write_back(&client(&dry), &[trial()], &results, as_of, &opts).await.unwrap();
+    assert_eq!(w.planned.len(), 1, "the dry run still says what it would write");
+    assert_eq!(w.created, 0);
+}
+
+#[tokio::test]
+async fn a_refused_write_is_reported_with_the_servers_reason() {
+    let server = server_with_state(&[], 201).await;
+    let b = json!({"resourceType": "Bundle", "type": "batch-response", "entry": [{"response": {"status": "412 Precondition Failed",
+        "outcome": {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "conflict", "diagnostics": "multiple matches"}]}}}]});
+    Mock::given(method("POST"))
+        .and(path("/"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(b.to_string(), "application/fhir+json"))
+        .mount(&server)
+        .await;
+    let as_of = Date::parse("2026-06-01").unwrap();
+    let w = write_back(
+        &client(&server),
+        &[trial()],
+        &[result("c", Status::Eligible)],
+        as_of,
+        &WriteOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(w.failed.len(), 1);
+    assert_eq!(w.failed[0].0, "NCT06406205:Patient/c");
+    assert!(
+        w.failed[0].1.starts_with("412") && w.failed[0].1.contains("multiple matches"),
+        "{:?}",
+        w.failed
+    );
+}
+
+/// A coordinator opening the ResearchSubject sees why: the deciding criteria, the unknown
+/// items and what needs a person, in the narrative.
+#[test]
+fn the_narrative_explains_the_verdict() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let cfg = trialgate::load_config(&root.join("mappings"), &root.join("config/trials"), &["NCT06406205".into()]).unwrap();
+    let as_of = Date::parse("2026-06-01").unwrap();
+    let s = trialgate::screen(
+        &root.join("fixtures/bundles/02-rosa-delgado.json"),
+        &cfg,
+        as_of,
+        &Default::default(),
+    )
+    .unwrap();
+    let r = &s.results[0];
+    assert_eq!(r.status, Status::Ineligible);
+    let rs = trialgate::writeback::research_subject(&cfg.trials[0], "st1", r, "ineligible", as_of, None);
+    let div = rs["text"]["div"].as_str().unwrap();
+    assert!(div.contains("<b>ineligible</b>"), "{div}");
+    assert!(div.contains("Decided by:") && div.contains("exc-1 (exclusion): egfr 38"), "{div}");
+    assert!(div.contains("Needs a person:") && div.contains("inc-1 (inclusion)"), "{div}");
+    // Well-formed: every tag closed, no raw '<' from the data (comparators are escaped).
+    assert_eq!(div.matches("<li>").count(), div.matches("</li>").count());
+    assert!(!div.contains("<0") && !div.contains("< "), "{div}");
+}
