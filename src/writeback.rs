@@ -155,14 +155,19 @@ struct Existing {
     version: Option<String>,
 }
 
-/// Finds the trial's ResearchStudy by identifier, creating it only when absent.
-async fn bind_study(client: &FhirClient, trial: &Trial) -> Result<String, ClientError> {
-    let study = json!({
+/// The ResearchStudy a trial is bound to (created only when absent).
+pub fn research_study(trial: &Trial) -> Value {
+    json!({
         "resourceType": "ResearchStudy",
         "identifier": [{"system": STUDY_SYSTEM, "value": trial.id}],
         "title": trial.title,
         "status": "active",
-    });
+    })
+}
+
+/// Finds the trial's ResearchStudy by identifier, creating it only when absent.
+async fn bind_study(client: &FhirClient, trial: &Trial) -> Result<String, ClientError> {
+    let study = research_study(trial);
     let resp = client
         .post(
             "ResearchStudy",

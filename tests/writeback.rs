@@ -243,3 +243,63 @@ fn the_narrative_explains_the_verdict() {
     assert_eq!(div.matches("<li>").count(), div.matches("</li>").count());
     assert!(!div.contains("<0") && !div.contains("< "), "{div}");
 }
+
+/// Everything write-back would send for the whole fixture cohort (all five trials, with the
+/// ineligible) passes FHIR.js, an R4 validator independent of trialgate. scripts/test installs
+/// it and sets TRIALGATE_FHIR_VALIDATOR.
+#[tokio::test]
+async fn everything_written_is_valid_r4_for_an_independent_validator() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let validator = std::env::var("TRIALGATE_FHIR_VALIDATOR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/trialgate/fhir-validator"));
+    assert!(
+        validator.join("node_modules/fhir").is_dir(),
+        "the FHIR validator is not installed at {}: run scripts/test, which installs it",
+        validator.display()
+    );
+    let cfg = trialgate::load_config(&root.join("mappings"), &root.join("config/trials"), &[]).unwrap();
+    let as_of = Date::parse("2026-06-01").unwrap();
+    let s = trialgate::screen(&root.join("fixtures"), &cfg, as_of, &Default::default()).unwrap();
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/ResearchStudy"))
+        .respond_with(ResponseTemplate::new(201).set_body_raw(
+            json!({"resourceType": "ResearchStudy", "id": "st1", "status": "active"}).to_string(),
+            "application/fhir+json",
+        ))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/ResearchSubject"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(
+            json!({"resourceType": "Bundle", "type": "searchset"}).to_string(),
+            "application/fhir+json",
+        ))
+        .mount(&server)
+        .await;
+    let opts = WriteOptions {
+        write_ineligible: true,
+        dry_run: true,
+    };
+    let w = write_back(&client(&server), &cfg.trials, &s.results, as_of, &opts).await.unwrap();
+    assert_eq!(w.planned.len(), s.results.len(), "every screened patient x trial is written");
+    let mut entries: Vec<Value> = w.planned.iter().map(|e| json!({"resource": e["resource"]})).collect();
+    for t in &cfg.trials {
+        entries.push(json!({"resource": trialgate::writeback::research_study(t)}));
+    }
+    let bundle = json!({"resourceType": "Bundle", "type": "collection", "entry": entries});
+    let mut child = std::process::Command::new("node")
+        .arg(root.join("scripts/validate-fhir.js"))
+        .env("NODE_PATH", validator.join("node_modules"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("node runs");
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(bundle.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "invalid R4 resources:\n{report}");
+    assert!(report.contains(&format!("{} valid, 0 invalid", entries.len())), "{report}");
+}
