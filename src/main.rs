@@ -75,7 +75,7 @@ enum Command {
         #[arg(long, short, value_name = "FILE")]
         output: Option<PathBuf>,
     },
-    /// Screen a cohort fetched from a FHIR R4 server (read only; the report is the same as `screen`'s).
+    /// Screen a cohort fetched from a FHIR R4 server (the same report as `screen`), and write ResearchSubjects back.
     #[command(after_help = "Examples:\n  \
         trialgate sweep --server https://fhir.example.org/r4 --as-of 2026-06-01\n  \
         trialgate sweep --server $FHIR --group ln-clinic --format csv > verdicts.csv\n  \
@@ -86,70 +86,7 @@ enum Command {
         follows every page, and retries timeouts, 429 and 5xx with backoff (honouring Retry-After). \
         A patient whose data still cannot be fetched is reported with status `error` and the \
         server's reason. A summary of requests and errors goes to stderr.")]
-    Sweep {
-        /// Base URL of the FHIR R4 server.
-        #[arg(long, value_name = "URL")]
-        server: String,
-        /// Screen the members of this Group.
-        #[arg(long, value_name = "ID", conflicts_with_all = ["patients", "patient"])]
-        group: Option<String>,
-        /// Screen the subjects of this search, e.g. 'Condition?code=http://snomed.info/sct|55464009'.
-        #[arg(long, value_name = "SEARCH", conflicts_with = "patient")]
-        patients: Option<String>,
-        /// Screen this patient id (repeatable).
-        #[arg(long, value_name = "ID")]
-        patient: Vec<String>,
-        /// Screening date (YYYY-MM-DD). Default: today (UTC).
-        #[arg(long, value_name = "YYYY-MM-DD")]
-        as_of: Option<String>,
-        /// A trial id from the trials folder, or the path of a trial file. Repeatable. Default: all.
-        #[arg(long = "trial", value_name = "ID|FILE")]
-        trials: Vec<String>,
-        /// Output format.
-        #[arg(long, value_enum, default_value = "text")]
-        format: Format,
-        /// Coordinators' recorded answers to manual criteria (YAML list; see README).
-        #[arg(long, value_name = "FILE")]
-        decisions: Option<PathBuf>,
-        /// Write the report here instead of standard output.
-        #[arg(long, short, value_name = "FILE")]
-        output: Option<PathBuf>,
-        /// Environment variable holding a bearer token for the server.
-        #[arg(long, value_name = "VAR", conflicts_with = "token_file")]
-        token_env: Option<String>,
-        /// File holding a bearer token for the server.
-        #[arg(long, value_name = "FILE")]
-        token_file: Option<PathBuf>,
-        /// Patients per search request.
-        #[arg(long, default_value_t = 50)]
-        batch: usize,
-        /// Searches in flight at once.
-        #[arg(long, default_value_t = 4)]
-        concurrency: usize,
-        /// Resources per page asked of the server (_count).
-        #[arg(long, default_value_t = 200)]
-        page_size: usize,
-        /// Seconds to wait for a response before retrying.
-        #[arg(long, default_value_t = 60)]
-        timeout: u64,
-        /// Retries of one request after its first attempt.
-        #[arg(long, default_value_t = 5)]
-        max_retries: u32,
-        /// Write a ResearchSubject per patient and trial (potential candidates and eligible
-        /// patients, and updates of written ones that turned ineligible).
-        #[arg(long)]
-        write_back: bool,
-        /// Also write ResearchSubjects for ineligible patients.
-        #[arg(long, requires = "write_back")]
-        write_ineligible: bool,
-        /// Write to this server instead of the one read (same token).
-        #[arg(long, value_name = "URL", requires = "write_back")]
-        write_to: Option<String>,
-        /// Show the batch Bundle that would be written (on stdout, instead of the report) and
-        /// write nothing.
-        #[arg(long, requires = "write_back")]
-        dry_run: bool,
-    },
+    Sweep(Box<SweepArgs>),
     /// Validate every trial and mapping file, and lint criteria for suspect thresholds.
     #[command(
         after_help = "Examples:\n  trialgate check\n  trialgate check --trial config/bench/bench-ln.yaml\n  trialgate check --list\n\n\
@@ -165,6 +102,92 @@ enum Command {
         #[arg(long)]
         list: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct SweepArgs {
+    /// Base URL of the FHIR R4 server.
+    #[arg(long, value_name = "URL")]
+    server: String,
+    /// Screen the members of this Group.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["patients", "patient"])]
+    group: Option<String>,
+    /// Screen the subjects of this search, e.g. 'Condition?code=http://snomed.info/sct|55464009'.
+    #[arg(long, value_name = "SEARCH", conflicts_with = "patient")]
+    patients: Option<String>,
+    /// Screen this patient id (repeatable).
+    #[arg(long, value_name = "ID")]
+    patient: Vec<String>,
+    /// Screening date (YYYY-MM-DD). Default: today (UTC).
+    #[arg(long, value_name = "YYYY-MM-DD")]
+    as_of: Option<String>,
+    /// A trial id from the trials folder, or the path of a trial file. Repeatable. Default: all.
+    #[arg(long = "trial", value_name = "ID|FILE")]
+    trials: Vec<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+    /// Coordinators' recorded answers to manual criteria (YAML list; see README).
+    #[arg(long, value_name = "FILE")]
+    decisions: Option<PathBuf>,
+    /// Write the report here instead of standard output.
+    #[arg(long, short, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Environment variable holding a bearer token for the server.
+    #[arg(long, value_name = "VAR", conflicts_with = "token_file")]
+    token_env: Option<String>,
+    /// File holding a bearer token for the server.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Patients per search request.
+    #[arg(long, default_value_t = 50)]
+    batch: usize,
+    /// Searches in flight at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Resources per page asked of the server (_count).
+    #[arg(long, default_value_t = 200)]
+    page_size: usize,
+    /// Seconds to wait for a response before retrying.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// Retries of one request after its first attempt.
+    #[arg(long, default_value_t = 5)]
+    max_retries: u32,
+    /// SMART Backend Services: the client id registered with the server's authorization server.
+    #[arg(long, value_name = "ID", requires = "smart_key", conflicts_with_all = ["token_env", "token_file"])]
+    smart_client_id: Option<String>,
+    /// SMART Backend Services: the PEM private key that signs the client assertion.
+    #[arg(long, value_name = "FILE", requires = "smart_client_id")]
+    smart_key: Option<PathBuf>,
+    /// SMART Backend Services: RS384 or ES384.
+    #[arg(long, value_name = "ALG", default_value = "RS384")]
+    smart_alg: String,
+    /// SMART Backend Services: the key id (`kid`) registered in the client's JWKS.
+    #[arg(long, value_name = "KID")]
+    smart_kid: Option<String>,
+    /// SMART Backend Services: scopes to ask for (default: read what screening needs, and
+    /// write ResearchStudy/ResearchSubject with --write-back).
+    #[arg(long, value_name = "SCOPES")]
+    smart_scope: Option<String>,
+    /// SMART Backend Services: the token endpoint, when the server does not publish
+    /// .well-known/smart-configuration.
+    #[arg(long, value_name = "URL")]
+    smart_token_endpoint: Option<String>,
+    /// Write a ResearchSubject per patient and trial (potential candidates and eligible
+    /// patients, and updates of written ones that turned ineligible).
+    #[arg(long)]
+    write_back: bool,
+    /// Also write ResearchSubjects for ineligible patients.
+    #[arg(long, requires = "write_back")]
+    write_ineligible: bool,
+    /// Write to this server instead of the one read (same token).
+    #[arg(long, value_name = "URL", requires = "write_back")]
+    write_to: Option<String>,
+    /// Show the batch Bundle that would be written (on stdout, instead of the report) and
+    /// write nothing.
+    #[arg(long, requires = "write_back")]
+    dry_run: bool,
 }
 
 /// An error that is the user's input or configuration (exit 2), as opposed to a failure (exit 1).
@@ -295,28 +318,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             finish(&mut s, &decisions, format, output)
         }
-        Command::Sweep {
-            server,
-            group,
-            patients,
-            patient,
-            as_of,
-            trials,
-            format,
-            decisions,
-            output,
-            token_env,
-            token_file,
-            batch,
-            concurrency,
-            page_size,
-            timeout,
-            max_retries,
-            write_back,
-            write_ineligible,
-            write_to,
-            dry_run,
-        } => {
+        Command::Sweep(args) => {
+            let SweepArgs {
+                server,
+                group,
+                patients,
+                patient,
+                as_of,
+                trials,
+                format,
+                decisions,
+                output,
+                token_env,
+                token_file,
+                batch,
+                concurrency,
+                page_size,
+                timeout,
+                max_retries,
+                smart_client_id,
+                smart_key,
+                smart_alg,
+                smart_kid,
+                smart_scope,
+                smart_token_endpoint,
+                write_back,
+                write_ineligible,
+                write_to,
+                dry_run,
+            } = *args;
             let as_of = parse_as_of(as_of)?;
             let cfg = load_config(&cli.mappings, &cli.trials_dir, &trials)?;
             let loaded = load_decisions(&decisions, &cfg)?;
@@ -333,10 +363,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 (None, None) => None,
             };
+            let smart = match (smart_client_id, smart_key) {
+                (Some(client_id), Some(key)) => {
+                    let alg = trialgate::fhir::smart::Alg::parse(&smart_alg)
+                        .ok_or_else(|| bad(format!("--smart-alg `{smart_alg}`: use RS384 or ES384")))?;
+                    let key_pem = std::fs::read_to_string(&key).map_err(|e| bad(format!("--smart-key {}: {e}", key.display())))?;
+                    let scope = smart_scope.unwrap_or_else(|| {
+                        let read = "system/Patient.rs system/Observation.rs system/Condition.rs system/MedicationRequest.rs system/MedicationStatement.rs system/MedicationAdministration.rs system/Medication.rs system/Procedure.rs system/Immunization.rs system/AllergyIntolerance.rs system/DiagnosticReport.rs system/Group.rs";
+                        if write_back { format!("{read} system/ResearchStudy.cru system/ResearchSubject.cru") } else { read.to_string() }
+                    });
+                    let smart = trialgate::fhir::smart::SmartClient {
+                        client_id,
+                        key_pem,
+                        alg,
+                        kid: smart_kid,
+                        scope,
+                        token_endpoint: smart_token_endpoint,
+                    };
+                    // Fail now, not at the first request, if the key does not fit the algorithm.
+                    smart.assertion("https://check.invalid/token").map_err(bad)?;
+                    Some(smart)
+                }
+                _ => None,
+            };
             let opts = ClientOptions {
                 read_timeout: std::time::Duration::from_secs(timeout.max(1)),
                 max_retries,
                 bearer,
+                smart,
                 ..Default::default()
             };
             let client = FhirClient::new(&server, opts.clone()).map_err(bad)?;

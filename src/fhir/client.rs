@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientOptions {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
@@ -24,6 +24,22 @@ pub struct ClientOptions {
     pub max_backoff: Duration,
     /// A bearer token sent as `Authorization: Bearer ...`; never logged.
     pub bearer: Option<String>,
+    /// SMART Backend Services: tokens are requested, cached and refreshed as needed.
+    pub smart: Option<super::smart::SmartClient>,
+}
+
+// By hand, so that no `{:?}` can print the token.
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("read_timeout", &self.read_timeout)
+            .field("max_retries", &self.max_retries)
+            .field("retry_budget", &self.retry_budget)
+            .field("bearer", &self.bearer.as_ref().map(|_| "(redacted)"))
+            .field("smart", &self.smart)
+            .finish()
+    }
 }
 
 impl Default for ClientOptions {
@@ -36,6 +52,7 @@ impl Default for ClientOptions {
             base_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
             bearer: None,
+            smart: None,
         }
     }
 }
@@ -68,6 +85,7 @@ pub struct FhirClient {
     base: String,
     opts: ClientOptions,
     budget_left: Arc<AtomicU32>,
+    token: Arc<tokio::sync::Mutex<Option<super::smart::CachedToken>>>,
     pub stats: Arc<Stats>,
 }
 
@@ -179,6 +197,7 @@ impl FhirClient {
         Ok(FhirClient {
             http,
             budget_left: Arc::new(AtomicU32::new(opts.retry_budget)),
+            token: Arc::default(),
             opts,
             base,
             stats: Arc::default(),
@@ -198,6 +217,90 @@ impl FhirClient {
             source = s.source();
         }
         parts.join(": ")
+    }
+
+    /// A SMART access token: the cached one while fresh, else a new one from the token
+    /// endpoint. Errors never include the assertion or the token.
+    async fn smart_token(&self) -> Result<String, ClientError> {
+        let Some(smart) = &self.opts.smart else {
+            return Err(ClientError::BadUrl("no SMART client configured".into()));
+        };
+        let mut cached = self.token.lock().await;
+        if let Some(t) = cached.as_ref().filter(|t| t.fresh()) {
+            return Ok(t.token.clone());
+        }
+        let endpoint = match &smart.token_endpoint {
+            Some(e) => e.clone(),
+            None => {
+                let url = self.url(".well-known/smart-configuration");
+                let body = self
+                    .plain(self.http.get(&url).header(reqwest::header::ACCEPT, "application/json"), &url)
+                    .await?;
+                serde_json::from_str::<super::smart::SmartConfiguration>(&body)
+                    .map_err(|e| ClientError::Body {
+                        url: url.clone(),
+                        message: format!("no token_endpoint: {e}"),
+                    })?
+                    .token_endpoint
+            }
+        };
+        let form = smart.token_request(&endpoint).map_err(|e| ClientError::Transport {
+            url: endpoint.clone(),
+            message: e.to_string(),
+        })?;
+        let req = self
+            .http
+            .post(&endpoint)
+            .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(reqwest::header::ACCEPT, "application/json")
+            .body(form);
+        let body = self.plain(req, &endpoint).await?;
+        let token: super::smart::TokenResponse = serde_json::from_str(&body).map_err(|_| ClientError::Body {
+            url: endpoint.clone(),
+            message: "the token response holds no access_token".into(),
+        })?;
+        tracing::info!(expires_in = token.expires_in, "obtained a SMART access token");
+        let t = super::smart::CachedToken::new(token);
+        let out = t.token.clone();
+        *cached = Some(t);
+        Ok(out)
+    }
+
+    /// A non-FHIR JSON exchange (SMART discovery, the token endpoint): the body on success, the
+    /// server's `error`/`error_description` (never the request) on failure.
+    async fn plain(&self, req: reqwest::RequestBuilder, url: &str) -> Result<String, ClientError> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let resp = req.send().await.map_err(|e| ClientError::Transport {
+            url: url.into(),
+            message: self.describe(&e),
+        })?;
+        let status = resp.status();
+        let body = resp.text().await.map_err(|e| ClientError::Transport {
+            url: url.into(),
+            message: self.describe(&e),
+        })?;
+        if status.is_success() {
+            return Ok(body);
+        }
+        #[derive(Deserialize)]
+        struct OAuthError {
+            error: Option<String>,
+            error_description: Option<String>,
+        }
+        let message = serde_json::from_str::<OAuthError>(&body)
+            .ok()
+            .map(|e| {
+                format!("{} {}", e.error.unwrap_or_default(), e.error_description.unwrap_or_default())
+                    .trim()
+                    .to_string()
+            })
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string());
+        Err(ClientError::Status {
+            url: url.into(),
+            status: status.as_u16(),
+            message,
+        })
     }
 
     pub fn base(&self) -> &str {
@@ -230,6 +333,14 @@ impl FhirClient {
         }
         if let Some(t) = &self.opts.bearer {
             req = req.bearer_auth(t);
+        }
+        if self.opts.smart.is_some() {
+            match self.smart_token().await {
+                Ok(t) => req = req.bearer_auth(t),
+                // A refused client (4xx: wrong id, key or scope) will not get better by retrying.
+                Err(error @ ClientError::Status { status: 400..=499, .. }) => return Attempt::Fail(error),
+                Err(error) => return Attempt::Retry { error, wait: None },
+            }
         }
         let resp = match req.send().await {
             Ok(r) => r,
@@ -272,6 +383,11 @@ impl FhirClient {
                 status: status.as_u16(),
                 message,
             };
+            // An expired or revoked SMART token: drop it, so the retry fetches a new one.
+            if status.as_u16() == 401 && self.opts.smart.is_some() {
+                *self.token.lock().await = None;
+                return Attempt::Retry { error, wait: None };
+            }
             return if status.as_u16() == 429 || status.is_server_error() {
                 Attempt::Retry { error, wait }
             } else {
