@@ -10,6 +10,7 @@ pub mod config;
 pub mod criteria;
 pub mod facts;
 pub mod fhir;
+pub mod gateway;
 pub mod report;
 pub mod sweep;
 pub mod time;

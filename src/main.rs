@@ -106,9 +106,13 @@ enum Command {
 
 #[derive(clap::Args)]
 struct SweepArgs {
-    /// Base URL of the FHIR R4 server.
+    /// The gateway configuration; flags override its keys and the TRIALGATE_<SECTION>_<KEY>
+    /// environment variables (see the file's comments).
+    #[arg(long, value_name = "FILE", env = "TRIALGATE_CONFIG", default_value = "config/gateway.toml")]
+    config: PathBuf,
+    /// Base URL of the FHIR R4 server (default: [server] url).
     #[arg(long, value_name = "URL")]
-    server: String,
+    server: Option<String>,
     /// Screen the members of this Group.
     #[arg(long, value_name = "ID", conflicts_with_all = ["patients", "patient"])]
     group: Option<String>,
@@ -140,29 +144,29 @@ struct SweepArgs {
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
     /// Patients per search request.
-    #[arg(long, default_value_t = 50)]
-    batch: usize,
+    #[arg(long)]
+    batch: Option<usize>,
     /// Searches in flight at once.
-    #[arg(long, default_value_t = 4)]
-    concurrency: usize,
+    #[arg(long)]
+    concurrency: Option<usize>,
     /// Resources per page asked of the server (_count).
-    #[arg(long, default_value_t = 200)]
-    page_size: usize,
+    #[arg(long)]
+    page_size: Option<usize>,
     /// Seconds to wait for a response before retrying.
-    #[arg(long, default_value_t = 60)]
-    timeout: u64,
+    #[arg(long)]
+    timeout: Option<u64>,
     /// Retries of one request after its first attempt.
-    #[arg(long, default_value_t = 5)]
-    max_retries: u32,
+    #[arg(long)]
+    max_retries: Option<u32>,
     /// SMART Backend Services: the client id registered with the server's authorization server.
     #[arg(long, value_name = "ID", requires = "smart_key", conflicts_with_all = ["token_env", "token_file"])]
     smart_client_id: Option<String>,
     /// SMART Backend Services: the PEM private key that signs the client assertion.
     #[arg(long, value_name = "FILE", requires = "smart_client_id")]
     smart_key: Option<PathBuf>,
-    /// SMART Backend Services: RS384 or ES384.
-    #[arg(long, value_name = "ALG", default_value = "RS384")]
-    smart_alg: String,
+    /// SMART Backend Services: RS384 or ES384 (default: [auth] smart_alg, RS384).
+    #[arg(long, value_name = "ALG")]
+    smart_alg: Option<String>,
     /// SMART Backend Services: the key id (`kid`) registered in the client's JWKS.
     #[arg(long, value_name = "KID")]
     smart_kid: Option<String>,
@@ -179,14 +183,14 @@ struct SweepArgs {
     #[arg(long)]
     write_back: bool,
     /// Also write ResearchSubjects for ineligible patients.
-    #[arg(long, requires = "write_back")]
+    #[arg(long)]
     write_ineligible: bool,
     /// Write to this server instead of the one read (same token).
-    #[arg(long, value_name = "URL", requires = "write_back")]
+    #[arg(long, value_name = "URL")]
     write_to: Option<String>,
     /// Show the batch Bundle that would be written (on stdout, instead of the report) and
     /// write nothing.
-    #[arg(long, requires = "write_back")]
+    #[arg(long)]
     dry_run: bool,
 }
 
@@ -320,6 +324,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sweep(args) => {
             let SweepArgs {
+                config,
                 server,
                 group,
                 patients,
@@ -347,6 +352,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 write_to,
                 dry_run,
             } = *args;
+            let g = trialgate::gateway::Gateway::load(&config, &|k| std::env::var(k).ok()).map_err(bad)?;
+            let nonempty = |s: &String| (!s.is_empty()).then(|| s.clone());
+            let server = server.or_else(|| nonempty(&g.server.url)).ok_or_else(|| {
+                bad(format!(
+                    "no FHIR server: pass --server URL, or set [server] url in {} or TRIALGATE_SERVER_URL",
+                    config.display()
+                ))
+            })?;
+            let trials = if trials.is_empty() { g.sweep.trials.clone() } else { trials };
+            let (batch, concurrency, page_size) = (
+                batch.unwrap_or(g.sweep.batch),
+                concurrency.unwrap_or(g.sweep.concurrency),
+                page_size.unwrap_or(g.sweep.page_size),
+            );
+            let (timeout, max_retries) = (
+                timeout.unwrap_or(g.server.timeout_secs),
+                max_retries.unwrap_or(g.server.max_retries),
+            );
+            let bearer_from_config = g.auth.method == "bearer" && token_env.is_none() && token_file.is_none() && smart_client_id.is_none();
+            let token_env = token_env.or_else(|| nonempty(&g.auth.token_env).filter(|_| bearer_from_config));
+            let token_file = token_file.or_else(|| nonempty(&g.auth.token_file).filter(|_| bearer_from_config).map(PathBuf::from));
+            let smart_from_config = g.auth.method == "smart" && smart_client_id.is_none() && token_env.is_none() && token_file.is_none();
+            let smart_client_id = smart_client_id.or_else(|| nonempty(&g.auth.smart_client_id).filter(|_| smart_from_config));
+            let smart_key = smart_key.or_else(|| nonempty(&g.auth.smart_key_file).filter(|_| smart_from_config).map(PathBuf::from));
+            let smart_alg = smart_alg.unwrap_or_else(|| g.auth.smart_alg.clone());
+            let smart_kid = smart_kid.or_else(|| nonempty(&g.auth.smart_kid));
+            let smart_scope = smart_scope.or_else(|| nonempty(&g.auth.smart_scope));
+            let smart_token_endpoint = smart_token_endpoint.or_else(|| nonempty(&g.auth.smart_token_endpoint));
+            let write_back = write_back || g.write_back.enabled;
+            let write_ineligible = write_ineligible || g.write_back.write_ineligible;
+            let write_to = write_to.or_else(|| nonempty(&g.write_back.target_url));
+            if (dry_run || write_ineligible || write_to.is_some()) && !write_back {
+                return Err(bad(
+                    "--dry-run, --write-ineligible and --write-to need write-back (--write-back, or [write_back] enabled = true)",
+                ));
+            }
+            let configured_cohort = group.is_none() && patients.is_none() && patient.is_empty();
             let as_of = parse_as_of(as_of)?;
             let cfg = load_config(&cli.mappings, &cli.trials_dir, &trials)?;
             let loaded = load_decisions(&decisions, &cfg)?;
@@ -389,6 +431,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let opts = ClientOptions {
                 read_timeout: std::time::Duration::from_secs(timeout.max(1)),
                 max_retries,
+                retry_budget: g.server.retry_budget,
                 bearer,
                 smart,
                 ..Default::default()
@@ -400,6 +443,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (None, false) => None,
             };
             let cohort = match (group, patients, patient.is_empty()) {
+                _ if configured_cohort => g.cohort(),
                 (Some(g), _, _) => Cohort::Group(g),
                 (None, Some(q), _) => Cohort::Search(q),
                 (None, None, false) => Cohort::Ids(patient),
@@ -457,7 +501,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                 }
             }
-            finish(&mut s, &decisions, format, output)
+            finish(&mut s, &decisions, format, output)?;
+            // The report is written either way; the exit status tells a scheduler that some
+            // patients could not be screened.
+            if summary.errors > 0 {
+                anyhow::bail!(
+                    "{} patient(s) could not be screened: see status `error` in the report",
+                    summary.errors
+                );
+            }
+            Ok(())
         }
         Command::Check { trials, list } => {
             let cfg = trialgate::load_config(&cli.mappings, &cli.trials_dir, &trials).map_err(bad)?;

@@ -529,3 +529,91 @@ async fn the_sweep_command_sends_the_token_and_never_prints_it() {
     assert!(stderr.contains("sweep: 1 patient(s), 0 in error"), "{stderr}");
     assert!(!stdout.contains("s3cr3t") && !stderr.contains("s3cr3t"), "the token leaked");
 }
+
+/// `config/gateway.toml`-style configuration drives the sweep: server and cohort from the
+/// file, the batch size from the environment; a patient that cannot be fetched makes the exit
+/// status 1 after the report is written.
+#[tokio::test]
+async fn the_gateway_configuration_drives_the_sweep() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/metadata"))
+        .respond_with(ResponseTemplate::new(404))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/Patient"))
+        .and(query_param("_id", "p1"))
+        .respond_with(ok(&searchset(&[patient("p1")], None)))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/Observation"))
+        .and(query_param("patient", "p1"))
+        .respond_with(ok(&searchset(&[egfr("o1", "p1", 80.0)], None)))
+        .mount(&server)
+        .await;
+    // p2 does not exist on the server.
+    Mock::given(method("GET"))
+        .and(path("/Patient"))
+        .and(query_param("_id", "p2"))
+        .respond_with(ok(&searchset(&[], None)))
+        .mount(&server)
+        .await;
+    empty_searches(
+        &server,
+        &[
+            "Observation",
+            "Condition",
+            "MedicationRequest",
+            "MedicationStatement",
+            "MedicationAdministration",
+            "Procedure",
+            "Immunization",
+            "AllergyIntolerance",
+            "DiagnosticReport",
+        ],
+    )
+    .await;
+    let dir = std::env::temp_dir().join(format!("trialgate-gw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        format!("[server]\nurl = \"{}\"\nmax_retries = 0\n[cohort]\nkind = \"ids\"\nids = [\"p1\", \"p2\"]\n[sweep]\ntrials = [\"NCT06406205\"]\nbatch = 50\n", server.uri()),
+    )
+    .unwrap();
+    let cfg_path = cfg.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_trialgate"))
+            .current_dir(root())
+            .env("TRIALGATE_CONFIG", &cfg_path)
+            .env("TRIALGATE_SWEEP_BATCH", "1")
+            .args(["sweep", "--as-of", "2026-06-01", "--format", "csv"])
+            .output()
+            .expect("trialgate runs")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stdout.contains("Patient/p1,NCT06406205,potentially-eligible"), "{stdout}");
+    assert!(
+        stdout.contains("Patient/p2,NCT06406205,error,record: the server returned no Patient resource"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("1 patient(s) could not be screened"), "{stderr}");
+    // Batch size 1 from the environment: each patient searched on its own.
+    let reqs = server.received_requests().await.unwrap();
+    assert!(
+        reqs.iter().any(|r| r.url.query().is_some_and(|q| q.contains("patient=p1&"))),
+        "per-patient searches"
+    );
+    assert!(
+        !reqs
+            .iter()
+            .any(|r| r.url.query().is_some_and(|q| q.contains("p1%2Cp2") || q.contains("p1,p2")))
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

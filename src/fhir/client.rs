@@ -210,13 +210,15 @@ impl FhirClient {
         if e.is_timeout() {
             return format!("timed out: no answer within {} s", self.opts.read_timeout.as_secs_f64());
         }
-        let mut parts = vec![e.to_string()];
+        // reqwest's own text only repeats the URL ("error sending request for url (...)"), which
+        // the error already names: the causes are what a person needs.
+        let mut parts = Vec::new();
         let mut source = std::error::Error::source(e);
         while let Some(s) = source {
             parts.push(s.to_string());
             source = s.source();
         }
-        parts.join(": ")
+        if parts.is_empty() { e.to_string() } else { parts.join(": ") }
     }
 
     /// A SMART access token: the cached one while fresh, else a new one from the token
