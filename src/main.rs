@@ -59,21 +59,8 @@ enum Command {
         /// FHIR file or folder to screen.
         #[arg(long, value_name = "PATH")]
         bundle: PathBuf,
-        /// Screening date (YYYY-MM-DD); look-back windows end on this day. Default: today (UTC).
-        #[arg(long, value_name = "YYYY-MM-DD")]
-        as_of: Option<String>,
-        /// A trial id from the trials folder, or the path of a trial file. Repeatable. Default: all.
-        #[arg(long = "trial", value_name = "ID|FILE")]
-        trials: Vec<String>,
-        /// Output format.
-        #[arg(long, value_enum, default_value = "text")]
-        format: Format,
-        /// Coordinators' recorded answers to manual criteria (YAML list; see README).
-        #[arg(long, value_name = "FILE")]
-        decisions: Option<PathBuf>,
-        /// Write the report here instead of standard output.
-        #[arg(long, short, value_name = "FILE")]
-        output: Option<PathBuf>,
+        #[command(flatten)]
+        report: ReportArgs,
     },
     /// Screen a cohort fetched from a FHIR R4 server (the same report as `screen`), and write ResearchSubjects back.
     #[command(after_help = "Examples:\n  \
@@ -104,6 +91,27 @@ enum Command {
     },
 }
 
+/// What to screen against, as of when, and how to report: shared by `screen` and `sweep`.
+#[derive(clap::Args)]
+struct ReportArgs {
+    /// Screening date (YYYY-MM-DD); look-back windows end on this day. Default: today (UTC).
+    #[arg(long, value_name = "YYYY-MM-DD")]
+    as_of: Option<String>,
+    /// A trial id from the trials folder, or the path of a trial file. Repeatable. Default: all
+    /// (for sweep: [sweep] trials, else all).
+    #[arg(long = "trial", value_name = "ID|FILE")]
+    trials: Vec<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+    /// Coordinators' recorded answers to manual criteria (YAML list; see README).
+    #[arg(long, value_name = "FILE")]
+    decisions: Option<PathBuf>,
+    /// Write the report here instead of standard output.
+    #[arg(long, short, value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
 #[derive(clap::Args)]
 struct SweepArgs {
     /// The gateway configuration; flags override its keys and the TRIALGATE_<SECTION>_<KEY>
@@ -122,21 +130,8 @@ struct SweepArgs {
     /// Screen this patient id (repeatable).
     #[arg(long, value_name = "ID")]
     patient: Vec<String>,
-    /// Screening date (YYYY-MM-DD). Default: today (UTC).
-    #[arg(long, value_name = "YYYY-MM-DD")]
-    as_of: Option<String>,
-    /// A trial id from the trials folder, or the path of a trial file. Repeatable. Default: all.
-    #[arg(long = "trial", value_name = "ID|FILE")]
-    trials: Vec<String>,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "text")]
-    format: Format,
-    /// Coordinators' recorded answers to manual criteria (YAML list; see README).
-    #[arg(long, value_name = "FILE")]
-    decisions: Option<PathBuf>,
-    /// Write the report here instead of standard output.
-    #[arg(long, short, value_name = "FILE")]
-    output: Option<PathBuf>,
+    #[command(flatten)]
+    report: ReportArgs,
     /// Environment variable holding a bearer token for the server.
     #[arg(long, value_name = "VAR", conflicts_with = "token_file")]
     token_env: Option<String>,
@@ -300,11 +295,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Screen {
             bundle,
-            as_of,
-            trials,
-            format,
-            decisions,
-            output,
+            report:
+                ReportArgs {
+                    as_of,
+                    trials,
+                    format,
+                    decisions,
+                    output,
+                },
         } => {
             let as_of = parse_as_of(as_of)?;
             if !bundle.exists() {
@@ -329,11 +327,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 group,
                 patients,
                 patient,
-                as_of,
-                trials,
-                format,
-                decisions,
-                output,
+                report:
+                    ReportArgs {
+                        as_of,
+                        trials,
+                        format,
+                        decisions,
+                        output,
+                    },
                 token_env,
                 token_file,
                 batch,

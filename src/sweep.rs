@@ -220,42 +220,33 @@ async fn fetch_batch(
     page_size: usize,
     have_patients: bool,
 ) -> (Vec<(String, Vec<String>)>, Vec<(String, String)>) {
-    let mut pages = Vec::new();
-    let mut batch_error = None;
-    for s in searches(types, &ids, page_size, have_patients) {
-        match client.search(&s).await {
-            Ok(p) => pages.push((format!("GET {s}"), p)),
-            Err(e) => {
-                batch_error = Some(e);
-                break;
-            }
-        }
-    }
-    let Some(error) = batch_error else { return (pages, Vec::new()) };
+    let batch = match fetch_all(client, searches(types, &ids, page_size, have_patients)).await {
+        Ok(pages) => return (pages, Vec::new()),
+        Err(e) => e,
+    };
     if ids.len() == 1 {
-        return (Vec::new(), vec![(ids[0].clone(), error.to_string())]);
+        return (Vec::new(), vec![(ids[0].clone(), batch.to_string())]);
     }
     tracing::warn!(patients = ids.len(), "a batch search failed; retrying its patients one by one");
     let mut pages = Vec::new();
     let mut failed = Vec::new();
     for id in ids {
-        let mut mine = Vec::new();
-        let mut err = None;
-        for s in searches(types, std::slice::from_ref(&id), page_size, have_patients) {
-            match client.search(&s).await {
-                Ok(p) => mine.push((format!("GET {s}"), p)),
-                Err(e) => {
-                    err = Some(e);
-                    break;
-                }
-            }
-        }
-        match err {
-            None => pages.extend(mine),
-            Some(e) => failed.push((id, e.to_string())),
+        match fetch_all(client, searches(types, std::slice::from_ref(&id), page_size, have_patients)).await {
+            Ok(mine) => pages.extend(mine),
+            Err(e) => failed.push((id, e.to_string())),
         }
     }
     (pages, failed)
+}
+
+/// Every page of every search, labelled with its request; the first failure stops it.
+async fn fetch_all(client: &FhirClient, searches: Vec<String>) -> Result<Vec<(String, Vec<String>)>, ClientError> {
+    let mut pages = Vec::new();
+    for s in searches {
+        let p = client.search(&s).await?;
+        pages.push((format!("GET {s}"), p));
+    }
+    Ok(pages)
 }
 
 /// Screens a cohort fetched from a FHIR server.
