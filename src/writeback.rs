@@ -25,6 +25,8 @@ pub const SUBJECT_SYSTEM: &str = "urn:trialgate:research-subject";
 pub const STUDY_SYSTEM: &str = "urn:trialgate:trial";
 /// The statuses trialgate computes and may change; any other belongs to a person.
 const OWNED: [&str; 3] = ["potential-candidate", "eligible", "ineligible"];
+/// The R5 `ResearchSubject.progress` element as an R4 extension (package hl7.fhir.uv.xver-r5.r4).
+pub const PROGRESS_EXTENSION: &str = "http://hl7.org/fhir/5.0/StructureDefinition/extension-ResearchSubject.progress";
 /// Entries per batch Bundle.
 const BATCH: usize = 100;
 
@@ -121,6 +123,16 @@ pub fn research_subject(trial: &Trial, study_id: &str, r: &TrialResult, status: 
         "study": {"reference": format!("ResearchStudy/{study_id}")},
         "individual": {"reference": r.patient},
         "text": {"status": "generated", "div": narrative(trial, r, as_of)},
+        // R5 separates the subject's state from the resource's status: carry it with the R5
+        // cross-version extension too, for systems that read R5 semantics on an R4 server.
+        "extension": [{
+            "url": PROGRESS_EXTENSION,
+            "extension": [
+                {"url": "type", "valueCodeableConcept": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/research-subject-state-type", "code": "Enrollment"}]}},
+                {"url": "subjectState", "valueCodeableConcept": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/research-subject-state", "code": status}]}},
+                {"url": "startDate", "valueDateTime": as_of.to_string()},
+            ],
+        }],
     });
     if let Some(id) = id {
         s["id"] = json!(id);

@@ -152,6 +152,24 @@ async fn writes_only_what_changed_and_never_touches_what_a_person_owns() {
             .unwrap()
             .starts_with("<div xmlns=\"http://www.w3.org/1999/xhtml\">")
     );
+    // The R5 progress extension carries the same state.
+    let progress = &rs["extension"][0];
+    assert_eq!(progress["url"], trialgate::writeback::PROGRESS_EXTENSION);
+    let part = |name: &str| {
+        progress["extension"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["url"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(
+        part("subjectState")["valueCodeableConcept"]["coding"][0]["code"],
+        "potential-candidate"
+    );
+    assert_eq!(part("type")["valueCodeableConcept"]["coding"][0]["code"], "Enrollment");
+    assert_eq!(part("startDate")["valueDateTime"], "2026-06-01");
 }
 
 #[tokio::test]
