@@ -61,6 +61,18 @@ fn egfr(id: &str, patient: &str, value: f64) -> Value {
         "valueQuantity": {"value": value, "unit": "mL/min/{1.73_m2}", "system": "http://unitsofmeasure.org", "code": "mL/min/{1.73_m2}"}})
 }
 
+/// The resource types trial 000 reads besides Patient and Observation.
+const OTHER_TYPES: &[&str] = &[
+    "Condition",
+    "MedicationRequest",
+    "MedicationStatement",
+    "MedicationAdministration",
+    "Procedure",
+    "Immunization",
+    "AllergyIntolerance",
+    "DiagnosticReport",
+];
+
 /// Every type a small trial on eGFR reads, answered empty unless a test says otherwise.
 async fn empty_searches(server: &MockServer, types: &[&str]) {
     for t in types {
@@ -119,17 +131,7 @@ async fn sweep_of_the_fixture_cohort_matches_screen() {
     // One batched search per type naming every patient; Observations come in three pages.
     let ids: Vec<&str> = patients.iter().map(|p| p["id"].as_str().unwrap()).collect();
     let list = ids.join(",");
-    for t in [
-        "Observation",
-        "Condition",
-        "MedicationRequest",
-        "MedicationStatement",
-        "MedicationAdministration",
-        "Procedure",
-        "Immunization",
-        "AllergyIntolerance",
-        "DiagnosticReport",
-    ] {
+    for t in std::iter::once("Observation").chain(OTHER_TYPES.iter().copied()) {
         // A type the fixtures lack is not in the CapabilityStatement: it must not be asked for.
         let Some(all) = by_type.get(t).cloned() else { continue };
         if t == "Observation" {
@@ -233,20 +235,7 @@ async fn throttling_and_server_errors_are_retried() {
         cohort: Cohort::Ids(vec!["p1".into()]),
         ..Default::default()
     };
-    empty_searches(
-        &server,
-        &[
-            "Condition",
-            "MedicationRequest",
-            "MedicationStatement",
-            "MedicationAdministration",
-            "Procedure",
-            "Immunization",
-            "AllergyIntolerance",
-            "DiagnosticReport",
-        ],
-    )
-    .await;
+    empty_searches(&server, OTHER_TYPES).await;
     let started = std::time::Instant::now();
     let (s, summary) = sweep(&client, &cfg, as_of(), &Decisions::default(), &opts).await.unwrap();
     assert_eq!(summary.errors, 0);
@@ -319,20 +308,7 @@ async fn a_failing_patient_is_reported_and_does_not_stop_the_others() {
         .respond_with(ResponseTemplate::new(500).set_body_raw(oo.to_string(), "application/fhir+json"))
         .mount(&server)
         .await;
-    empty_searches(
-        &server,
-        &[
-            "Condition",
-            "MedicationRequest",
-            "MedicationStatement",
-            "MedicationAdministration",
-            "Procedure",
-            "Immunization",
-            "AllergyIntolerance",
-            "DiagnosticReport",
-        ],
-    )
-    .await;
+    empty_searches(&server, OTHER_TYPES).await;
 
     let cfg = config("NCT06406205");
     let client = FhirClient::new(&server.uri(), fast()).unwrap();
@@ -380,20 +356,7 @@ async fn timeouts_end_in_an_error_with_the_reason() {
         .respond_with(ok(&searchset(&[], None)).set_delay(Duration::from_secs(3)))
         .mount(&server)
         .await;
-    empty_searches(
-        &server,
-        &[
-            "Condition",
-            "MedicationRequest",
-            "MedicationStatement",
-            "MedicationAdministration",
-            "Procedure",
-            "Immunization",
-            "AllergyIntolerance",
-            "DiagnosticReport",
-        ],
-    )
-    .await;
+    empty_searches(&server, OTHER_TYPES).await;
     let cfg = config("NCT06406205");
     let opts = ClientOptions {
         read_timeout: Duration::from_millis(300),
@@ -472,16 +435,7 @@ async fn the_sweep_command_sends_the_token_and_never_prints_it() {
         .respond_with(ok(&searchset(&[egfr("o1", "p1", 40.0)], None)))
         .mount(&server)
         .await;
-    for t in [
-        "Condition",
-        "MedicationRequest",
-        "MedicationStatement",
-        "MedicationAdministration",
-        "Procedure",
-        "Immunization",
-        "AllergyIntolerance",
-        "DiagnosticReport",
-    ] {
+    for t in OTHER_TYPES {
         Mock::given(method("GET"))
             .and(path(format!("/{t}")))
             .and(auth())
@@ -560,21 +514,8 @@ async fn the_gateway_configuration_drives_the_sweep() {
         .respond_with(ok(&searchset(&[], None)))
         .mount(&server)
         .await;
-    empty_searches(
-        &server,
-        &[
-            "Observation",
-            "Condition",
-            "MedicationRequest",
-            "MedicationStatement",
-            "MedicationAdministration",
-            "Procedure",
-            "Immunization",
-            "AllergyIntolerance",
-            "DiagnosticReport",
-        ],
-    )
-    .await;
+    empty_searches(&server, &["Observation"]).await;
+    empty_searches(&server, OTHER_TYPES).await;
     let dir = std::env::temp_dir().join(format!("trialgate-gw-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("gateway.toml");
