@@ -90,6 +90,8 @@ pub struct Sweep {
     pub batch: usize,
     pub concurrency: usize,
     pub page_size: usize,
+    /// Fetch only the Observations whose codes the trials read.
+    pub code_filter: bool,
 }
 
 impl Default for Sweep {
@@ -99,6 +101,7 @@ impl Default for Sweep {
             batch: 50,
             concurrency: 4,
             page_size: 200,
+            code_filter: true,
         }
     }
 }
@@ -140,7 +143,7 @@ const KEYS: &[(&str, &[&str])] = &[
         ],
     ),
     ("cohort", &["kind", "group", "search", "ids"]),
-    ("sweep", &["trials", "batch", "concurrency", "page_size"]),
+    ("sweep", &["trials", "batch", "concurrency", "page_size", "code_filter"]),
     ("write_back", &["enabled", "write_ineligible", "target_url"]),
 ];
 

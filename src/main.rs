@@ -147,6 +147,11 @@ struct SweepArgs {
     /// Resources per page asked of the server (_count).
     #[arg(long)]
     page_size: Option<usize>,
+    /// Fetch every Observation of the cohort, not only those with the codes the trials read:
+    /// slower, but the report then lists the lab codes seen that no mapping knows (`unmapped`),
+    /// which is how a site finds its local codes.
+    #[arg(long)]
+    all_observations: bool,
     /// Seconds to wait for a response before retrying.
     #[arg(long)]
     timeout: Option<u64>,
@@ -340,6 +345,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 batch,
                 concurrency,
                 page_size,
+                all_observations,
                 timeout,
                 max_retries,
                 smart_client_id,
@@ -440,7 +446,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let client = FhirClient::new(&server, opts.clone()).map_err(bad)?;
             let writer = match (&write_to, write_back) {
                 (Some(url), _) => Some(FhirClient::new(url, opts).map_err(bad)?),
-                (None, true) => Some(client.clone()),
+                (None, true) => Some(client.counted_apart()),
                 (None, false) => None,
             };
             let cohort = match (group, patients, patient.is_empty()) {
@@ -455,6 +461,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 batch,
                 concurrency,
                 page_size,
+                code_filter: !all_observations && g.sweep.code_filter,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -463,7 +470,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let started = std::time::Instant::now();
             let (mut s, summary) = runtime.block_on(trialgate::sweep::sweep(&client, &cfg, as_of, &loaded, &sweep_opts))?;
             eprintln!(
-                "sweep: {} patient(s), {} in error; {} request(s), {} retried, {} failed; {:.1} s",
+                "sweep: {} patient(s), {} in error; {} read request(s), {} retried, {} failed; {:.1} s",
                 summary.patients,
                 summary.errors,
                 summary.requests,
@@ -477,14 +484,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .block_on(trialgate::writeback::write_back(&writer, &cfg.trials, &s.results, as_of, &wopts))
                     .context("writing ResearchSubjects")?;
                 eprintln!(
-                    "write-back{}: {} created, {} updated, {} unchanged, {} left alone (moved on by a person), {} not written, {} refused",
+                    "write-back{}: {} created, {} updated, {} unchanged, {} left alone (moved on by a person), {} not written, {} refused; {} request(s), {} retried",
                     if dry_run { " (dry run: nothing sent)" } else { "" },
                     w.created,
                     w.updated,
                     w.unchanged,
                     w.left_alone,
                     w.not_written,
-                    w.failed.len()
+                    w.failed.len(),
+                    writer.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+                    writer.stats.retries.load(std::sync::atomic::Ordering::Relaxed)
                 );
                 for (ident, why) in &w.failed {
                     tracing::warn!("ResearchSubject {ident} was refused: {why}");

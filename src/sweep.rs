@@ -13,7 +13,7 @@ use crate::criteria::decisions::Decisions;
 use crate::criteria::eval::TrialResult;
 use crate::fhir::client::{ClientError, FhirClient};
 use crate::fhir::files::{ReadOutput, read_text};
-use crate::fhir::{InputIssue, Resource};
+use crate::fhir::{InputIssue, Resource, query_encode as encode};
 use crate::time::Date;
 use crate::{Config, Screening, SourceFile};
 use serde::Deserialize;
@@ -43,6 +43,10 @@ pub struct SweepOptions {
     pub concurrency: usize,
     /// `_count` asked of the server per page.
     pub page_size: usize,
+    /// Ask for Observations by the codes the trials read, not every Observation. Off, a sweep
+    /// also reports the lab codes it saw but could not map (the `unmapped` list), at the cost
+    /// of fetching every Observation of the cohort.
+    pub code_filter: bool,
 }
 
 impl Default for SweepOptions {
@@ -52,6 +56,7 @@ impl Default for SweepOptions {
             batch: 50,
             concurrency: 4,
             page_size: 200,
+            code_filter: true,
         }
     }
 }
@@ -90,26 +95,78 @@ struct CapabilityRest {
 struct CapabilityResource {
     #[serde(rename = "type")]
     kind: String,
+    #[serde(default, rename = "searchParam")]
+    search_param: Vec<CapabilitySearchParam>,
 }
 
-/// The resource types the server says it serves; None when it publishes no usable
-/// CapabilityStatement (then every type is tried, and a type it lacks fails loudly).
-async fn served_types(client: &FhirClient) -> Option<BTreeSet<String>> {
-    let body = client.get("metadata").await.ok()?;
-    let cap: Capability = serde_json::from_str(&body).ok()?;
-    let types: BTreeSet<String> = cap.rest.into_iter().flat_map(|r| r.resource.into_iter().map(|x| x.kind)).collect();
-    (!types.is_empty()).then_some(types)
+#[derive(Deserialize)]
+struct CapabilitySearchParam {
+    name: String,
 }
 
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b',' => out.push(b as char),
-            _ => out.push_str(&format!("%{b:02X}")),
+/// What the server's CapabilityStatement says it serves: resource types, and the search
+/// parameters of each. Empty when it publishes no usable CapabilityStatement (then every type
+/// is tried, a type it lacks fails loudly, and no search parameter beyond `patient` is assumed).
+#[derive(Debug, Default)]
+struct Served {
+    types: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Served {
+    fn known(&self) -> bool {
+        !self.types.is_empty()
+    }
+    fn serves(&self, kind: &str) -> bool {
+        !self.known() || self.types.contains_key(kind)
+    }
+    fn searches_by(&self, kind: &str, param: &str) -> bool {
+        self.types.get(kind).is_some_and(|p| p.contains(param))
+    }
+}
+
+async fn served(client: &FhirClient) -> Served {
+    let Ok(body) = client.get("metadata").await else {
+        return Served::default();
+    };
+    let Ok(cap) = serde_json::from_str::<Capability>(&body) else {
+        return Served::default();
+    };
+    let types = cap
+        .rest
+        .into_iter()
+        .flat_map(|r| r.resource)
+        .map(|r| (r.kind, r.search_param.into_iter().map(|p| p.name).collect()))
+        .collect();
+    Served { types }
+}
+
+/// The Observation filter for the loaded trials: a search parameter and the codes it lists.
+///
+/// Codes go without their system, so that a server holding LOINC under its OID still matches;
+/// the extra Observations this may bring in are sorted out by the mappings as usual.
+/// `combo-code` looks into components too; where only `code` is served, the panels that carry
+/// a needed lab as a component (blood pressure) are asked for by their own codes. A server
+/// that declares neither gets no filter: every Observation of the cohort is fetched.
+fn observation_filter(cfg: &Config, served: &Served) -> Option<(&'static str, String)> {
+    let m = &cfg.mappings;
+    let labs: BTreeSet<usize> = cfg.trials.iter().flat_map(|t| t.labs(m)).collect();
+    if labs.is_empty() {
+        return None;
+    }
+    let combo = served.searches_by("Observation", "combo-code");
+    if !combo && !served.searches_by("Observation", "code") {
+        return None;
+    }
+    let mut codes = BTreeSet::new();
+    for &l in &labs {
+        let spec = &m.labs[l].spec;
+        codes.extend(spec.codes.values().flatten());
+        if !combo {
+            codes.extend(spec.panels.values().flatten());
         }
     }
-    out
+    let list = codes.iter().map(|c| encode(c)).collect::<Vec<_>>().join(",");
+    Some((if combo { "combo-code" } else { "code" }, list))
 }
 
 fn with_count(search: &str, page_size: usize) -> String {
@@ -191,14 +248,39 @@ async fn cohort_ids(client: &FhirClient, opts: &SweepOptions, out: &mut ReadOutp
     }
 }
 
+/// Longer GET URLs go as `POST [type]/_search` instead: 2,000 bytes is what every server and
+/// proxy in the path can be trusted to take (many cut at 4 or 8 KB, some older ones at 2 KB).
+const MAX_GET_URL: usize = 2000;
+
+/// One search: the resource type and its query string.
+#[derive(Debug, Clone, PartialEq)]
+struct Search {
+    kind: String,
+    query: String,
+}
+
+/// What every batch asks of the server, beyond its patients.
+#[derive(Debug, Clone, Default)]
+struct Plan {
+    types: Vec<String>,
+    page_size: usize,
+    have_patients: bool,
+    /// `&combo-code=...` for Observation, when filtering.
+    observation_filter: Option<(&'static str, String)>,
+}
+
 /// Every search one batch of patients needs: its Patients (unless already read) and each type.
-fn searches(types: &[String], ids: &[String], page_size: usize, have_patients: bool) -> Vec<String> {
+fn searches(plan: &Plan, ids: &[String]) -> Vec<Search> {
     let list = ids.iter().map(|i| encode(i)).collect::<Vec<_>>().join(",");
+    let page_size = plan.page_size;
     let mut out = Vec::new();
-    if !have_patients {
-        out.push(format!("Patient?_id={list}&_count={page_size}"));
+    if !plan.have_patients {
+        out.push(Search {
+            kind: "Patient".into(),
+            query: format!("_id={list}&_count={page_size}"),
+        });
     }
-    for t in types.iter().filter(|t| t.as_str() != "Patient") {
+    for t in plan.types.iter().filter(|t| t.as_str() != "Patient") {
         // Medication orders bring the Medication their `medicationReference` points at.
         let include = match t.as_str() {
             "MedicationRequest" => "&_include=MedicationRequest:medication",
@@ -206,21 +288,22 @@ fn searches(types: &[String], ids: &[String], page_size: usize, have_patients: b
             "MedicationAdministration" => "&_include=MedicationAdministration:medication",
             _ => "",
         };
-        out.push(format!("{t}?patient={list}&_count={page_size}{include}"));
+        let filter = match (t.as_str(), &plan.observation_filter) {
+            ("Observation", Some((param, codes))) => format!("&{param}={codes}"),
+            _ => String::new(),
+        };
+        out.push(Search {
+            kind: t.clone(),
+            query: format!("patient={list}{filter}&_count={page_size}{include}"),
+        });
     }
     out
 }
 
 /// Fetches every search of one batch; on failure, each patient alone. Returns the pages and,
 /// per patient that still failed, the reason.
-async fn fetch_batch(
-    client: &FhirClient,
-    types: &[String],
-    ids: Vec<String>,
-    page_size: usize,
-    have_patients: bool,
-) -> (Vec<(String, Vec<String>)>, Vec<(String, String)>) {
-    let batch = match fetch_all(client, searches(types, &ids, page_size, have_patients)).await {
+async fn fetch_batch(client: &FhirClient, plan: &Plan, ids: Vec<String>) -> (Vec<(String, Vec<String>)>, Vec<(String, String)>) {
+    let batch = match fetch_all(client, searches(plan, &ids)).await {
         Ok(pages) => return (pages, Vec::new()),
         Err(e) => e,
     };
@@ -231,7 +314,7 @@ async fn fetch_batch(
     let mut pages = Vec::new();
     let mut failed = Vec::new();
     for id in ids {
-        match fetch_all(client, searches(types, std::slice::from_ref(&id), page_size, have_patients)).await {
+        match fetch_all(client, searches(plan, std::slice::from_ref(&id))).await {
             Ok(mine) => pages.extend(mine),
             Err(e) => failed.push((id, e.to_string())),
         }
@@ -240,11 +323,18 @@ async fn fetch_batch(
 }
 
 /// Every page of every search, labelled with its request; the first failure stops it.
-async fn fetch_all(client: &FhirClient, searches: Vec<String>) -> Result<Vec<(String, Vec<String>)>, ClientError> {
+async fn fetch_all(client: &FhirClient, searches: Vec<Search>) -> Result<Vec<(String, Vec<String>)>, ClientError> {
     let mut pages = Vec::new();
     for s in searches {
-        let p = client.search(&s).await?;
-        pages.push((format!("GET {s}"), p));
+        let get = format!("{}?{}", s.kind, s.query);
+        let long = client.url(&get).len() > MAX_GET_URL;
+        tracing::debug!(kind = %s.kind, bytes = s.query.len(), post = long, "search");
+        if !long {
+            pages.push((format!("GET {get}"), client.search(&get).await?));
+        } else {
+            let p = client.search_post(&s.kind, &s.query).await?;
+            pages.push((format!("POST {}/_search {}", s.kind, s.query), p));
+        }
     }
     Ok(pages)
 }
@@ -258,15 +348,15 @@ pub async fn sweep(
     opts: &SweepOptions,
 ) -> Result<(Screening, SweepSummary), SweepError> {
     let needed: BTreeSet<&str> = cfg.trials.iter().flat_map(|t| t.resource_types()).collect();
-    let served = served_types(client).await;
-    if served.is_none() {
+    let served = served(client).await;
+    if !served.known() {
         tracing::warn!("the server publishes no usable CapabilityStatement; trying every resource type the trials need");
     }
     let mut issues = Vec::new();
     let types: Vec<String> = needed
         .iter()
         .filter(|t| {
-            let ok = served.as_ref().is_none_or(|s| s.contains(**t));
+            let ok = served.serves(t);
             if !ok {
                 issues.push(InputIssue {
                     location: client.base().to_string(),
@@ -280,7 +370,15 @@ pub async fn sweep(
 
     let mut read = ReadOutput::default();
     let ids = cohort_ids(client, opts, &mut read, cfg).await.map_err(SweepError::Cohort)?;
-    let have_patients = matches!(opts.cohort, Cohort::All);
+    let plan = Arc::new(Plan {
+        types: types.clone(),
+        page_size: opts.page_size,
+        have_patients: matches!(opts.cohort, Cohort::All),
+        observation_filter: opts.code_filter.then(|| observation_filter(cfg, &served)).flatten(),
+    });
+    if opts.code_filter && plan.observation_filter.is_none() && types.iter().any(|t| t == "Observation") {
+        tracing::info!("the server declares no Observation code search: fetching every Observation of the cohort");
+    }
     let mut unique: Vec<String> = ids;
     unique.sort();
     unique.dedup();
@@ -289,11 +387,10 @@ pub async fn sweep(
     let limit = Arc::new(tokio::sync::Semaphore::new(opts.concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     for chunk in unique.chunks(opts.batch.max(1)) {
-        let (client, types, ids, limit) = (client.clone(), types.clone(), chunk.to_vec(), limit.clone());
-        let page_size = opts.page_size;
+        let (client, plan, ids, limit) = (client.clone(), plan.clone(), chunk.to_vec(), limit.clone());
         tasks.spawn(async move {
             let _permit = limit.acquire_owned().await;
-            fetch_batch(&client, &types, ids, page_size, have_patients).await
+            fetch_batch(&client, &plan, ids).await
         });
     }
     let mut failed: BTreeMap<String, String> = BTreeMap::new();
@@ -378,13 +475,21 @@ mod tests {
 
     #[test]
     fn batched_searches_name_every_patient_and_include_medications() {
-        let types = vec!["Patient".to_string(), "Observation".to_string(), "MedicationRequest".to_string()];
-        let s = searches(&types, &["a".into(), "b c".into()], 100, false);
+        let plan = Plan {
+            types: vec!["Patient".to_string(), "Observation".to_string(), "MedicationRequest".to_string()],
+            page_size: 100,
+            have_patients: false,
+            observation_filter: Some(("combo-code", "2160-0,8480-6".into())),
+        };
+        let s: Vec<String> = searches(&plan, &["a".into(), "b c".into()])
+            .into_iter()
+            .map(|s| format!("{}?{}", s.kind, s.query))
+            .collect();
         assert_eq!(
             s,
             [
                 "Patient?_id=a,b%20c&_count=100",
-                "Observation?patient=a,b%20c&_count=100",
+                "Observation?patient=a,b%20c&combo-code=2160-0,8480-6&_count=100",
                 "MedicationRequest?patient=a,b%20c&_count=100&_include=MedicationRequest:medication",
             ]
         );

@@ -558,3 +558,156 @@ async fn the_gateway_configuration_drives_the_sweep() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A CapabilityStatement whose Observation declares these search parameters.
+fn capability_with(observation_params: &[&str]) -> Value {
+    let mut resources: Vec<Value> = ["Patient"]
+        .iter()
+        .chain(OTHER_TYPES)
+        .map(|t| json!({"type": t, "searchParam": [{"name": "patient", "type": "reference"}]}))
+        .collect();
+    resources.push(json!({"type": "Observation",
+        "searchParam": observation_params.iter().map(|p| json!({"name": p, "type": "token"})).collect::<Vec<_>>()}));
+    json!({"resourceType": "CapabilityStatement", "status": "active", "kind": "instance", "fhirVersion": "4.0.1",
+        "rest": [{"mode": "server", "resource": resources}]})
+}
+
+/// The Observation query a sweep of trial 000 sends, given what the server declares.
+async fn observation_query(observation_params: Option<&[&str]>, code_filter: bool) -> String {
+    let server = MockServer::start().await;
+    let metadata = match observation_params {
+        Some(p) => ok(&capability_with(p)),
+        None => ResponseTemplate::new(404),
+    };
+    Mock::given(method("GET"))
+        .and(path("/metadata"))
+        .respond_with(metadata)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/Patient"))
+        .respond_with(ok(&searchset(&[patient("p1")], None)))
+        .mount(&server)
+        .await;
+    empty_searches(&server, &["Observation"]).await;
+    empty_searches(&server, OTHER_TYPES).await;
+    let client = FhirClient::new(&server.uri(), fast()).unwrap();
+    let opts = SweepOptions {
+        cohort: Cohort::Ids(vec!["p1".into()]),
+        code_filter,
+        ..Default::default()
+    };
+    let (_, summary) = sweep(&client, &config("NCT06406205"), as_of(), &Decisions::default(), &opts)
+        .await
+        .unwrap();
+    assert_eq!(summary.errors, 0);
+    let reqs = server.received_requests().await.unwrap();
+    let obs: Vec<_> = reqs.iter().filter(|r| r.url.path() == "/Observation").collect();
+    assert_eq!(obs.len(), 1);
+    obs[0].url.query().unwrap_or_default().replace("%2C", ",")
+}
+
+/// Observations are asked for by the codes the trial reads: by `combo-code` where the server
+/// declares it (it looks into components), else by `code` plus the panels whose components
+/// carry a needed lab; with neither declared, or the filter off, every Observation is fetched.
+#[tokio::test]
+async fn observations_are_fetched_by_the_codes_the_trials_read() {
+    let codes_of = |q: &str, param: &str| -> Vec<String> {
+        let prefix = format!("{param}=");
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix(prefix.as_str()))
+            .map(|v| v.split(',').map(str::to_string).collect())
+            .unwrap_or_default()
+    };
+    let combo = observation_query(Some(&["patient", "code", "combo-code"]), true).await;
+    let got = codes_of(&combo, "combo-code");
+    // eGFR as reported, serum creatinine to derive it from, UPCR, and a blood-count code.
+    for needed in ["98979-8", "2160-0", "2890-2", "26499-4"] {
+        assert!(got.iter().any(|c| c == needed), "{needed} missing from {combo}");
+    }
+    assert!(!got.iter().any(|c| c == "85354-9"), "combo-code needs no panel codes: {combo}");
+    assert!(!combo.contains("&code="), "{combo}");
+
+    let code = observation_query(Some(&["patient", "code"]), true).await;
+    let got = codes_of(&code, "code");
+    assert!(got.iter().any(|c| c == "98979-8"), "{code}");
+    assert!(
+        got.iter().any(|c| c == "85354-9"),
+        "the blood-pressure panel is asked for by its code: {code}"
+    );
+
+    let none = observation_query(Some(&["patient"]), true).await;
+    assert!(!none.contains("code="), "the server declares no code search: {none}");
+    let unknown = observation_query(None, true).await;
+    assert!(!unknown.contains("code="), "no CapabilityStatement, no assumption: {unknown}");
+    let off = observation_query(Some(&["patient", "code", "combo-code"]), false).await;
+    assert!(!off.contains("code="), "the filter turned off: {off}");
+}
+
+/// Many patients times many codes make a URL no proxy should be trusted with: the search goes
+/// as `POST [type]/_search` with a form body, its next pages are followed by GET, and the
+/// patients are screened from what came back.
+#[tokio::test]
+async fn long_searches_go_as_post_and_their_pages_are_followed() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/metadata"))
+        .respond_with(ok(&capability_with(&["patient", "combo-code"])))
+        .mount(&server)
+        .await;
+    let ids: Vec<String> = (0..60).map(|i| format!("5f0c1a8e-93b2-4f6e-9c1d-{i:012}")).collect();
+    let patients: Vec<Value> = ids.iter().map(|id| patient(id)).collect();
+    Mock::given(method("POST"))
+        .and(path("/Patient/_search"))
+        .respond_with(ok(&searchset(&patients, None)))
+        .mount(&server)
+        .await;
+    let next = format!("{}/Observation?_cursor=2", server.uri());
+    Mock::given(method("POST"))
+        .and(path("/Observation/_search"))
+        .and(wiremock::matchers::header("content-type", "application/x-www-form-urlencoded"))
+        .respond_with(ok(&searchset(&[egfr("o1", &ids[0], 40.0)], Some(next))))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/Observation"))
+        .and(query_param("_cursor", "2"))
+        .respond_with(ok(&searchset(&[egfr("o2", &ids[1], 40.0)], None)))
+        .expect(1)
+        .mount(&server)
+        .await;
+    for t in OTHER_TYPES {
+        Mock::given(method("POST"))
+            .and(path(format!("/{t}/_search")))
+            .respond_with(ok(&searchset(&[], None)))
+            .mount(&server)
+            .await;
+    }
+    let client = FhirClient::new(&server.uri(), fast()).unwrap();
+    let opts = SweepOptions {
+        cohort: Cohort::Ids(ids.clone()),
+        batch: 60,
+        ..Default::default()
+    };
+    let (s, summary) = sweep(&client, &config("NCT06406205"), as_of(), &Decisions::default(), &opts)
+        .await
+        .unwrap();
+    assert_eq!((summary.patients, summary.errors), (60, 0));
+    let by_patient = statuses(&s.results);
+    for (i, id) in ids.iter().enumerate() {
+        let st = by_patient[&(format!("Patient/{id}"), "NCT06406205".to_string())];
+        if i < 2 {
+            assert_eq!(st, Status::Ineligible, "{id}: eGFR 40 from the POSTed search or its next page");
+        } else {
+            assert_ne!(st, Status::Ineligible, "{id}");
+        }
+    }
+    let reqs = server.received_requests().await.unwrap();
+    let post = reqs.iter().find(|r| r.url.path() == "/Observation/_search").unwrap();
+    let form = String::from_utf8_lossy(&post.body);
+    assert!(form.starts_with(&format!("patient={}", ids[0])), "{form}");
+    assert!(form.contains("&combo-code=") && form.contains("98979-8"), "{form}");
+    // metadata, Patient, Observation (two pages) and one per other type.
+    assert_eq!(summary.requests as usize, 1 + 1 + 2 + OTHER_TYPES.len());
+}

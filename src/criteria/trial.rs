@@ -327,6 +327,32 @@ pub struct Trial {
 impl Trial {
     /// The FHIR resource types this trial's rules read (Patient always), for sources that fetch
     /// only what is needed.
+    /// The labs this trial's rules read: tested, stood in for, or derived from (by index).
+    pub fn labs(&self, m: &crate::facts::mappings::Mappings) -> std::collections::BTreeSet<usize> {
+        fn walk(n: &Node, m: &crate::facts::mappings::Mappings, out: &mut std::collections::BTreeSet<usize>) {
+            match &n.rule {
+                Rule::All(c) | Rule::Any(c) => c.iter().for_each(|c| walk(c, m, out)),
+                Rule::Not(c) => walk(c, m, out),
+                Rule::Lab(l) => {
+                    out.insert(l.lab);
+                    out.extend(l.substitute);
+                    if l.derive {
+                        let from = m.derived.get(&m.labs[l.lab].name).map(|d| d.from.as_slice()).unwrap_or_default();
+                        out.extend(from.iter().filter_map(|f| m.lab(f)));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut out = std::collections::BTreeSet::new();
+        for c in &self.criteria {
+            if let Decide::Rule(n) = &c.decide {
+                walk(n, m, &mut out);
+            }
+        }
+        out
+    }
+
     pub fn resource_types(&self) -> std::collections::BTreeSet<&'static str> {
         fn walk(n: &Node, out: &mut std::collections::BTreeSet<&'static str>) {
             match &n.rule {

@@ -63,6 +63,11 @@ pub struct LabSpec {
     /// A JSONPath to the numeric value, for feeds that put it where the common shapes do not.
     #[serde(default)]
     pub value_path: Option<String>,
+    /// Panels whose components carry this lab (the blood-pressure panel): a sweep that asks
+    /// the server for Observations by code must ask for these too, since a `code` search
+    /// does not look into components.
+    #[serde(default)]
+    pub panels: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -274,6 +279,13 @@ impl Mappings {
         }
         // Lab codes, with system keys checked.
         for (i, lab) in m.labs.iter().enumerate() {
+            for sys in lab.spec.panels.keys().filter(|s| !m.system_keys.contains_key(*s)) {
+                errors.push(ConfigError::at(
+                    &lab.file,
+                    None,
+                    format!("lab `{}`: panels: unknown code system `{sys}`; add it under `systems:`", lab.name),
+                ));
+            }
             for (sys, codes) in &lab.spec.codes {
                 if !m.system_keys.contains_key(sys) {
                     errors.push(ConfigError::at(

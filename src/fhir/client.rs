@@ -305,6 +305,15 @@ impl FhirClient {
         })
     }
 
+    /// The same client (connection pool, token cache) counting its requests apart, so that a
+    /// sweep can report reads and writes separately when both go to one server.
+    pub fn counted_apart(&self) -> FhirClient {
+        FhirClient {
+            stats: Arc::new(Stats::default()),
+            ..self.clone()
+        }
+    }
+
     pub fn base(&self) -> &str {
         &self.base
     }
@@ -331,7 +340,11 @@ impl FhirClient {
             req = req.header(*k, v);
         }
         if let Some(b) = &r.body {
-            req = req.header(reqwest::header::CONTENT_TYPE, "application/fhir+json").body(b.clone());
+            // A search sent as a form names its own type; everything else written is FHIR JSON.
+            if !r.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+                req = req.header(reqwest::header::CONTENT_TYPE, "application/fhir+json");
+            }
+            req = req.body(b.clone());
         }
         if let Some(t) = &self.opts.bearer {
             req = req.bearer_auth(t);
@@ -509,6 +522,26 @@ impl FhirClient {
 
     /// Every page of a search, following `Bundle.link[relation=next]` to the end.
     pub async fn search(&self, path_or_url: &str) -> Result<Vec<String>, ClientError> {
+        let url = self.url(path_or_url);
+        let first = self.get(&url).await?;
+        self.follow(url, first).await
+    }
+
+    /// The same search sent as `POST [type]/_search` with a form body, for queries too long
+    /// for a URL (many patients times many codes); the next pages are followed by GET, as the
+    /// server links them.
+    pub async fn search_post(&self, kind: &str, query: &str) -> Result<Vec<String>, ClientError> {
+        let req = Request {
+            method: reqwest::Method::POST,
+            url: self.url(&format!("{kind}/_search")),
+            body: Some(query.to_string()),
+            headers: vec![("content-type", "application/x-www-form-urlencoded".to_string())],
+        };
+        let first = self.send(&req).await?.body;
+        self.follow(req.url, first).await
+    }
+
+    async fn follow(&self, first_url: String, first: String) -> Result<Vec<String>, ClientError> {
         #[derive(Deserialize)]
         struct Link {
             relation: Option<String>,
@@ -520,30 +553,32 @@ impl FhirClient {
             link: Vec<Link>,
         }
         let mut pages = Vec::new();
-        let mut next = Some(self.url(path_or_url));
         let mut seen = std::collections::HashSet::new();
-        while let Some(url) = next.take() {
-            // A server that links a page to itself must not keep us here forever.
-            if !seen.insert(url.clone()) {
-                return Err(ClientError::Body {
-                    url,
-                    message: "the next link points back to a page already read".into(),
-                });
-            }
-            let body = self.get(&url).await?;
+        let (mut url, mut body) = (first_url, first);
+        loop {
+            seen.insert(url.clone());
             let page: Page = serde_json::from_str(&body).map_err(|e| ClientError::Body {
                 url: url.clone(),
                 message: e.to_string(),
             })?;
-            next = page
+            let next = page
                 .link
                 .into_iter()
                 .find(|l| l.relation.as_deref() == Some("next"))
                 .and_then(|l| l.url)
                 .map(|u| self.url(&u));
             pages.push(body);
+            let Some(next) = next else { return Ok(pages) };
+            // A server that links a page to itself must not keep us here forever.
+            if seen.contains(&next) {
+                return Err(ClientError::Body {
+                    url: next,
+                    message: "the next link points back to a page already read".into(),
+                });
+            }
+            body = self.get(&next).await?;
+            url = next;
         }
-        Ok(pages)
     }
 }
 

@@ -98,3 +98,17 @@ pub struct InputIssue {
     pub location: String,
     pub message: String,
 }
+
+/// Percent-encodes a search parameter value for a URL or a form body. Commas stay, since they
+/// separate the values of one parameter (`patient=a,b`, `code=x,y`); `|` and everything else
+/// outside the unreserved set are encoded.
+pub fn query_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b',' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
