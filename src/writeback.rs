@@ -14,6 +14,7 @@ use crate::criteria::eval::TrialResult;
 use crate::criteria::trial::Trial;
 use crate::criteria::{Kind, Outcome, Status};
 use crate::fhir::client::{ClientError, FhirClient};
+use crate::fhir::query_encode;
 use crate::time::Date;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -207,6 +208,11 @@ async fn bind_study(client: &FhirClient, trial: &Trial) -> Result<String, Client
 
 /// The ResearchSubjects already on the server for a study, by identifier value.
 async fn existing(client: &FhirClient, study_id: &str) -> Result<HashMap<String, Existing>, ClientError> {
+    subjects(client, &format!("ResearchSubject?study=ResearchStudy/{study_id}&_count=500")).await
+}
+
+/// The ResearchSubjects a search finds, by identifier value.
+async fn subjects(client: &FhirClient, search: &str) -> Result<HashMap<String, Existing>, ClientError> {
     #[derive(Deserialize)]
     struct Entry {
         resource: Option<Value>,
@@ -217,10 +223,7 @@ async fn existing(client: &FhirClient, study_id: &str) -> Result<HashMap<String,
         entry: Vec<Entry>,
     }
     let mut out = HashMap::new();
-    for body in client
-        .search(&format!("ResearchSubject?study=ResearchStudy/{study_id}&_count=500"))
-        .await?
-    {
+    for body in client.search(search).await? {
         let page: Page = serde_json::from_str(&body).map_err(|e| ClientError::Body {
             url: client.url("ResearchSubject"),
             message: e.to_string(),
@@ -314,6 +317,10 @@ pub async fn write_back(
         #[serde(default)]
         entry: Vec<RespEntry>,
     }
+    // Updates the server refused because the subject changed since it was read (412): most
+    // often our own earlier attempt, applied before its response was lost and the batch sent
+    // again; otherwise someone else's edit. Either way, look again rather than overwrite.
+    let mut conflicts: Vec<(String, String)> = Vec::new();
     for chunk in entries.chunks(BATCH) {
         let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": chunk.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>()});
         let resp = client.post("", bundle.to_string(), Vec::new()).await?;
@@ -334,6 +341,10 @@ pub async fn write_back(
                 // 200 to a conditional create: it already existed (another process wrote it).
                 Some(200) if created => summary.unchanged += 1,
                 Some(200) => summary.updated += 1,
+                Some(412) if !created => {
+                    let wanted = entry["resource"]["status"].as_str().unwrap_or_default().to_string();
+                    conflicts.push((ident.clone(), wanted));
+                }
                 _ => {
                     let outcome = parsed
                         .entry
@@ -345,6 +356,18 @@ pub async fn write_back(
                     summary.failed.push((ident.clone(), format!("{code} {outcome}").trim().to_string()));
                 }
             }
+        }
+    }
+    for (ident, wanted) in conflicts {
+        let search = format!("ResearchSubject?identifier={}", query_encode(&format!("{SUBJECT_SYSTEM}|{ident}")));
+        let now = subjects(client, &search).await?;
+        match now.get(&ident) {
+            Some(e) if e.status == wanted => summary.updated += 1,
+            Some(e) if !OWNED.contains(&e.status.as_str()) => summary.left_alone += 1,
+            _ => summary.failed.push((
+                ident,
+                "412: the ResearchSubject changed on the server while this run wrote it; run again to re-decide".into(),
+            )),
         }
     }
     Ok(summary)

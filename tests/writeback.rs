@@ -321,3 +321,70 @@ async fn everything_written_is_valid_r4_for_an_independent_validator() {
     assert!(out.status.success(), "invalid R4 resources:\n{report}");
     assert!(report.contains(&format!("{} valid, 0 invalid", entries.len())), "{report}");
 }
+
+/// An update refused with 412 (the version moved since it was read: most often our own earlier
+/// attempt, applied before its answer was lost) is read again, never overwritten blindly: done
+/// if the subject already has the status wanted, left alone if a person moved it, reported if
+/// it still differs.
+#[tokio::test]
+async fn a_412_is_read_again_not_overwritten() {
+    let server = server_with_state(
+        &[
+            subject("rs-b", "b", "potential-candidate", "3"),
+            subject("rs-c", "c", "potential-candidate", "3"),
+            subject("rs-d", "d", "potential-candidate", "3"),
+        ],
+        201,
+    )
+    .await;
+    Mock::given(method("POST"))
+        .and(path("/"))
+        .respond_with(batch_response(&[
+            "412 Precondition Failed",
+            "412 Precondition Failed",
+            "412 Precondition Failed",
+        ]))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let now = [
+        ("b", subject("rs-b", "b", "ineligible", "4")),
+        ("c", subject("rs-c", "c", "withdrawn", "4")),
+        ("d", subject("rs-d", "d", "eligible", "4")),
+    ];
+    for (p, s) in now {
+        let page = json!({"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": s}]});
+        Mock::given(method("GET"))
+            .and(path("/ResearchSubject"))
+            .and(query_param("identifier", format!("{SUBJECT_SYSTEM}|NCT06406205:Patient/{p}")))
+            .respond_with(ResponseTemplate::new(200).set_body_raw(page.to_string(), "application/fhir+json"))
+            .expect(1)
+            .mount(&server)
+            .await;
+    }
+    let results = [
+        result("b", Status::Ineligible),
+        result("c", Status::Ineligible),
+        result("d", Status::Ineligible),
+    ];
+    let as_of = Date::parse("2026-06-01").unwrap();
+    let w = write_back(&client(&server), &[trial()], &results, as_of, &WriteOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        (w.created, w.updated, w.left_alone),
+        (0, 1, 1),
+        "b already done, c moved on by a person"
+    );
+    assert_eq!(w.failed.len(), 1, "{:?}", w.failed);
+    assert_eq!(w.failed[0].0, "NCT06406205:Patient/d");
+    assert!(w.failed[0].1.contains("412"), "{}", w.failed[0].1);
+    let posts = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.method.as_str() == "POST" && r.url.path() == "/")
+        .count();
+    assert_eq!(posts, 1, "nothing is sent again blindly");
+}
