@@ -1,16 +1,21 @@
 //! Against a real FHIR server (the Helios FHIR Server, which scripts/test installs and this
 //! test starts on 127.0.0.1): load the fixture cohort, sweep with write-back, sweep again, and
-//! check that the second run wrote nothing new, that the statuses are the ones `screen` gives
-//! for the same files, and that a ResearchSubject a person moved on-study is left alone.
+//! check that the second run wrote nothing new, that it updated the verdicts whose data
+//! changed, that the statuses are the ones `screen` gives for the same data, and that a
+//! ResearchSubject a person moved on-study is left alone. The same again through a proxy that
+//! fails one request in ten (429 with Retry-After, 503, a reset connection, a truncated body).
 
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trialgate::criteria::decisions::Decisions;
 use trialgate::fhir::client::{ClientOptions, FhirClient};
-use trialgate::sweep::{SweepOptions, sweep};
+use trialgate::sweep::{Cohort, SweepOptions, sweep};
 use trialgate::time::Date;
 use trialgate::writeback::{WriteOptions, write_back};
 
@@ -45,12 +50,13 @@ async fn start() -> (Server, String, PathBuf) {
         "the Helios FHIR Server is not installed at {}: run scripts/test, which installs it",
         hfs.display()
     );
-    let dir = std::env::temp_dir().join(format!("trialgate-hfs-{}", std::process::id()));
+    // One server, database and folder per test: the tests of this file run at once.
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("trialgate-hfs-{}-{port}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("data")).unwrap();
     std::fs::copy(data.join("search-parameters-r4.json"), dir.join("data/search-parameters-r4.json"))
         .expect("the R4 SearchParameter bundle (scripts/test fetches it)");
-    let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let child = Command::new(&hfs)
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
@@ -128,28 +134,177 @@ async fn subjects(base: &str) -> Vec<Value> {
         .collect()
 }
 
-#[tokio::test]
-async fn sweep_and_write_back_against_a_real_fhir_server() {
-    let (_server, base, dir) = start().await;
-    load(&base).await;
+/// Counts of what the fault proxy did.
+#[derive(Default)]
+struct Faults {
+    requests: AtomicU64,
+    injected: AtomicU64,
+}
+
+/// An HTTP proxy in front of `upstream` that fails every tenth request, in turn: 429 with
+/// Retry-After, 503, a connection reset after the server did the work, and a body cut off after
+/// the server did the work. The last two are the hard ones: a write was applied but its answer
+/// lost, so the retry must not duplicate it. Links in bodies are rewritten to the proxy, so
+/// that next pages come through it too.
+async fn fault_proxy(upstream: String) -> (String, Arc<Faults>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let me = format!("http://{}", listener.local_addr().unwrap());
+    let faults = Arc::new(Faults::default());
+    let (proxy, stats) = (me.clone(), faults.clone());
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        loop {
+            let Ok((sock, _)) = listener.accept().await else { return };
+            let (http, upstream, proxy, stats) = (http.clone(), upstream.clone(), proxy.clone(), stats.clone());
+            tokio::spawn(async move {
+                let _ = relay(sock, &http, &upstream, &proxy, &stats).await;
+            });
+        }
+    });
+    (me, faults)
+}
+
+async fn relay(
+    mut sock: tokio::net::TcpStream,
+    http: &reqwest::Client,
+    upstream: &str,
+    proxy: &str,
+    stats: &Faults,
+) -> std::io::Result<()> {
+    // One request per connection: read the head, then the body by Content-Length.
+    let mut buf = Vec::new();
+    let head_end = loop {
+        let mut chunk = [0u8; 8192];
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next().unwrap_or_default().split(' ');
+    let (method, target) = (first.next().unwrap_or("GET").to_string(), first.next().unwrap_or("/").to_string());
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < length {
+        let mut chunk = vec![0u8; length - body.len()];
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    let n = stats.requests.fetch_add(1, Ordering::SeqCst);
+    let fault = (n % 10 == 9).then_some((n / 10) % 4);
+    if fault.is_some() {
+        stats.injected.fetch_add(1, Ordering::SeqCst);
+    }
+    let reply = |status: &str, extra: &str, body: &[u8]| {
+        let mut out = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n",
+            body.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(body);
+        out
+    };
+    match fault {
+        Some(0) => return sock.write_all(&reply("429 Too Many Requests", "Retry-After: 1\r\n", b"")).await,
+        Some(1) => return sock.write_all(&reply("503 Service Unavailable", "", b"upstream unavailable")).await,
+        _ => {}
+    }
+    let mut req = http.request(method.parse().unwrap(), format!("{upstream}{target}")).body(body);
+    for (k, v) in &headers {
+        if !["host", "connection", "content-length"].contains(&k.as_str()) {
+            req = req.header(k.as_str(), v.as_str());
+        }
+    }
+    let resp = http.execute(req.build().unwrap()).await.unwrap();
+    let status = resp.status();
+    let mut extra = String::new();
+    for name in ["etag", "location"] {
+        if let Some(v) = resp.headers().get(name).and_then(|v| v.to_str().ok()) {
+            extra.push_str(&format!("{name}: {}\r\n", v.replace(upstream, proxy)));
+        }
+    }
+    let text = resp.text().await.unwrap_or_default().replace(upstream, proxy);
+    let full = reply(
+        &format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or("")),
+        &extra,
+        text.as_bytes(),
+    );
+    match fault {
+        // The server did the work; the client hears nothing.
+        Some(2) => Ok(()),
+        // The server did the work; the client gets half an answer.
+        Some(_) => {
+            let cut = full.len() - text.len() / 2 - 1;
+            sock.write_all(&full[..cut]).await
+        }
+        None => sock.write_all(&full).await,
+    }
+}
+
+async fn put(base: &str, resource: &Value) {
+    let url = format!(
+        "{base}/{}/{}",
+        resource["resourceType"].as_str().unwrap(),
+        resource["id"].as_str().unwrap()
+    );
+    let resp = reqwest::Client::new()
+        .put(url)
+        .header("Content-Type", "application/fhir+json")
+        .body(resource.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap_or_default());
+}
+
+/// Sweeps the fixture cohort on a real server twice with write-back, the second time after a
+/// coordinator moved one subject on-study and one patient's record changed; `via` is the base
+/// URL trialgate talks to (the server itself, or a proxy in front of it).
+async fn sweep_write_sweep_again(base: &str, via: &str) -> (u64, u64) {
     let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[]).unwrap();
     let as_of = Date::parse("2026-06-01").unwrap();
-    let client = FhirClient::new(&base, ClientOptions::default()).unwrap();
+    let client = FhirClient::new(
+        via,
+        ClientOptions {
+            base_backoff: Duration::from_millis(50),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let all = WriteOptions {
         write_ineligible: true,
         dry_run: false,
     };
-
-    let (swept, summary) = sweep(&client, &cfg, as_of, &Decisions::default(), &SweepOptions::default())
-        .await
-        .unwrap();
-    assert_eq!(summary.errors, 0);
     let screened = trialgate::screen(&root().join("fixtures/bundles"), &cfg, as_of, &Decisions::default()).unwrap();
     let statuses = |rs: &[trialgate::criteria::eval::TrialResult]| -> BTreeMap<(String, String), &'static str> {
         rs.iter()
             .map(|r| ((r.patient.clone(), r.trial.clone()), r.status.as_str()))
             .collect()
     };
+
+    // Small pages, so that every search is followed over several.
+    let paged = SweepOptions {
+        page_size: 7,
+        ..Default::default()
+    };
+    let (swept, summary) = sweep(&client, &cfg, as_of, &Decisions::default(), &paged).await.unwrap();
+    assert_eq!(summary.errors, 0);
     assert_eq!(
         statuses(&swept.results),
         statuses(&screened.results),
@@ -158,30 +313,73 @@ async fn sweep_and_write_back_against_a_real_fhir_server() {
 
     let w1 = write_back(&client, &cfg.trials, &swept.results, as_of, &all).await.unwrap();
     assert!(w1.failed.is_empty(), "{:?}", w1.failed);
-    assert_eq!(w1.created, swept.results.len());
-    let first = subjects(&base).await;
+    // A create whose answer was lost and that was sent again counts as already there.
+    assert_eq!(w1.created + w1.unchanged, swept.results.len());
+    let first = subjects(base).await;
     assert_eq!(first.len(), swept.results.len(), "one ResearchSubject per patient and trial");
 
     // A coordinator moves one subject on-study; trialgate must leave it alone.
-    let mut moved = first[0].clone();
+    let mut moved = first
+        .iter()
+        .find(|s| !s["identifier"][0]["value"].as_str().unwrap().ends_with("Patient/meilin-zhou"))
+        .unwrap()
+        .clone();
     moved["status"] = json!("on-study");
-    let http = reqwest::Client::new();
-    let put = http
-        .put(format!("{base}/ResearchSubject/{}", moved["id"].as_str().unwrap()))
-        .header("Content-Type", "application/fhir+json")
-        .body(moved.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert!(put.status().is_success());
+    put(base, &moved).await;
+    // And a patient's record changes: she died, which makes her ineligible for every trial.
+    let mut meilin: Value = serde_json::from_str(
+        &reqwest::get(format!("{base}/Patient/meilin-zhou"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    meilin["deceasedDateTime"] = json!("2026-05-30T10:00:00Z");
+    put(base, &meilin).await;
+    let changed = screened
+        .results
+        .iter()
+        .filter(|r| r.patient == "Patient/meilin-zhou" && r.status.as_str() != "ineligible")
+        .count();
+    assert!(changed > 0, "the fixture patient has verdicts that death changes");
 
-    let (again, _) = sweep(&client, &cfg, as_of, &Decisions::default(), &SweepOptions::default())
-        .await
-        .unwrap();
+    // The second sweep names its cohort: the fixture patients and sixty ids the server does not
+    // know, which makes every search long enough to go as POST [type]/_search.
+    let mut ids: Vec<String> = screened
+        .results
+        .iter()
+        .map(|r| r.patient.trim_start_matches("Patient/").to_string())
+        .collect();
+    ids.dedup();
+    let known = ids.len();
+    ids.extend((0..60).map(|i| format!("0d6e2c1a-4b7f-4e0a-9f3c-{i:012}")));
+    let by_ids = SweepOptions {
+        cohort: Cohort::Ids(ids.clone()),
+        batch: 100,
+        ..paged
+    };
+    let (again, summary) = sweep(&client, &cfg, as_of, &Decisions::default(), &by_ids).await.unwrap();
+    assert_eq!(summary.patients, ids.len(), "every patient of the cohort is accounted for");
+    assert_eq!(summary.errors, ids.len() - known);
+    for r in again.results.iter().filter(|r| r.status.as_str() == "error") {
+        assert!(
+            r.record.as_deref().is_some_and(|w| w.contains("no Patient resource")),
+            "{:?}",
+            r.record
+        );
+    }
     let w2 = write_back(&client, &cfg.trials, &again.results, as_of, &all).await.unwrap();
-    assert_eq!((w2.created, w2.updated, w2.left_alone), (0, 0, 1), "the second run writes nothing");
-    assert_eq!(w2.unchanged, again.results.len() - 1);
-    let second = subjects(&base).await;
+    assert!(w2.failed.is_empty(), "{:?}", w2.failed);
+    assert_eq!(
+        (w2.created, w2.updated, w2.left_alone),
+        (0, changed, 1),
+        "only the changed verdicts are written"
+    );
+    assert_eq!(w2.unchanged, swept.results.len() - changed - 1);
+
+    let second = subjects(base).await;
     assert_eq!(second.len(), first.len(), "no duplicates");
     let r4: BTreeMap<&str, &str> = [
         ("eligible", "eligible"),
@@ -195,10 +393,36 @@ async fn sweep_and_write_back_against_a_real_fhir_server() {
         let (trial, patient) = ident.split_once(':').unwrap();
         let expected = if s["id"] == moved["id"] {
             "on-study"
+        } else if patient == "Patient/meilin-zhou" {
+            "ineligible"
         } else {
             r4[want[&(patient.to_string(), trial.to_string())]]
         };
         assert_eq!(s["status"], expected, "{ident}");
     }
+    (
+        client.stats.requests.load(Ordering::Relaxed),
+        client.stats.retries.load(Ordering::Relaxed),
+    )
+}
+
+#[tokio::test]
+async fn sweep_and_write_back_against_a_real_fhir_server() {
+    let (_server, base, dir) = start().await;
+    load(&base).await;
+    let (_, retries) = sweep_write_sweep_again(&base, &base).await;
+    assert_eq!(retries, 0, "a healthy server needs no retries");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn the_same_through_a_proxy_that_fails_one_request_in_ten() {
+    let (_server, base, dir) = start().await;
+    load(&base).await;
+    let (proxy, faults) = fault_proxy(base.clone()).await;
+    let (requests, retries) = sweep_write_sweep_again(&base, &proxy).await;
+    let injected = faults.injected.load(Ordering::SeqCst);
+    assert!(injected >= 4, "every kind of fault was met: {injected} in {requests} requests");
+    assert_eq!(retries, injected, "each fault cost exactly one retry");
     let _ = std::fs::remove_dir_all(&dir);
 }
