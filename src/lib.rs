@@ -11,6 +11,7 @@ pub mod criteria;
 pub mod facts;
 pub mod fhir;
 pub mod gateway;
+pub mod pipeline;
 pub mod report;
 pub mod sweep;
 pub mod time;
@@ -18,12 +19,13 @@ pub mod writeback;
 
 use config::{ConfigError, yaml_files};
 use criteria::decisions::Decisions;
-use criteria::eval::{TrialResult, evaluate};
+use criteria::eval::TrialResult;
 use criteria::trial::{Trial, Warning, load_trial};
 use facts::Unmapped;
 use facts::mappings::Mappings;
+use facts::store::FactStore;
 use fhir::InputIssue;
-use fhir::files::{ReadError, ReadOptions, read_path};
+use fhir::files::{ReadError, ReadOptions, list_files};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -179,9 +181,49 @@ pub struct Screening {
 
 /// Screens every patient found under `path` against every configured trial.
 pub fn screen(path: &Path, cfg: &Config, as_of: Date, decisions: &Decisions) -> Result<Screening, ReadError> {
-    let read = read_path(path, read_options(cfg))?;
-    let inputs = read
-        .files
+    let mut results = Vec::new();
+    let totals = screen_each(path, cfg, as_of, decisions, &mut |_| {}, &mut |r| results.push(r))?;
+    Ok(totals.with(results))
+}
+
+/// What a screening found besides its results.
+pub struct Totals {
+    pub as_of: Date,
+    pub patients: usize,
+    pub unmapped: Unmapped,
+    pub issues: Vec<InputIssue>,
+    pub provenance: Provenance,
+}
+
+impl Totals {
+    fn with(self, results: Vec<TrialResult>) -> Screening {
+        Screening {
+            as_of: self.as_of,
+            patients: self.patients,
+            results,
+            unmapped: self.unmapped,
+            issues: self.issues,
+            provenance: self.provenance,
+        }
+    }
+}
+
+/// Screens every patient found under `path`, handing over the results as they are made (in
+/// patient order) rather than holding them: what a cohort of millions needs. `begin` learns
+/// the number of patients once the input is read, before the first result.
+pub fn screen_each(
+    path: &Path,
+    cfg: &Config,
+    as_of: Date,
+    decisions: &Decisions,
+    begin: &mut dyn FnMut(usize),
+    each: &mut dyn FnMut(TrialResult),
+) -> Result<Totals, ReadError> {
+    let files = list_files(path)?;
+    let mut store = FactStore::keeping(criteria::eval::lab_spans(&cfg.trials, &cfg.mappings, as_of));
+    let mut issues = Vec::new();
+    pipeline::read_files(&files, cfg, &mut store, &mut issues)?;
+    let inputs = files
         .iter()
         .map(|f| SourceFile {
             kind: "input",
@@ -190,63 +232,53 @@ pub fn screen(path: &Path, cfg: &Config, as_of: Date, decisions: &Decisions) -> 
             bytes: std::fs::metadata(f).ok().map(|m| m.len()),
         })
         .collect();
-    Ok(screen_read(read, inputs, cfg, as_of, decisions))
+    Ok(conclude(store, issues, inputs, cfg, as_of, decisions, begin, each))
 }
 
-/// Whether any mapping reads Observations through JSONPath (they must then be kept as JSON).
+/// Whether a loaded trial reads a lab through JSONPath (its Observations must then be kept as
+/// JSON until reduced: a copy of every Observation otherwise saved).
 pub fn read_options(cfg: &Config) -> ReadOptions {
+    let m = &cfg.mappings;
     ReadOptions {
-        keep_observation_json: cfg.mappings.labs.iter().any(|l| l.value_path.is_some()),
+        keep_observation_json: cfg.trials.iter().flat_map(|t| t.labs(m)).any(|l| m.labs[l].value_path.is_some()),
     }
 }
 
-/// Screens resources already read, from files or from a server: group, extract, evaluate.
+/// Screens resources already read (pages from a server): reduce, evaluate.
 pub fn screen_read(read: fhir::files::ReadOutput, inputs: Vec<SourceFile>, cfg: &Config, as_of: Date, decisions: &Decisions) -> Screening {
+    let mut store = FactStore::keeping(criteria::eval::lab_spans(&cfg.trials, &cfg.mappings, as_of));
+    for p in read.resources {
+        store.feed(p, &cfg.mappings);
+    }
+    let mut results = Vec::new();
+    conclude(store, read.issues, inputs, cfg, as_of, decisions, &mut |_| {}, &mut |r| {
+        results.push(r)
+    })
+    .with(results)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conclude(
+    store: FactStore,
+    mut issues: Vec<InputIssue>,
+    inputs: Vec<SourceFile>,
+    cfg: &Config,
+    as_of: Date,
+    decisions: &Decisions,
+    begin: &mut dyn FnMut(usize),
+    each: &mut dyn FnMut(TrialResult),
+) -> Totals {
     let mut provenance = cfg.provenance.clone();
     provenance.sources.extend(inputs);
-    let mut issues = read.issues;
-    let grouped = fhir::record::group(read.resources);
-    issues.extend(grouped.issues);
-    let records = grouped.records;
-    let meds = grouped.medications;
-
-    // Patients are independent: split them over the cores in contiguous chunks so the
-    // concatenated output keeps the input's sorted order.
-    let threads = std::thread::available_parallelism().map(usize::from).unwrap_or(1).max(1);
-    let chunk = records.len().div_ceil(threads).max(1);
-    let parts: Vec<(Vec<TrialResult>, Unmapped)> = std::thread::scope(|s| {
-        let handles: Vec<_> = records
-            .chunks(chunk)
-            .map(|part| {
-                let meds = &meds;
-                s.spawn(move || {
-                    let mut unmapped = Unmapped::default();
-                    let mut results = Vec::with_capacity(part.len() * cfg.trials.len());
-                    for rec in part {
-                        let facts = facts::extract::extract(rec, meds, &cfg.mappings, &mut unmapped);
-                        for t in &cfg.trials {
-                            results.push(evaluate(t, &facts, &cfg.mappings, as_of, decisions));
-                        }
-                    }
-                    (results, unmapped)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect()
-    });
-    let mut results = Vec::with_capacity(records.len() * cfg.trials.len());
-    let mut unmapped = Unmapped::default();
-    for (r, u) in parts {
-        results.extend(r);
-        unmapped.merge(u);
-    }
-    Screening {
+    tracing::debug!(peak_rss_kb = pipeline::peak_rss_kb(), "input read");
+    let (facts, more, unmapped) = store.finish(&cfg.mappings);
+    issues.extend(more);
+    begin(facts.len());
+    pipeline::evaluate_each(&facts, cfg, as_of, decisions, each);
+    tracing::debug!(peak_rss_kb = pipeline::peak_rss_kb(), "evaluated");
+    Totals {
         as_of,
-        patients: records.len(),
-        results,
+        patients: facts.len(),
         unmapped,
         issues,
         provenance,

@@ -266,34 +266,111 @@ fn load_decisions(path: &Option<PathBuf>, cfg: &trialgate::Config) -> anyhow::Re
 }
 
 /// Names the decisions file in the provenance, logs input problems, writes the report.
-fn finish(s: &mut trialgate::Screening, decisions: &Option<PathBuf>, format: Format, output: Option<PathBuf>) -> anyhow::Result<()> {
+/// Adds the decisions file to the provenance (decisions change outcomes) and logs the input
+/// problems.
+fn note_inputs(
+    provenance: &mut trialgate::Provenance,
+    issues: &[trialgate::fhir::InputIssue],
+    decisions: &Option<PathBuf>,
+) -> anyhow::Result<()> {
     if let Some(p) = decisions {
-        // Decisions change outcomes, so the report names the file and its hash.
-        s.provenance
-            .sources
-            .push(trialgate::SourceFile::hashed("decisions", p).map_err(bad)?);
+        provenance.sources.push(trialgate::SourceFile::hashed("decisions", p).map_err(bad)?);
     }
-    for i in &s.issues {
+    for i in issues {
         tracing::warn!("{}: {}", i.location, i.message);
     }
-    let text = match format {
-        Format::Json => trialgate::report::json(s),
-        Format::Text => trialgate::report::text(s),
-        Format::Csv => trialgate::report::csv(s),
-    };
-    match output {
-        Some(p) => std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?,
-        None => {
-            let mut out = std::io::stdout().lock();
-            // A closed pipe (`| head`) is not an error worth reporting.
-            if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-                if e.kind() != std::io::ErrorKind::BrokenPipe {
-                    return Err(e).context("writing the report");
+    Ok(())
+}
+
+fn finish(s: &mut trialgate::Screening, decisions: &Option<PathBuf>, format: Format, output: Option<PathBuf>) -> anyhow::Result<()> {
+    note_inputs(&mut s.provenance, &s.issues, decisions)?;
+    let sink = ReportSink::open(output.as_deref())?;
+    let text = trialgate::report::render(s, format.into());
+    let mut w = sink.writer();
+    let written = w.write_all(text.as_bytes()).and_then(|()| w.flush()).map(|()| w);
+    sink.close(written)
+}
+
+impl From<Format> for trialgate::report::Format {
+    fn from(f: Format) -> Self {
+        match f {
+            Format::Json => trialgate::report::Format::Json,
+            Format::Text => trialgate::report::Format::Text,
+            Format::Csv => trialgate::report::Format::Csv,
+        }
+    }
+}
+
+/// Where a report goes: standard output, or a file written beside its final name and renamed
+/// into place at the end, so that a run that fails halfway never leaves half a report there.
+enum ReportSink {
+    Stdout,
+    File { path: PathBuf, partial: PathBuf },
+}
+
+impl ReportSink {
+    fn open(output: Option<&std::path::Path>) -> anyhow::Result<ReportSink> {
+        Ok(match output {
+            None => ReportSink::Stdout,
+            Some(p) => {
+                let mut name = p.file_name().unwrap_or_default().to_os_string();
+                name.push(".partial");
+                let partial = p.with_file_name(name);
+                std::fs::File::create(&partial).with_context(|| format!("writing {}", partial.display()))?;
+                ReportSink::File {
+                    path: p.to_path_buf(),
+                    partial,
                 }
+            }
+        })
+    }
+
+    fn writer(&self) -> Box<dyn Write> {
+        match self {
+            ReportSink::Stdout => Box::new(std::io::BufWriter::new(std::io::stdout())),
+            ReportSink::File { partial, .. } => match std::fs::OpenOptions::new().write(true).truncate(true).open(partial) {
+                Ok(f) => Box::new(std::io::BufWriter::new(f)),
+                Err(e) => Box::new(FailingWriter(Some(e))),
+            },
+        }
+    }
+
+    fn discard(&self) {
+        if let ReportSink::File { partial, .. } = self {
+            let _ = std::fs::remove_file(partial);
+        }
+    }
+
+    fn close<W>(self, written: std::io::Result<W>) -> anyhow::Result<()> {
+        match (self, written) {
+            (ReportSink::Stdout, Ok(_)) => Ok(()),
+            // A closed pipe (`| head`) is not an error worth reporting.
+            (ReportSink::Stdout, Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            (ReportSink::Stdout, Err(e)) => Err(e).context("writing the report"),
+            (ReportSink::File { path, partial }, Ok(_)) => {
+                std::fs::rename(&partial, &path).with_context(|| format!("writing {}", path.display()))
+            }
+            (ReportSink::File { path, partial }, Err(e)) => {
+                let _ = std::fs::remove_file(&partial);
+                Err(e).with_context(|| format!("writing {}", path.display()))
             }
         }
     }
-    Ok(())
+}
+
+/// A writer that reports the error met opening its file at the first write.
+struct FailingWriter(Option<std::io::Error>);
+
+impl Write for FailingWriter {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        Err(self
+            .0
+            .take()
+            .unwrap_or_else(|| std::io::Error::other("the report file could not be opened")))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -316,14 +393,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = load_config(&cli.mappings, &cli.trials_dir, &trials)?;
             let loaded = load_decisions(&decisions, &cfg)?;
             let started = std::time::Instant::now();
-            let mut s = trialgate::screen(&bundle, &cfg, as_of, &loaded).map_err(bad)?;
+            let sink = ReportSink::open(output.as_deref())?;
+            let writer = std::cell::RefCell::new(None);
+            let version = cfg.provenance.version.clone();
+            let mut totals = trialgate::screen_each(
+                &bundle,
+                &cfg,
+                as_of,
+                &loaded,
+                &mut |patients| {
+                    *writer.borrow_mut() = Some(trialgate::report::Writer::new(
+                        sink.writer(),
+                        format.into(),
+                        as_of,
+                        &version,
+                        patients,
+                    ));
+                },
+                &mut |r| {
+                    if let Some(w) = writer.borrow_mut().as_mut() {
+                        w.result(&r);
+                    }
+                },
+            )
+            .map_err(|e| {
+                sink.discard();
+                bad(e)
+            })?;
             tracing::info!(
-                patients = s.patients,
-                results = s.results.len(),
+                patients = totals.patients,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "screening done"
             );
-            finish(&mut s, &decisions, format, output)
+            note_inputs(&mut totals.provenance, &totals.issues, &decisions)?;
+            let Some(w) = writer.into_inner() else {
+                anyhow::bail!("internal: the screening never started its report");
+            };
+            let t = trialgate::report::Totals {
+                patients: totals.patients,
+                provenance: &totals.provenance,
+                unmapped: &totals.unmapped,
+                issues: &totals.issues,
+            };
+            sink.close(w.finish(&t))
         }
         Command::Sweep(args) => {
             let SweepArgs {

@@ -586,6 +586,63 @@ fn derive_value(cx: &Ctx, l: &LabRule, window: Window) -> Result<Option<Found>, 
     }
 }
 
+/// For each lab (by index), the span of time in which any rule of `trials` reads its values at
+/// `as_of`; None for a lab no rule reads. A value outside its lab's span cannot change any
+/// verdict, so a reader may drop it as it streams: this mirrors the windows `lab`,
+/// `derive_value` and `substitute` apply, and must change with them.
+pub fn lab_spans(trials: &[Trial], m: &Mappings, as_of: Date) -> Vec<Option<Window>> {
+    fn widen(spans: &mut [Option<Window>], lab: usize, w: Window) {
+        let s = &mut spans[lab];
+        *s = Some(match *s {
+            None => w,
+            Some(o) => Window {
+                start: o.start.min(w.start),
+                end: o.end.max(w.end),
+            },
+        });
+    }
+    fn walk(n: &Node, m: &Mappings, as_of: Date, spans: &mut [Option<Window>]) {
+        match &n.rule {
+            Rule::All(c) | Rule::Any(c) => c.iter().for_each(|c| walk(c, m, as_of, spans)),
+            Rule::Not(c) => walk(c, m, as_of, spans),
+            Rule::Lab(l) => {
+                let window = Window::lookback(l.window, as_of);
+                widen(spans, l.lab, window);
+                if let Some(s) = l.substitute {
+                    widen(spans, s, window);
+                }
+                let name = m.labs[l.lab].name.as_str();
+                if let (true, Some(spec)) = (l.derive, m.derived.get(name)) {
+                    for (i, from) in spec.from.iter().enumerate() {
+                        let Some(f) = m.lab(from) else { continue };
+                        // BMI takes the latest height on record, however old.
+                        let any_age = !(name == "egfr" || (name == "bmi" && i == 0));
+                        let w = if any_age {
+                            Window {
+                                start: Instant(i64::MIN),
+                                end: window.end,
+                            }
+                        } else {
+                            window
+                        };
+                        widen(spans, f, w);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut spans = vec![None; m.labs.len()];
+    for t in trials {
+        for c in &t.criteria {
+            if let Decide::Rule(n) = &c.decide {
+                walk(n, m, as_of, &mut spans);
+            }
+        }
+    }
+    spans
+}
+
 /// A stand-in lab the trial explicitly accepts (a spot UPCR for 24-hour protein), shown as such.
 fn substitute(cx: &Ctx, l: &LabRule, window: Window, notes: &mut Vec<String>) -> Option<Found> {
     let name = &cx.m.labs[l.lab].name;

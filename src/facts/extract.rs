@@ -1,78 +1,80 @@
-//! Reduces one patient's resources into [`PatientFacts`], applying each resource type's
-//! validity rules. Pure: the same record and mappings give the same facts.
+//! Reduces resources into a patient's [`PatientFacts`], one at a time, applying each resource
+//! type's validity rules. Pure: the same resources and mappings give the same facts.
 
 use super::mappings::{Mappings, SystemCode};
 use super::*;
 use crate::fhir::Resource;
 use crate::fhir::model::*;
-use crate::fhir::record::{MedicationIndex, PatientRecord};
+use crate::fhir::record::MedicationIndex;
 use crate::time::{Date, parse_fhir_instant, parse_fhir_range};
 
 const OBS_VALID: &[&str] = &["final", "amended", "corrected"];
 
-pub fn extract(rec: &PatientRecord, meds: &MedicationIndex, m: &Mappings, unmapped: &mut Unmapped) -> PatientFacts {
-    let mut f = PatientFacts {
-        key: rec.key.clone(),
-        demographics: demographics(&rec.patient),
-        ..Default::default()
-    };
-    for (reference, resource) in &rec.resources {
-        match resource {
-            Resource::Observation(o, raw) => {
-                f.present.observations = true;
-                observation(reference, o, raw.as_deref(), &f.demographics, m, unmapped, &mut f.labs);
-            }
-            Resource::Condition(c) => {
-                f.present.conditions = true;
-                if let Some(c) = condition(reference, c, m, unmapped) {
-                    f.conditions.push(c);
-                }
-            }
-            Resource::MedicationRequest(r) => {
-                f.present.medications = true;
-                if let Some(x) = medication_request(reference, r, meds, m, unmapped) {
-                    f.medications.push(x);
-                }
-            }
-            Resource::MedicationStatement(r) => {
-                f.present.medications = true;
-                if let Some(x) = medication_statement(reference, r, meds, m, unmapped) {
-                    f.medications.push(x);
-                }
-            }
-            Resource::MedicationAdministration(r) => {
-                f.present.medications = true;
-                if let Some(x) = medication_administration(reference, r, meds, m, unmapped) {
-                    f.medications.push(x);
-                }
-            }
-            Resource::Procedure(p) => {
-                f.present.procedures = true;
-                procedure(reference, p, m, &mut f);
-            }
-            Resource::Immunization(i) => {
-                f.present.immunizations = true;
-                if let Some(x) = immunization(reference, i, m) {
-                    f.immunizations.push(x);
-                }
-            }
-            Resource::AllergyIntolerance(a) => {
-                f.present.allergies = true;
-                if let Some(x) = allergy(reference, a, m) {
-                    f.allergies.push(x);
-                }
-            }
-            Resource::DiagnosticReport(d) => {
-                f.present.reports = true;
-                diagnostic_report(reference, d, m, &mut f);
-            }
-            Resource::Patient(_) | Resource::Medication(_) => {}
+/// Adds what one resource says to a patient's facts. `demo` is the patient's, which some
+/// readings depend on (sex- and age-specific reference ranges).
+pub fn extract_one(
+    reference: &str,
+    resource: &Resource,
+    demo: &Demographics,
+    meds: &MedicationIndex,
+    m: &Mappings,
+    unmapped: &mut Unmapped,
+    f: &mut PatientFacts,
+) {
+    match resource {
+        Resource::Observation(o, raw) => {
+            f.present.observations = true;
+            observation(reference, o, raw.as_deref(), demo, m, unmapped, &mut f.labs);
         }
+        Resource::Condition(c) => {
+            f.present.conditions = true;
+            if let Some(c) = condition(reference, c, m, unmapped) {
+                f.conditions.push(c);
+            }
+        }
+        Resource::MedicationRequest(r) => {
+            f.present.medications = true;
+            if let Some(x) = medication_request(reference, r, meds, m, unmapped) {
+                f.medications.push(x);
+            }
+        }
+        Resource::MedicationStatement(r) => {
+            f.present.medications = true;
+            if let Some(x) = medication_statement(reference, r, meds, m, unmapped) {
+                f.medications.push(x);
+            }
+        }
+        Resource::MedicationAdministration(r) => {
+            f.present.medications = true;
+            if let Some(x) = medication_administration(reference, r, meds, m, unmapped) {
+                f.medications.push(x);
+            }
+        }
+        Resource::Procedure(p) => {
+            f.present.procedures = true;
+            procedure(reference, p, m, f);
+        }
+        Resource::Immunization(i) => {
+            f.present.immunizations = true;
+            if let Some(x) = immunization(reference, i, m) {
+                f.immunizations.push(x);
+            }
+        }
+        Resource::AllergyIntolerance(a) => {
+            f.present.allergies = true;
+            if let Some(x) = allergy(reference, a, m) {
+                f.allergies.push(x);
+            }
+        }
+        Resource::DiagnosticReport(d) => {
+            f.present.reports = true;
+            diagnostic_report(reference, d, m, f);
+        }
+        Resource::Patient(_) | Resource::Medication(_) => {}
     }
-    f
 }
 
-fn demographics(p: &Patient) -> Demographics {
+pub fn demographics(p: &Patient) -> Demographics {
     let deceased = match (p.deceased_boolean, &p.deceased_date_time) {
         (_, Some(t)) => Some(Deceased {
             when: parse_fhir_instant(t),

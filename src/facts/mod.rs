@@ -7,6 +7,7 @@
 pub mod derive;
 pub mod extract;
 pub mod mappings;
+pub mod store;
 
 use crate::time::{Date, Instant};
 use std::collections::{BTreeMap, HashMap};
@@ -169,6 +170,41 @@ pub struct PatientFacts {
     pub allergies: Vec<AllergyFact>,
     pub biopsies: Vec<BiopsyFact>,
     pub present: Present,
+}
+
+impl PatientFacts {
+    /// Gives back the spare capacity of every list, for stores that hold many patients.
+    pub fn shrink(&mut self) {
+        self.labs.shrink_to_fit();
+        self.labs.values_mut().for_each(Vec::shrink_to_fit);
+        self.conditions.shrink_to_fit();
+        self.medications.shrink_to_fit();
+        self.procedures.shrink_to_fit();
+        self.immunizations.shrink_to_fit();
+        self.allergies.shrink_to_fit();
+        self.biopsies.shrink_to_fit();
+    }
+
+    /// Adds facts gathered elsewhere (another chunk of the input) about the same patient.
+    pub fn absorb(&mut self, other: PatientFacts) {
+        for (lab, values) in other.labs {
+            self.labs.entry(lab).or_default().extend(values);
+        }
+        self.conditions.extend(other.conditions);
+        self.medications.extend(other.medications);
+        self.procedures.extend(other.procedures);
+        self.immunizations.extend(other.immunizations);
+        self.allergies.extend(other.allergies);
+        self.biopsies.extend(other.biopsies);
+        let (a, b) = (&mut self.present, other.present);
+        a.observations |= b.observations;
+        a.conditions |= b.conditions;
+        a.medications |= b.medications;
+        a.procedures |= b.procedures;
+        a.immunizations |= b.immunizations;
+        a.allergies |= b.allergies;
+        a.reports |= b.reports;
+    }
 }
 
 /// Codes and units seen in the data that no mapping could use, for tuning mappings.

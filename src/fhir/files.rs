@@ -61,6 +61,28 @@ pub fn read_path(path: &Path, opts: ReadOptions) -> Result<ReadOutput, ReadError
     Ok(out)
 }
 
+/// Every FHIR file under `path`, as [`read_path`] would read them.
+pub fn list_files(path: &Path) -> Result<Vec<PathBuf>, ReadError> {
+    let mut files = Vec::new();
+    collect_files(path, &mut files, &mut HashSet::new())?;
+    if files.is_empty() {
+        return Err(ReadError::Empty(path.to_path_buf()));
+    }
+    Ok(files)
+}
+
+/// The resource type of the first line of an NDJSON file (Bulk Data writes one type per
+/// file), read without loading the file; None when it cannot tell.
+pub fn first_type(path: &Path) -> Option<String> {
+    use std::io::{BufRead, Read};
+    let f = std::fs::File::open(path).ok()?;
+    let mut first = String::new();
+    // A Patient line is short; 1 MB bounds the read for a file whose first line is not.
+    std::io::BufReader::new(f.take(1 << 20)).read_line(&mut first).ok()?;
+    let line = first.trim_start_matches('\u{feff}').trim();
+    resource_type(serde_json::from_str::<&RawValue>(line).ok()?)
+}
+
 /// `seen` holds canonical paths: a folder reached twice through symbolic links (or a link
 /// loop) is read once, so no resource is counted twice.
 fn collect_files(path: &Path, files: &mut Vec<PathBuf>, seen: &mut HashSet<PathBuf>) -> Result<(), ReadError> {
@@ -89,7 +111,7 @@ fn collect_files(path: &Path, files: &mut Vec<PathBuf>, seen: &mut HashSet<PathB
     Ok(())
 }
 
-fn is_ndjson_name(p: &Path) -> bool {
+pub fn is_ndjson_name(p: &Path) -> bool {
     matches!(p.extension().and_then(|e| e.to_str()), Some("ndjson" | "jsonl"))
 }
 
@@ -111,17 +133,21 @@ pub fn read_text(name: &str, text: &str, ndjson: bool, opts: ReadOptions, out: &
         }
     }
     for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
-        let loc = format!("{name}:{}", i + 1);
-        match serde_json::from_str::<&RawValue>(line) {
-            // A line may hold a whole Bundle.
-            Ok(raw) if resource_type(raw).as_deref() == Some("Bundle") => read_value(&loc, line, raw, None, opts, out),
-            Ok(raw) => parse_resource(&|| loc.clone(), raw, None, opts, out),
-            Err(e) => out.issues.push(issue(loc, format!("not valid JSON: {e}"))),
-        }
+        read_line(&|| format!("{name}:{}", i + 1), line, opts, out);
+    }
+}
+
+/// Reads one NDJSON line; `loc` names it, and is worked out only when there is a problem.
+pub fn read_line(loc: &dyn Fn() -> String, line: &str, opts: ReadOptions, out: &mut ReadOutput) {
+    let line = line.trim();
+    if line.is_empty() {
+        return;
+    }
+    match serde_json::from_str::<&RawValue>(line) {
+        // A line may hold a whole Bundle.
+        Ok(raw) if resource_type(raw).as_deref() == Some("Bundle") => read_value(&loc(), line, raw, None, opts, out),
+        Ok(raw) => parse_resource(loc, raw, None, opts, out),
+        Err(e) => out.issues.push(issue(loc(), format!("not valid JSON: {e}"))),
     }
 }
 

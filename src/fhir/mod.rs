@@ -1,5 +1,5 @@
 //! The only place that speaks FHIR on disk. `files` turns paths into parsed resources with
-//! their locations; `record` groups them into one [`record::PatientRecord`] per patient.
+//! their locations; `record` names resources and resolves references between them.
 
 pub mod client;
 pub mod files;
@@ -57,6 +57,17 @@ impl Resource {
             Resource::AllergyIntolerance(r) => r.id.as_deref(),
             Resource::DiagnosticReport(r) => r.id.as_deref(),
         }
+    }
+
+    /// The Medication a medication record points at (not a contained one), if any.
+    pub fn medication_reference(&self) -> Option<&str> {
+        let r = match self {
+            Resource::MedicationRequest(r) => r.medication_reference.as_ref(),
+            Resource::MedicationStatement(r) => r.medication_reference.as_ref(),
+            Resource::MedicationAdministration(r) => r.medication_reference.as_ref(),
+            _ => None,
+        };
+        r.and_then(|r| r.reference.as_deref()).filter(|r| !r.starts_with('#'))
     }
 
     /// The reference to the patient this resource is about, if it has one.

@@ -30,66 +30,189 @@ struct TrialSummary {
     error: usize,
 }
 
+/// What a report says after the results: known only once every patient is screened.
+pub struct Totals<'a> {
+    pub patients: usize,
+    pub provenance: &'a crate::Provenance,
+    pub unmapped: &'a crate::facts::Unmapped,
+    pub issues: &'a [crate::fhir::InputIssue],
+}
+
 #[derive(Serialize)]
-struct Report<'a> {
-    as_of: String,
-    results: &'a [TrialResult],
+struct Tail<'a> {
     provenance: &'a crate::Provenance,
     unmapped: Vec<UnmappedOut<'a>>,
     input_issues: &'a [crate::fhir::InputIssue],
     summary: Summary,
 }
 
-fn summary(s: &Screening) -> Summary {
-    let mut trials: Vec<TrialSummary> = Vec::new();
-    for r in &s.results {
-        let t = match trials.iter_mut().find(|t| t.trial == r.trial) {
-            Some(t) => t,
-            None => {
-                trials.push(TrialSummary {
-                    trial: r.trial.clone(),
-                    eligible: 0,
-                    potentially_eligible: 0,
-                    ineligible: 0,
-                    error: 0,
-                });
-                trials.last_mut().expect("just pushed")
-            }
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Text,
+    Csv,
+}
+
+/// Writes a report as the results come, so that a cohort of any size is reported without
+/// holding its results: the JSON contract puts `results` first and everything that needs
+/// the whole run (provenance with its inputs, unmapped codes, input issues, the summary) after.
+pub struct Writer<W: std::io::Write> {
+    out: W,
+    format: Format,
+    results: usize,
+    trials: Vec<TrialSummary>,
+    current: String,
+    error: Option<std::io::Error>,
+}
+
+impl<W: std::io::Write> Writer<W> {
+    /// Starts a report; `patients` is only used by the text format's heading.
+    pub fn new(out: W, format: Format, as_of: crate::time::Date, version: &str, patients: usize) -> Writer<W> {
+        let mut w = Writer {
+            out,
+            format,
+            results: 0,
+            trials: Vec::new(),
+            current: String::new(),
+            error: None,
         };
-        match r.status {
-            Status::Eligible => t.eligible += 1,
-            Status::PotentiallyEligible => t.potentially_eligible += 1,
-            Status::Ineligible => t.ineligible += 1,
-            Status::Error => t.error += 1,
+        let head = match format {
+            Format::Json => format!("{{\n  \"as_of\": \"{as_of}\",\n  \"results\": ["),
+            Format::Csv => "patient,trial,status,decided_by,unknown,manual\n".to_string(),
+            Format::Text => format!("trialgate {version} — screening as of {as_of} — {patients} patient(s)\n\n"),
+        };
+        w.put(head.as_bytes());
+        w
+    }
+
+    fn put(&mut self, bytes: &[u8]) {
+        if self.error.is_none() {
+            if let Err(e) = self.out.write_all(bytes) {
+                self.error = Some(e);
+            }
         }
     }
-    Summary {
-        patients: s.patients,
-        trials,
+
+    pub fn result(&mut self, r: &TrialResult) {
+        count(&mut self.trials, r);
+        let text = match self.format {
+            Format::Json => {
+                // Serializing plain structs of strings and numbers cannot fail.
+                let one = serde_json::to_string_pretty(r).unwrap_or_default().replace('\n', "\n    ");
+                format!("{}\n    {one}", if self.results == 0 { "" } else { "," })
+            }
+            Format::Csv => csv_row(r),
+            Format::Text => {
+                let mut out = String::new();
+                if r.patient != self.current {
+                    self.current = r.patient.clone();
+                    let _ = writeln!(out, "{}", r.patient);
+                }
+                text_result(&mut out, r);
+                out
+            }
+        };
+        self.results += 1;
+        self.put(text.as_bytes());
+    }
+
+    /// Writes what follows the results, flushes, and returns the writer's first error.
+    pub fn finish(mut self, t: &Totals) -> std::io::Result<W> {
+        let summary = Summary {
+            patients: t.patients,
+            trials: std::mem::take(&mut self.trials),
+        };
+        match self.format {
+            Format::Json => {
+                let tail = Tail {
+                    provenance: t.provenance,
+                    unmapped: t
+                        .unmapped
+                        .counts
+                        .iter()
+                        .map(|((system, code, unit), count)| UnmappedOut {
+                            system,
+                            code,
+                            unit,
+                            count: *count,
+                        })
+                        .collect(),
+                    input_issues: t.issues,
+                    summary,
+                };
+                let tail = serde_json::to_string_pretty(&tail).unwrap_or_default();
+                let close = if self.results == 0 { "]" } else { "\n  ]" };
+                let text = format!("{close},\n{}\n", tail.strip_prefix("{\n").unwrap_or(&tail));
+                self.put(text.as_bytes());
+            }
+            Format::Csv => {}
+            Format::Text => {
+                let text = text_tail(&summary, t);
+                self.put(text.as_bytes());
+            }
+        }
+        if self.error.is_none() {
+            if let Err(e) = self.out.flush() {
+                self.error = Some(e);
+            }
+        }
+        match self.error {
+            Some(e) => Err(e),
+            None => Ok(self.out),
+        }
     }
 }
 
-pub fn json(s: &Screening) -> String {
-    let report = Report {
-        as_of: s.as_of.to_string(),
-        results: &s.results,
-        provenance: &s.provenance,
-        unmapped: s
-            .unmapped
-            .counts
-            .iter()
-            .map(|((system, code, unit), count)| UnmappedOut {
-                system,
-                code,
-                unit,
-                count: *count,
-            })
-            .collect(),
-        input_issues: &s.issues,
-        summary: summary(s),
+fn count(trials: &mut Vec<TrialSummary>, r: &TrialResult) {
+    let i = match trials.iter().position(|t| t.trial == r.trial) {
+        Some(i) => i,
+        None => {
+            trials.push(TrialSummary {
+                trial: r.trial.clone(),
+                eligible: 0,
+                potentially_eligible: 0,
+                ineligible: 0,
+                error: 0,
+            });
+            trials.len() - 1
+        }
     };
-    // Serializing plain structs of strings and numbers cannot fail.
-    serde_json::to_string_pretty(&report).unwrap_or_default() + "\n"
+    let t = &mut trials[i];
+    match r.status {
+        Status::Eligible => t.eligible += 1,
+        Status::PotentiallyEligible => t.potentially_eligible += 1,
+        Status::Ineligible => t.ineligible += 1,
+        Status::Error => t.error += 1,
+    }
+}
+
+/// A whole report of a screening held in memory.
+pub fn render(s: &Screening, format: Format) -> String {
+    let mut w = Writer::new(Vec::new(), format, s.as_of, &s.provenance.version, s.patients);
+    for r in &s.results {
+        w.result(r);
+    }
+    let totals = Totals {
+        patients: s.patients,
+        provenance: &s.provenance,
+        unmapped: &s.unmapped,
+        issues: &s.issues,
+    };
+    // Writing to memory cannot fail.
+    let bytes = w.finish(&totals).unwrap_or_default();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+pub fn json(s: &Screening) -> String {
+    render(s, Format::Json)
+}
+
+pub fn csv(s: &Screening) -> String {
+    render(s, Format::Csv)
+}
+
+pub fn text(s: &Screening) -> String {
+    render(s, Format::Text)
 }
 
 fn ids(r: &TrialResult, outcome: Outcome) -> Vec<&str> {
@@ -104,30 +227,25 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-pub fn csv(s: &Screening) -> String {
-    let mut out = String::from("patient,trial,status,decided_by,unknown,manual\n");
-    for r in &s.results {
-        let deciding: Vec<&str> = r.decided_by.iter().map(|d| d.id.as_str()).collect();
-        let mut deciding = deciding.join(" ");
-        if let Some(rec) = &r.record {
-            deciding = if deciding.is_empty() {
-                format!("record: {rec}")
-            } else {
-                format!("record: {rec}; {deciding}")
-            };
-        }
-        let _ = writeln!(
-            out,
-            "{},{},{},{},{},{}",
-            csv_field(&r.patient),
-            csv_field(&r.trial),
-            r.status.as_str(),
-            csv_field(&deciding),
-            ids(r, Outcome::Unknown).join(" "),
-            ids(r, Outcome::Manual).join(" ")
-        );
+fn csv_row(r: &TrialResult) -> String {
+    let deciding: Vec<&str> = r.decided_by.iter().map(|d| d.id.as_str()).collect();
+    let mut deciding = deciding.join(" ");
+    if let Some(rec) = &r.record {
+        deciding = if deciding.is_empty() {
+            format!("record: {rec}")
+        } else {
+            format!("record: {rec}; {deciding}")
+        };
     }
-    out
+    format!(
+        "{},{},{},{},{},{}\n",
+        csv_field(&r.patient),
+        csv_field(&r.trial),
+        r.status.as_str(),
+        csv_field(&deciding),
+        ids(r, Outcome::Unknown).join(" "),
+        ids(r, Outcome::Manual).join(" ")
+    )
 }
 
 fn short(s: &str, n: usize) -> String {
@@ -139,42 +257,32 @@ fn short(s: &str, n: usize) -> String {
     }
 }
 
-pub fn text(s: &Screening) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "trialgate {} — screening as of {} — {} patient(s)\n",
-        s.provenance.version, s.as_of, s.patients
-    );
-    let mut current = "";
-    for r in &s.results {
-        if r.patient != current {
-            current = &r.patient;
-            let _ = writeln!(out, "{}", r.patient);
-        }
-        let _ = writeln!(out, "  {:<28} {}", r.trial, r.status.as_str().to_uppercase());
-        if let Some(rec) = &r.record {
-            let _ = writeln!(out, "      not a candidate: {rec}");
-        }
-        for c in &r.criteria {
-            let deciding =
-                (c.kind == Kind::Inclusion && c.outcome == Outcome::NotMet) || (c.kind == Kind::Exclusion && c.outcome == Outcome::Met);
-            if deciding {
-                let _ = writeln!(out, "      ✗ {} [{}] \"{}\"", c.id, c.kind.as_str(), short(&c.text, 90));
-                let _ = writeln!(out, "          {}", short(&c.reason, 160));
-            }
-        }
-        if matches!(r.status, Status::Eligible | Status::PotentiallyEligible) {
-            for c in r.criteria.iter().filter(|c| c.outcome == Outcome::Unknown) {
-                let _ = writeln!(out, "      ? {}: {}", c.id, short(&c.reason, 150));
-            }
-            let manual = ids(r, Outcome::Manual);
-            if !manual.is_empty() {
-                let _ = writeln!(out, "      manual review ({}): {}", manual.len(), manual.join(", "));
-            }
+fn text_result(out: &mut String, r: &TrialResult) {
+    let _ = writeln!(out, "  {:<28} {}", r.trial, r.status.as_str().to_uppercase());
+    if let Some(rec) = &r.record {
+        let _ = writeln!(out, "      not a candidate: {rec}");
+    }
+    for c in &r.criteria {
+        let deciding =
+            (c.kind == Kind::Inclusion && c.outcome == Outcome::NotMet) || (c.kind == Kind::Exclusion && c.outcome == Outcome::Met);
+        if deciding {
+            let _ = writeln!(out, "      ✗ {} [{}] \"{}\"", c.id, c.kind.as_str(), short(&c.text, 90));
+            let _ = writeln!(out, "          {}", short(&c.reason, 160));
         }
     }
-    let sum = summary(s);
+    if matches!(r.status, Status::Eligible | Status::PotentiallyEligible) {
+        for c in r.criteria.iter().filter(|c| c.outcome == Outcome::Unknown) {
+            let _ = writeln!(out, "      ? {}: {}", c.id, short(&c.reason, 150));
+        }
+        let manual = ids(r, Outcome::Manual);
+        if !manual.is_empty() {
+            let _ = writeln!(out, "      manual review ({}): {}", manual.len(), manual.join(", "));
+        }
+    }
+}
+
+fn text_tail(sum: &Summary, t: &Totals) -> String {
+    let mut out = String::new();
     let _ = writeln!(out, "\nSummary: eligible / potentially eligible / ineligible / error");
     for t in &sum.trials {
         let _ = writeln!(
@@ -183,17 +291,17 @@ pub fn text(s: &Screening) -> String {
             t.trial, t.eligible, t.potentially_eligible, t.ineligible, t.error
         );
     }
-    if !s.issues.is_empty() {
-        let _ = writeln!(out, "\nInput problems ({}), each skipped:", s.issues.len());
-        for i in &s.issues {
+    if !t.issues.is_empty() {
+        let _ = writeln!(out, "\nInput problems ({}), each skipped:", t.issues.len());
+        for i in t.issues {
             let _ = writeln!(out, "  {}: {}", i.location, short(&i.message, 200));
         }
     }
-    if !s.unmapped.counts.is_empty() {
+    if !t.unmapped.counts.is_empty() {
         let _ = writeln!(
             out,
             "\n{} code/unit combination(s) seen but not mapped (see `unmapped` in --format json)",
-            s.unmapped.counts.len()
+            t.unmapped.counts.len()
         );
     }
     out
