@@ -6,6 +6,7 @@
 //! writes the results. [`screen`] wires them together for files on disk; every other way in
 //! reuses the same pieces.
 
+pub mod bulk;
 pub mod config;
 pub mod criteria;
 pub mod facts;

@@ -192,6 +192,22 @@ struct SweepArgs {
     /// write nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Fetch the cohort with a Bulk Data export (`Group/ID/$export` with --group, else
+    /// `Patient/$export`) instead of searches: the way in for whole-hospital cohorts.
+    #[arg(long, conflicts_with_all = ["patients", "patient"])]
+    bulk: bool,
+    /// With --bulk: only what changed since this instant (`_since`, e.g. the
+    /// `transactionTime` the previous export printed).
+    #[arg(long, value_name = "INSTANT", requires = "bulk")]
+    since: Option<String>,
+    /// With --bulk: keep the exported NDJSON files in this folder (default: a temporary
+    /// folder, removed after the run).
+    #[arg(long, value_name = "DIR", requires = "bulk")]
+    bulk_dir: Option<PathBuf>,
+    /// With --bulk: the longest pause between two status requests, in seconds; the server's
+    /// Retry-After is honoured up to this.
+    #[arg(long, value_name = "SECS", default_value_t = 30, requires = "bulk")]
+    bulk_poll_max: u64,
 }
 
 /// An error that is the user's input or configuration (exit 2), as opposed to a failure (exit 1).
@@ -470,6 +486,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 write_ineligible,
                 write_to,
                 dry_run,
+                bulk,
+                since,
+                bulk_dir,
+                bulk_poll_max,
             } = *args;
             let g = trialgate::gateway::Gateway::load(&config, &|k| std::env::var(k).ok()).map_err(bad)?;
             let nonempty = |s: &String| (!s.is_empty()).then(|| s.clone());
@@ -580,16 +600,60 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             let started = std::time::Instant::now();
-            let (mut s, summary) = runtime.block_on(trialgate::sweep::sweep(&client, &cfg, as_of, &loaded, &sweep_opts))?;
-            eprintln!(
-                "sweep: {} patient(s), {} in error; {} read request(s), {} retried, {} failed; {:.1} s",
-                summary.patients,
-                summary.errors,
-                summary.requests,
-                summary.retries,
-                summary.failed_requests,
-                started.elapsed().as_secs_f64()
-            );
+            let (mut s, errors) = if bulk {
+                let group = match &sweep_opts.cohort {
+                    Cohort::Group(g) => Some(g.clone()),
+                    Cohort::All => None,
+                    _ => {
+                        return Err(bad(
+                            "--bulk exports a Group (--group) or every patient; the configured cohort is a search or an id list",
+                        ));
+                    }
+                };
+                let (dir, temporary) = match bulk_dir {
+                    Some(d) => (d, false),
+                    None => (std::env::temp_dir().join(format!("trialgate-export-{}", std::process::id())), true),
+                };
+                let outcome = runtime.block_on(trialgate::sweep::bulk_sweep(
+                    &client,
+                    &cfg,
+                    as_of,
+                    &loaded,
+                    group,
+                    since,
+                    sweep_opts.code_filter,
+                    std::time::Duration::from_secs(bulk_poll_max),
+                    &dir,
+                ));
+                if temporary {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                let (s, exported) = outcome?;
+                eprintln!(
+                    "bulk export: {} file(s), {:.1} MB, transactionTime {} (the --since of the next run); {} deleted since --since (listed, not applied); {} server error(s); {} request(s), {} retried",
+                    exported.files.len(),
+                    exported.bytes as f64 / 1e6,
+                    exported.transaction_time.as_deref().unwrap_or("not given"),
+                    exported.deleted,
+                    exported.issues.len(),
+                    client.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+                    client.stats.retries.load(std::sync::atomic::Ordering::Relaxed),
+                );
+                eprintln!("sweep: {} patient(s); {:.1} s", s.patients, started.elapsed().as_secs_f64());
+                (s, 0)
+            } else {
+                let (s, summary) = runtime.block_on(trialgate::sweep::sweep(&client, &cfg, as_of, &loaded, &sweep_opts))?;
+                eprintln!(
+                    "sweep: {} patient(s), {} in error; {} read request(s), {} retried, {} failed; {:.1} s",
+                    summary.patients,
+                    summary.errors,
+                    summary.requests,
+                    summary.retries,
+                    summary.failed_requests,
+                    started.elapsed().as_secs_f64()
+                );
+                (s, summary.errors)
+            };
             if let Some(writer) = writer {
                 let wopts = WriteOptions { write_ineligible, dry_run };
                 let w = runtime
@@ -626,11 +690,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             finish(&mut s, &decisions, format, output)?;
             // The report is written either way; the exit status tells a scheduler that some
             // patients could not be screened.
-            if summary.errors > 0 {
-                anyhow::bail!(
-                    "{} patient(s) could not be screened: see status `error` in the report",
-                    summary.errors
-                );
+            if errors > 0 {
+                anyhow::bail!("{errors} patient(s) could not be screened: see status `error` in the report");
             }
             Ok(())
         }

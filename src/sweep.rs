@@ -465,6 +465,65 @@ pub async fn sweep(
     Ok((s, summary))
 }
 
+/// The codes of every lab the trials read, and of the panels that carry one as a component:
+/// an Observation filter for servers that search by `code` only (Bulk Data's `_typeFilter`).
+pub fn observation_codes(cfg: &Config) -> Vec<String> {
+    let m = &cfg.mappings;
+    let labs: BTreeSet<usize> = cfg.trials.iter().flat_map(|t| t.labs(m)).collect();
+    let mut codes = BTreeSet::new();
+    for &l in &labs {
+        let spec = &m.labs[l].spec;
+        codes.extend(spec.codes.values().flatten().cloned());
+        codes.extend(spec.panels.values().flatten().cloned());
+    }
+    codes.into_iter().collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+/// A sweep through Bulk Data: export what the trials read (every patient, or a Group's
+/// members) into `dir`, then screen the folder through the same streaming path as `screen`.
+pub async fn bulk_sweep(
+    client: &FhirClient,
+    cfg: &Config,
+    as_of: Date,
+    decisions: &Decisions,
+    group: Option<String>,
+    since: Option<String>,
+    code_filter: bool,
+    max_poll: std::time::Duration,
+    dir: &std::path::Path,
+) -> Result<(Screening, crate::bulk::Exported), crate::bulk::BulkError> {
+    let mut types: BTreeSet<&str> = cfg.trials.iter().flat_map(|t| t.resource_types()).collect();
+    if types.iter().any(|t| t.starts_with("Medication")) {
+        types.insert("Medication");
+    }
+    let codes = observation_codes(cfg);
+    let type_filters = if code_filter && types.contains("Observation") && !codes.is_empty() {
+        vec![format!("Observation?code={}", codes.join(","))]
+    } else {
+        Vec::new()
+    };
+    let opts = crate::bulk::ExportOptions {
+        group,
+        types: types.iter().map(|t| t.to_string()).collect(),
+        type_filters,
+        since,
+        max_wait: std::time::Duration::from_secs(6 * 3600),
+        max_poll,
+    };
+    let exported = crate::bulk::export(client, &opts, dir).await?;
+    let mut s = match crate::screen(dir, cfg, as_of, decisions) {
+        Ok(s) => s,
+        // An export of nobody leaves no files: that is an empty cohort, not an error.
+        Err(crate::fhir::files::ReadError::Empty(_)) => crate::screen_read(ReadOutput::default(), Vec::new(), cfg, as_of, decisions),
+        Err(crate::fhir::files::ReadError::Io { path, source }) => {
+            return Err(crate::bulk::BulkError::Io { path, source });
+        }
+    };
+    s.issues.extend(exported.issues.iter().cloned());
+    Ok((s, exported))
+}
+
 fn trial_order(cfg: &Config, id: &str) -> usize {
     cfg.trials.iter().position(|t| t.id == id).unwrap_or(usize::MAX)
 }

@@ -4,6 +4,7 @@
 //! changed, that the statuses are the ones `screen` gives for the same data, and that a
 //! ResearchSubject a person moved on-study is left alone. The same again through a proxy that
 //! fails one request in ten (429 with Retry-After, 503, a reset connection, a truncated body).
+//! And a Bulk Data export from it, screened like files.
 
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -424,5 +425,41 @@ async fn the_same_through_a_proxy_that_fails_one_request_in_ten() {
     let injected = faults.injected.load(Ordering::SeqCst);
     assert!(injected >= 4, "every kind of fault was met: {injected} in {requests} requests");
     assert_eq!(retries, injected, "each fault cost exactly one retry");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A Bulk Data export from the real server (`Patient/$export` with `_type` and `_typeFilter`),
+/// screened through the streaming reader, gives the verdicts `screen` gives for the files.
+#[tokio::test]
+async fn a_bulk_export_from_the_real_server_gives_the_files_verdicts() {
+    let (_server, base, dir) = start().await;
+    load(&base).await;
+    let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[]).unwrap();
+    let as_of = Date::parse("2026-06-01").unwrap();
+    let client = FhirClient::new(&base, ClientOptions::default()).unwrap();
+    let out = dir.join("export");
+    let (swept, exported) = trialgate::sweep::bulk_sweep(
+        &client,
+        &cfg,
+        as_of,
+        &Decisions::default(),
+        None,
+        None,
+        true,
+        // Helios answers Retry-After: 120 even for exports done in under a second.
+        Duration::from_secs(1),
+        &out,
+    )
+    .await
+    .expect("the export runs");
+    assert!(exported.transaction_time.is_some());
+    assert!(exported.files.iter().any(|f| f.to_string_lossy().contains("Patient")));
+    let screened = trialgate::screen(&root().join("fixtures/bundles"), &cfg, as_of, &Decisions::default()).unwrap();
+    let statuses = |rs: &[trialgate::criteria::eval::TrialResult]| -> BTreeMap<(String, String), &'static str> {
+        rs.iter()
+            .map(|r| ((r.patient.clone(), r.trial.clone()), r.status.as_str()))
+            .collect()
+    };
+    assert_eq!(statuses(&swept.results), statuses(&screened.results));
     let _ = std::fs::remove_dir_all(&dir);
 }

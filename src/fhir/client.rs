@@ -104,7 +104,7 @@ struct OutcomeIssue {
 }
 
 /// The issues of an OperationOutcome body, in the server's words; None if it is not one.
-fn outcome_text(body: &str) -> Option<String> {
+pub fn outcome_text(body: &str) -> Option<String> {
     #[derive(Deserialize)]
     struct Peek {
         #[serde(rename = "resourceType")]
@@ -162,14 +162,33 @@ pub struct Request {
     pub url: String,
     pub body: Option<String>,
     pub headers: Vec<(&'static str, String)>,
+    /// The answer must be a FHIR resource (false for Bulk Data's status and manifest, which
+    /// may be empty or plain JSON).
+    pub fhir: bool,
 }
 
-/// A successful response: its status, the headers write-back needs, and the body.
+impl Request {
+    pub fn get(url: String) -> Request {
+        Request {
+            method: reqwest::Method::GET,
+            url,
+            body: None,
+            headers: Vec::new(),
+            fhir: true,
+        }
+    }
+}
+
+/// A successful response: its status, the headers write-back and Bulk Data need, and the body.
 #[derive(Debug, Clone)]
 pub struct Response {
     pub status: u16,
     pub location: Option<String>,
+    pub content_location: Option<String>,
     pub etag: Option<String>,
+    pub retry_after: Option<Duration>,
+    /// Bulk Data's `X-Progress`, shown to the user as the server wrote it.
+    pub progress: Option<String>,
     pub body: String,
 }
 
@@ -374,6 +393,8 @@ impl FhirClient {
         let wait = retry_after(&resp);
         let header = |name: reqwest::header::HeaderName| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
         let (location, etag) = (header(reqwest::header::LOCATION), header(reqwest::header::ETAG));
+        let content_location = header(reqwest::header::CONTENT_LOCATION);
+        let progress = header(reqwest::header::HeaderName::from_static("x-progress"));
         let body = match resp.text().await {
             Ok(b) => b,
             Err(e) => {
@@ -415,14 +436,20 @@ impl FhirClient {
             #[serde(rename = "resourceType")]
             rt: Option<String>,
         }
-        // A write answered with `return=minimal` has no body at all, which is fine.
-        if r.method != reqwest::Method::GET && body.trim().is_empty() {
-            return Attempt::Done(Response {
+        let done = |body: String| {
+            Attempt::Done(Response {
                 status: status.as_u16(),
                 location,
+                content_location,
                 etag,
+                retry_after: wait,
+                progress,
                 body,
-            });
+            })
+        };
+        // A write answered with `return=minimal` has no body at all, which is fine.
+        if !r.fhir || (r.method != reqwest::Method::GET && body.trim().is_empty()) {
+            return done(body);
         }
         match serde_json::from_str::<Peek>(&body) {
             Ok(Peek { rt: Some(rt) }) if rt == "OperationOutcome" => Attempt::Fail(ClientError::Body {
@@ -432,12 +459,7 @@ impl FhirClient {
                     outcome_text(&body).unwrap_or_default()
                 ),
             }),
-            Ok(Peek { rt: Some(_) }) => Attempt::Done(Response {
-                status: status.as_u16(),
-                location,
-                etag,
-                body,
-            }),
+            Ok(Peek { rt: Some(_) }) => done(body),
             Ok(Peek { rt: None }) => Attempt::Fail(ClientError::Body {
                 url: url.into(),
                 message: "JSON without a resourceType".into(),
@@ -454,13 +476,7 @@ impl FhirClient {
 
     /// GETs one URL (absolute, or relative to the base) and returns its body, a FHIR resource.
     pub async fn get(&self, path_or_url: &str) -> Result<String, ClientError> {
-        let req = Request {
-            method: reqwest::Method::GET,
-            url: self.url(path_or_url),
-            body: None,
-            headers: Vec::new(),
-        };
-        Ok(self.send(&req).await?.body)
+        Ok(self.send(&Request::get(self.url(path_or_url))).await?.body)
     }
 
     /// POSTs a resource (a conditional create, a batch Bundle). Only idempotent writes are
@@ -472,51 +488,128 @@ impl FhirClient {
             url: self.url(path_or_url),
             body: Some(body),
             headers,
+            fhir: true,
         };
         self.send(&req).await
     }
 
     /// Sends a request, retrying what is worth retrying.
     pub async fn send(&self, req: &Request) -> Result<Response, ClientError> {
-        let url = req.url.clone();
         let mut retries = 0u32;
         loop {
-            let (error, wait) = match self.attempt(req).await {
+            match self.attempt(req).await {
                 Attempt::Done(r) => return Ok(r),
                 Attempt::Fail(e) => {
                     self.stats.failures.fetch_add(1, Ordering::Relaxed);
                     return Err(e);
                 }
-                Attempt::Retry { error, wait } => (error, wait),
+                Attempt::Retry { error, wait } => self.backoff(&req.url, &mut retries, error, wait).await?,
+            }
+        }
+    }
+
+    /// Waits before retry number `retries + 1`, or gives the error back when the request's
+    /// retries or the run's budget are spent.
+    async fn backoff(&self, url: &str, retries: &mut u32, error: ClientError, wait: Option<Duration>) -> Result<(), ClientError> {
+        if *retries >= self.opts.max_retries {
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            return Err(error);
+        }
+        let spent = self
+            .budget_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1));
+        if spent.is_err() {
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%error, "retry budget spent");
+            return Err(ClientError::Budget {
+                url: url.to_string(),
+                budget: self.opts.retry_budget,
+            });
+        }
+        // Full jitter over an exponential ceiling, unless the server said how long to wait.
+        let ceiling = self
+            .opts
+            .base_backoff
+            .saturating_mul(1u32 << (*retries).min(16))
+            .min(self.opts.max_backoff);
+        let pause = wait
+            .map(|w| w.min(self.opts.max_backoff.max(w.min(Duration::from_secs(300)))))
+            .unwrap_or_else(|| ceiling.mul_f64(jitter()));
+        *retries += 1;
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%error, retry = *retries, wait_ms = pause.as_millis() as u64, "retrying");
+        tokio::time::sleep(pause).await;
+        Ok(())
+    }
+
+    /// Downloads `url` into `path` as it arrives, never holding the whole body: Bulk Data
+    /// files run to gigabytes. `auth` sends the access token (a manifest says whether its
+    /// files need it; a pre-signed storage URL must not get it). A download cut off is
+    /// started again from the beginning, within the usual retries.
+    pub async fn download(&self, url: &str, path: &std::path::Path, auth: bool) -> Result<u64, ClientError> {
+        use std::io::Write;
+        let mut retries = 0u32;
+        loop {
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let mut req = self.http.get(url).header(reqwest::header::ACCEPT, "application/fhir+ndjson");
+            if auth {
+                if let Some(t) = &self.opts.bearer {
+                    req = req.bearer_auth(t);
+                }
+                if self.opts.smart.is_some() {
+                    req = req.bearer_auth(self.smart_token().await?);
+                }
+            }
+            let transport = |e: &reqwest::Error| ClientError::Transport {
+                url: url.to_string(),
+                message: self.describe(e),
             };
-            if retries >= self.opts.max_retries {
+            let mut resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    self.backoff(url, &mut retries, transport(&e), None).await?;
+                    continue;
+                }
+            };
+            let status = resp.status();
+            if !status.is_success() {
+                let wait = retry_after(&resp);
+                let body = resp.text().await.unwrap_or_default();
+                let error = ClientError::Status {
+                    url: url.to_string(),
+                    status: status.as_u16(),
+                    message: outcome_text(&body).unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string()),
+                };
+                if status.as_u16() == 429 || status.is_server_error() {
+                    self.backoff(url, &mut retries, error, wait).await?;
+                    continue;
+                }
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 return Err(error);
             }
-            let spent = self
-                .budget_left
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1));
-            if spent.is_err() {
-                self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%error, "retry budget spent");
-                return Err(ClientError::Budget {
-                    url,
-                    budget: self.opts.retry_budget,
-                });
+            let io = |e: std::io::Error| ClientError::Transport {
+                url: url.to_string(),
+                message: format!("writing {}: {e}", path.display()),
+            };
+            let mut file = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
+            let mut written = 0u64;
+            let cut = loop {
+                match resp.chunk().await {
+                    Ok(Some(bytes)) => {
+                        file.write_all(&bytes).map_err(io)?;
+                        written += bytes.len() as u64;
+                    }
+                    Ok(None) => break None,
+                    Err(e) => break Some(transport(&e)),
+                }
+            };
+            match cut {
+                None => {
+                    file.flush().map_err(io)?;
+                    return Ok(written);
+                }
+                Some(error) => self.backoff(url, &mut retries, error, None).await?,
             }
-            // Full jitter over an exponential ceiling, unless the server said how long to wait.
-            let ceiling = self
-                .opts
-                .base_backoff
-                .saturating_mul(1u32 << retries.min(16))
-                .min(self.opts.max_backoff);
-            let pause = wait
-                .map(|w| w.min(self.opts.max_backoff.max(w.min(Duration::from_secs(300)))))
-                .unwrap_or_else(|| ceiling.mul_f64(jitter()));
-            retries += 1;
-            self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(%error, retry = retries, wait_ms = pause.as_millis() as u64, "retrying");
-            tokio::time::sleep(pause).await;
         }
     }
 
@@ -536,6 +629,7 @@ impl FhirClient {
             url: self.url(&format!("{kind}/_search")),
             body: Some(query.to_string()),
             headers: vec![("content-type", "application/x-www-form-urlencoded".to_string())],
+            fhir: true,
         };
         let first = self.send(&req).await?.body;
         self.follow(req.url, first).await

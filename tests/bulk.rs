@@ -1,0 +1,234 @@
+//! Bulk Data export against a mock that plays the whole protocol: kick-off with `_type`,
+//! `_typeFilter` and `_since`, status polling with `X-Progress` and `Retry-After`, a manifest
+//! whose files need the access token, a download that fails once, an error file, a `deleted`
+//! list, and the final DELETE; then the files are screened like any NDJSON folder.
+
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+use trialgate::criteria::decisions::Decisions;
+use trialgate::fhir::client::{ClientOptions, FhirClient};
+use trialgate::time::Date;
+use wiremock::matchers::{header, method, path, query_param};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn client(server: &MockServer) -> FhirClient {
+    FhirClient::new(
+        &server.uri(),
+        ClientOptions {
+            bearer: Some("s3cret-token".into()),
+            base_backoff: Duration::from_millis(10),
+            max_retries: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn ndjson(name: &str) -> String {
+    std::fs::read_to_string(root().join("fixtures/bulk").join(name)).unwrap()
+}
+
+fn temp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("trialgate-bulk-{name}-{}", std::process::id()))
+}
+
+#[tokio::test]
+async fn a_full_export_is_polled_downloaded_and_screened_like_files() {
+    let server = MockServer::start().await;
+    let status = format!("{}/status/job-1", server.uri());
+    Mock::given(method("GET"))
+        .and(path("/Group/ln-clinic/$export"))
+        .and(header("prefer", "respond-async"))
+        .and(query_param("_since", "2026-05-01T00:00:00Z"))
+        .respond_with(ResponseTemplate::new(202).insert_header("Content-Location", status.as_str()))
+        .expect(1)
+        .mount(&server)
+        .await;
+    // In progress once (with Retry-After and X-Progress), then done.
+    Mock::given(method("GET"))
+        .and(path("/status/job-1"))
+        .respond_with(
+            ResponseTemplate::new(202)
+                .insert_header("Retry-After", "1")
+                .insert_header("X-Progress", "50% (Observations)"),
+        )
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    let file = |name: &str| format!("{}/files/{name}", server.uri());
+    let manifest = json!({
+        "transactionTime": "2026-06-01T02:00:00Z",
+        "request": format!("{}/Group/ln-clinic/$export", server.uri()),
+        "requiresAccessToken": true,
+        "output": [
+            {"type": "Observation", "url": file("obs-1")},
+            {"type": "Patient", "url": file("patients")},
+            {"type": "Condition", "url": file("conditions")},
+        ],
+        "error": [{"type": "OperationOutcome", "url": file("errors")}],
+        "deleted": [{"type": "Bundle", "url": file("deleted")}],
+    });
+    Mock::given(method("GET"))
+        .and(path("/status/job-1"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(manifest.to_string(), "application/json"))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    // The Observation file fails once: the download is started again.
+    Mock::given(method("GET"))
+        .and(path("/files/obs-1"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    for (name, body) in [
+        ("obs-1", ndjson("Observation.ndjson")),
+        ("patients", ndjson("Patient.ndjson")),
+        ("conditions", ndjson("Condition.ndjson")),
+        (
+            "errors",
+            json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing",
+                "diagnostics": "MedicationRequest for 3 patients could not be exported"}]})
+            .to_string(),
+        ),
+        (
+            "deleted",
+            json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+                {"request": {"method": "DELETE", "url": "Observation/old-1"}},
+                {"request": {"method": "DELETE", "url": "Observation/old-2"}}]})
+            .to_string(),
+        ),
+    ] {
+        Mock::given(method("GET"))
+            .and(path(format!("/files/{name}")))
+            .and(header("authorization", "Bearer s3cret-token"))
+            .respond_with(ResponseTemplate::new(200).set_body_raw(body, "application/fhir+ndjson"))
+            .with_priority(2)
+            .mount(&server)
+            .await;
+    }
+    Mock::given(method("DELETE"))
+        .and(path("/status/job-1"))
+        .respond_with(ResponseTemplate::new(202))
+        .expect(1)
+        .mount(&server)
+        .await;
+
+    let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[]).unwrap();
+    let as_of = Date::parse("2026-06-01").unwrap();
+    let dir = temp("full");
+    let _ = std::fs::remove_dir_all(&dir);
+    let started = std::time::Instant::now();
+    let (s, exported) = trialgate::sweep::bulk_sweep(
+        &client(&server),
+        &cfg,
+        as_of,
+        &Decisions::default(),
+        Some("ln-clinic".into()),
+        Some("2026-05-01T00:00:00Z".into()),
+        true,
+        Duration::from_secs(5),
+        &dir,
+    )
+    .await
+    .expect("the export runs");
+    assert!(started.elapsed() >= Duration::from_millis(950), "Retry-After: 1 was honoured");
+    assert_eq!(exported.transaction_time.as_deref(), Some("2026-06-01T02:00:00Z"));
+    assert_eq!(exported.files.len(), 3);
+    assert_eq!(exported.deleted, 2);
+    assert!(
+        s.issues
+            .iter()
+            .any(|i| i.message.contains("MedicationRequest for 3 patients could not be exported")),
+        "{:?}",
+        s.issues
+    );
+
+    // The same verdicts as the files read from disk.
+    let files = trialgate::screen(&root().join("fixtures/bulk"), &cfg, as_of, &Decisions::default()).unwrap();
+    let statuses = |rs: &[trialgate::criteria::eval::TrialResult]| -> BTreeMap<(String, String), &'static str> {
+        rs.iter()
+            .map(|r| ((r.patient.clone(), r.trial.clone()), r.status.as_str()))
+            .collect()
+    };
+    assert_eq!(statuses(&s.results), statuses(&files.results));
+    assert!(s.patients > 0);
+
+    // The kick-off asked for the types the trials read and the Observation codes they use.
+    let reqs = server.received_requests().await.unwrap();
+    let kick = reqs.iter().find(|r| r.url.path().ends_with("$export")).unwrap();
+    let q: BTreeMap<String, String> = kick.url.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+    let types: Vec<&str> = q["_type"].split(',').collect();
+    for t in ["Patient", "Observation", "Condition", "MedicationRequest", "Medication"] {
+        assert!(types.contains(&t), "{t} missing from {types:?}");
+    }
+    assert!(!types.contains(&"Encounter"));
+    assert!(
+        q["_typeFilter"].starts_with("Observation?code=") && q["_typeFilter"].contains("98979-8"),
+        "{q:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A server that refuses `_typeFilter` is asked again without it; one whose export fails is
+/// reported in its own words.
+#[tokio::test]
+async fn a_refused_filter_is_dropped_and_a_failed_export_is_reported() {
+    let server = MockServer::start().await;
+    let outcome = |text: &str| {
+        json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-supported", "diagnostics": text}]})
+            .to_string()
+    };
+    Mock::given(method("GET"))
+        .and(path("/Patient/$export"))
+        .and(wiremock::matchers::query_param_contains("_typeFilter", "Observation"))
+        .respond_with(ResponseTemplate::new(400).set_body_raw(outcome("_typeFilter is not supported"), "application/fhir+json"))
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    let status = format!("{}/status/job-2", server.uri());
+    Mock::given(method("GET"))
+        .and(path("/Patient/$export"))
+        .respond_with(ResponseTemplate::new(202).insert_header("Content-Location", status.as_str()))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/status/job-2"))
+        .respond_with(ResponseTemplate::new(500).set_body_raw(outcome("export failed: disk full"), "application/fhir+json"))
+        .mount(&server)
+        .await;
+    let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &["NCT06406205".into()]).unwrap();
+    let dir = temp("failed");
+    let err = trialgate::sweep::bulk_sweep(
+        &client(&server),
+        &cfg,
+        Date::parse("2026-06-01").unwrap(),
+        &Decisions::default(),
+        None,
+        None,
+        true,
+        Duration::from_secs(1),
+        &dir,
+    )
+    .await;
+    let Err(err) = err else {
+        panic!("the export failed, yet the sweep succeeded")
+    };
+    let text = err.to_string();
+    assert!(text.contains("export failed: disk full"), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
+    let reqs = server.received_requests().await.unwrap();
+    let kicks: Vec<_> = reqs.iter().filter(|r| r.url.path() == "/Patient/$export").collect();
+    assert_eq!(kicks.len(), 2, "asked again without _typeFilter");
+    assert!(!kicks[1].url.query().unwrap_or_default().contains("_typeFilter"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
