@@ -25,6 +25,7 @@ use criteria::trial::{Trial, Warning, load_trial};
 use facts::Unmapped;
 use facts::mappings::Mappings;
 use facts::store::FactStore;
+pub use facts::store::Shard;
 use fhir::InputIssue;
 use fhir::files::{ReadError, ReadOptions, list_files};
 use serde::Serialize;
@@ -183,7 +184,14 @@ pub struct Screening {
 /// Screens every patient found under `path` against every configured trial.
 pub fn screen(path: &Path, cfg: &Config, as_of: Date, decisions: &Decisions) -> Result<Screening, ReadError> {
     let mut results = Vec::new();
-    let totals = screen_each(path, cfg, as_of, decisions, &mut |_| {}, &mut |r| results.push(r))?;
+    let totals = screen_each(path, cfg, as_of, decisions, None, &mut |_| {}, &mut |r| results.push(r))?;
+    Ok(totals.with(results))
+}
+
+/// [`screen`] for one shard of the patients (see [`Shard`]).
+pub fn screen_shard(path: &Path, cfg: &Config, as_of: Date, decisions: &Decisions, shard: Shard) -> Result<Screening, ReadError> {
+    let mut results = Vec::new();
+    let totals = screen_each(path, cfg, as_of, decisions, Some(shard), &mut |_| {}, &mut |r| results.push(r))?;
     Ok(totals.with(results))
 }
 
@@ -211,17 +219,19 @@ impl Totals {
 
 /// Screens every patient found under `path`, handing over the results as they are made (in
 /// patient order) rather than holding them: what a cohort of millions needs. `begin` learns
-/// the number of patients once the input is read, before the first result.
+/// the number of patients once the input is read, before the first result. With a `shard`,
+/// only that shard's patients are screened.
 pub fn screen_each(
     path: &Path,
     cfg: &Config,
     as_of: Date,
     decisions: &Decisions,
+    shard: Option<Shard>,
     begin: &mut dyn FnMut(usize),
     each: &mut dyn FnMut(TrialResult),
 ) -> Result<Totals, ReadError> {
     let files = list_files(path)?;
-    let mut store = FactStore::keeping(criteria::eval::lab_spans(&cfg.trials, &cfg.mappings, as_of));
+    let mut store = FactStore::keeping(criteria::eval::lab_spans(&cfg.trials, &cfg.mappings, as_of)).sharded(shard);
     let mut issues = Vec::new();
     pipeline::read_files(&files, cfg, &mut store, &mut issues)?;
     let inputs = files

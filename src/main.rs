@@ -110,6 +110,10 @@ struct ReportArgs {
     /// Write the report here instead of standard output.
     #[arg(long, short, value_name = "FILE")]
     output: Option<PathBuf>,
+    /// Screen only part K of N of the patients (1 ≤ K ≤ N), chosen by a stable hash of the
+    /// patient id: N processes with 1/N ... N/N together screen everyone exactly once.
+    #[arg(long, value_name = "K/N", value_parser = trialgate::Shard::parse)]
+    shard: Option<trialgate::Shard>,
 }
 
 #[derive(clap::Args)]
@@ -400,6 +404,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     format,
                     decisions,
                     output,
+                    shard,
                 },
         } => {
             let as_of = parse_as_of(as_of)?;
@@ -417,6 +422,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &cfg,
                 as_of,
                 &loaded,
+                shard,
                 &mut |patients| {
                     *writer.borrow_mut() = Some(trialgate::report::Writer::new(
                         sink.writer(),
@@ -467,6 +473,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         format,
                         decisions,
                         output,
+                        shard,
                     },
                 token_env,
                 token_file,
@@ -589,6 +596,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (None, None, true) => Cohort::All,
             };
             let sweep_opts = SweepOptions {
+                shard,
                 cohort,
                 batch,
                 concurrency,
@@ -600,6 +608,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             let started = std::time::Instant::now();
+            if bulk && shard.is_some() {
+                return Err(bad(
+                    "--shard with --bulk would export the whole cohort once per shard: export once (--bulk --bulk-dir DIR), then run `trialgate screen --bundle DIR --shard K/N` in each process",
+                ));
+            }
             let (mut s, errors) = if bulk {
                 let group = match &sweep_opts.cohort {
                     Cohort::Group(g) => Some(g.clone()),

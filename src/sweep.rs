@@ -47,6 +47,8 @@ pub struct SweepOptions {
     /// also reports the lab codes it saw but could not map (the `unmapped` list), at the cost
     /// of fetching every Observation of the cohort.
     pub code_filter: bool,
+    /// Screen only this shard's patients (the cohort is read whole, then split).
+    pub shard: Option<crate::Shard>,
 }
 
 impl Default for SweepOptions {
@@ -57,6 +59,7 @@ impl Default for SweepOptions {
             concurrency: 4,
             page_size: 200,
             code_filter: true,
+            shard: None,
         }
     }
 }
@@ -382,6 +385,14 @@ pub async fn sweep(
     let mut unique: Vec<String> = ids;
     unique.sort();
     unique.dedup();
+    if let Some(shard) = opts.shard {
+        unique.retain(|id| shard.holds(id));
+        // Patients the cohort search already brought, of other shards, are not this run's.
+        read.resources.retain(|p| match &p.resource {
+            Resource::Patient(pt) => pt.id.as_deref().is_some_and(|id| shard.holds(id)),
+            _ => true,
+        });
+    }
 
     // Batches run concurrently, at most `concurrency` at a time.
     let limit = Arc::new(tokio::sync::Semaphore::new(opts.concurrency.max(1)));

@@ -711,3 +711,68 @@ async fn long_searches_go_as_post_and_their_pages_are_followed() {
     // metadata, Patient, Observation (two pages) and one per other type.
     assert_eq!(summary.requests as usize, 1 + 1 + 2 + OTHER_TYPES.len());
 }
+
+/// Two processes with `--shard 1/2` and `2/2` fetch and screen disjoint halves of the cohort
+/// that together are the whole of it.
+#[tokio::test]
+async fn shards_of_a_server_cohort_are_disjoint_and_complete() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/metadata"))
+        .respond_with(ResponseTemplate::new(404))
+        .mount(&server)
+        .await;
+    // Answers any Patient?_id=a,b,... with those patients.
+    Mock::given(method("GET"))
+        .and(path("/Patient"))
+        .respond_with(|req: &wiremock::Request| {
+            let ids = req
+                .url
+                .query_pairs()
+                .find(|(k, _)| k == "_id")
+                .map(|(_, v)| v.split(',').map(patient).collect::<Vec<_>>())
+                .unwrap_or_default();
+            ok(&searchset(&ids, None))
+        })
+        .mount(&server)
+        .await;
+    empty_searches(&server, &["Observation"]).await;
+    empty_searches(&server, OTHER_TYPES).await;
+    let ids: Vec<String> = (0..20).map(|i| format!("pt-{i}")).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut requested = Vec::new();
+    for k in 1..=2 {
+        let shard = trialgate::Shard::parse(&format!("{k}/2")).unwrap();
+        let opts = SweepOptions {
+            cohort: Cohort::Ids(ids.clone()),
+            shard: Some(shard),
+            ..Default::default()
+        };
+        let client = FhirClient::new(&server.uri(), fast()).unwrap();
+        let (s, summary) = sweep(&client, &config("NCT06406205"), as_of(), &Decisions::default(), &opts)
+            .await
+            .unwrap();
+        assert_eq!(summary.errors, 0);
+        for r in &s.results {
+            assert!(shard.holds(&r.patient));
+            assert!(seen.insert(r.patient.clone()), "{} screened twice", r.patient);
+        }
+    }
+    for r in server.received_requests().await.unwrap() {
+        if r.url.path() == "/Patient" {
+            for (k, v) in r.url.query_pairs() {
+                if k == "_id" {
+                    requested.extend(v.split(',').map(str::to_string));
+                }
+            }
+        }
+    }
+    let all: std::collections::BTreeSet<String> = ids.iter().map(|i| format!("Patient/{i}")).collect();
+    assert_eq!(seen, all, "every patient once");
+    requested.sort();
+    requested.dedup_by(|a, b| {
+        assert_ne!(a, b, "{a} fetched by both shards");
+        false
+    });
+    assert_eq!(requested.len(), ids.len(), "each patient fetched by one shard only");
+}

@@ -20,11 +20,47 @@ use crate::time::Window;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// One of N disjoint parts of a cohort, chosen by a stable hash of the patient id, so that N
+/// processes (anywhere, in any order) split a cohort with no overlap and no gap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// 0-based.
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Shard {
+    /// `K/N` with 1 ≤ K ≤ N, as a batch scheduler numbers its workers from 1.
+    pub fn parse(s: &str) -> Result<Shard, String> {
+        let err = || format!("`{s}`: give K/N with 1 ≤ K ≤ N, such as 2/4");
+        let (k, n) = s.split_once('/').ok_or_else(err)?;
+        let (k, n): (u32, u32) = (k.trim().parse().map_err(|_| err())?, n.trim().parse().map_err(|_| err())?);
+        if k == 0 || n == 0 || k > n {
+            return Err(err());
+        }
+        Ok(Shard { index: k - 1, count: n })
+    }
+
+    /// Whether this shard holds the patient with this id (or `Patient/<id>` key). FNV-1a:
+    /// the same on every machine and in every version, unlike the standard library's hasher.
+    pub fn holds(&self, id_or_key: &str) -> bool {
+        let id = id_or_key.strip_prefix("Patient/").unwrap_or(id_or_key);
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in id.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h % u64::from(self.count) == u64::from(self.index)
+    }
+}
+
 /// The patients and Medications known at some point of the input.
 #[derive(Debug, Default, Clone)]
 pub struct Registry {
     alias: HashMap<String, usize>,
     demographics: Vec<Demographics>,
+    /// Per patient, whether this process screens it (see [`Shard`]).
+    mine: Vec<bool>,
     meds: MedicationIndex,
 }
 
@@ -75,6 +111,9 @@ impl Partial {
             self.deferred.push(later);
             return;
         };
+        if !reg.mine[patient] {
+            return; // another shard's patient
+        }
         let reference = format!("{}/{id}", resource.type_name());
         let f = self.facts.entry(patient).or_default();
         extract_one(
@@ -103,6 +142,7 @@ pub struct FactStore {
     snapshot: Option<Arc<Registry>>,
     /// Per lab, the span of time in which values can matter; None: keep every value.
     spans: Option<Vec<Option<Window>>>,
+    shard: Option<Shard>,
 }
 
 /// Order numbers of resources fed one at a time sort after those of every parallel run.
@@ -116,6 +156,13 @@ impl FactStore {
             spans: Some(spans),
             ..Default::default()
         }
+    }
+
+    /// Screens only the patients of `shard`; the others are still registered (so that their
+    /// resources are told apart from those of patients not in the input) but not reduced.
+    pub fn sharded(mut self, shard: Option<Shard>) -> FactStore {
+        self.shard = shard;
+        self
     }
 
     /// The registry as it stands, for reducing a run of resources on other threads.
@@ -145,6 +192,7 @@ impl FactStore {
                 }
                 self.registry.alias.insert(key.clone(), index);
                 self.registry.demographics.push(demographics(&patient));
+                self.registry.mine.push(self.shard.is_none_or(|s| s.holds(&key)));
                 self.facts.push(PatientFacts { key, ..Default::default() });
             }
             Resource::Medication(med) => {
@@ -216,6 +264,9 @@ impl FactStore {
                 orphans += 1;
                 continue;
             };
+            if !self.registry.mine[patient] {
+                continue;
+            }
             let reference = match (resource.id(), &d.parsed.full_url) {
                 (Some(_), _) | (None, Some(_)) => reference_for(resource, d.parsed.full_url.as_deref(), 0),
                 (None, None) => {
@@ -262,7 +313,9 @@ impl FactStore {
             .facts
             .into_iter()
             .zip(self.registry.demographics)
-            .map(|(mut f, d)| {
+            .zip(self.registry.mine)
+            .filter(|(_, mine)| *mine)
+            .map(|((mut f, d), _)| {
                 f.demographics = d;
                 f
             })
