@@ -286,6 +286,87 @@ fn load_decisions(path: &Option<PathBuf>, cfg: &trialgate::Config) -> anyhow::Re
 }
 
 /// Names the decisions file in the provenance, logs input problems, writes the report.
+/// A progress line on a terminal (redrawn four times a second), or a log line every ten
+/// seconds when stderr is not one (a scheduler's log); stops when dropped.
+struct ProgressDisplay {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ProgressDisplay {
+    fn start(what: &'static str) -> ProgressDisplay {
+        use std::io::IsTerminal;
+        use std::sync::atomic::Ordering::Relaxed;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let terminal = std::io::stderr().is_terminal();
+        let thread = std::thread::spawn(move || {
+            let p = &trialgate::pipeline::PROGRESS;
+            let started = std::time::Instant::now();
+            let (tick, every) = if terminal { (250, 1) } else { (250, 40) };
+            let mut n = 0u64;
+            let mut shown = false;
+            while !flag.load(Relaxed) {
+                // Parked, not slept: the drop below wakes it at once.
+                std::thread::park_timeout(std::time::Duration::from_millis(tick));
+                if flag.load(Relaxed) {
+                    break;
+                }
+                n += 1;
+                if n % every != 0 {
+                    continue;
+                }
+                let secs = started.elapsed().as_secs_f64();
+                let (read, total) = (p.bytes_read.load(Relaxed), p.bytes_total.load(Relaxed));
+                let (done, all) = (p.patients_done.load(Relaxed), p.patients_total.load(Relaxed));
+                let line = if total > 0 && read < total {
+                    let rate = read as f64 / secs;
+                    let eta = (total - read) as f64 / rate.max(1.0);
+                    format!(
+                        "{what}: read {:.0} of {:.0} MB ({:.0}%), {:.0} MB/s, about {eta:.0} s left",
+                        read as f64 / 1e6,
+                        total as f64 / 1e6,
+                        100.0 * read as f64 / total as f64,
+                        rate / 1e6
+                    )
+                } else if all > 0 {
+                    let done = done.min(all);
+                    format!(
+                        "{what}: {done} of {all} patients ({:.0}%), {:.1} s",
+                        100.0 * done as f64 / all as f64,
+                        secs
+                    )
+                } else {
+                    format!("{what}: starting, {secs:.0} s")
+                };
+                if terminal {
+                    eprint!("\r\x1b[K{line}");
+                    shown = true;
+                } else {
+                    tracing::info!("{line}");
+                }
+            }
+            if shown {
+                eprint!("\r\x1b[K");
+            }
+        });
+        ProgressDisplay {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for ProgressDisplay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
 /// Adds the decisions file to the provenance (decisions change outcomes) and logs the input
 /// problems.
 fn note_inputs(
@@ -415,8 +496,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let loaded = load_decisions(&decisions, &cfg)?;
             let started = std::time::Instant::now();
             let sink = ReportSink::open(output.as_deref())?;
+            let progress = ProgressDisplay::start("screen");
             let writer = std::cell::RefCell::new(None);
             let version = cfg.provenance.version.clone();
+            let mut counts: Vec<(String, [usize; 4])> = Vec::new();
             let mut totals = trialgate::screen_each(
                 &bundle,
                 &cfg,
@@ -433,6 +516,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ));
                 },
                 &mut |r| {
+                    let i = counts.iter().position(|(t, _)| *t == r.trial).unwrap_or_else(|| {
+                        counts.push((r.trial.clone(), [0; 4]));
+                        counts.len() - 1
+                    });
+                    counts[i].1[r.status as usize] += 1;
                     if let Some(w) = writer.borrow_mut().as_mut() {
                         w.result(&r);
                     }
@@ -442,11 +530,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sink.discard();
                 bad(e)
             })?;
-            tracing::info!(
-                patients = totals.patients,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "screening done"
+            drop(progress);
+            let mb = trialgate::pipeline::PROGRESS.bytes_total.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6;
+            eprintln!(
+                "screen: {} patient(s), {mb:.1} MB, {:.1} s; {} input problem(s){}",
+                totals.patients,
+                started.elapsed().as_secs_f64(),
+                totals.issues.len(),
+                if totals.issues.is_empty() {
+                    ""
+                } else {
+                    " (logged above; in the report)"
+                }
             );
+            for (trial, [e, p, i, _]) in &counts {
+                eprintln!("  {trial}: {e} eligible, {p} potentially eligible, {i} ineligible");
+            }
             note_inputs(&mut totals.provenance, &totals.issues, &decisions)?;
             let Some(w) = writer.into_inner() else {
                 anyhow::bail!("internal: the screening never started its report");
@@ -608,6 +707,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             let started = std::time::Instant::now();
+            let progress = ProgressDisplay::start("sweep");
             if bulk && shard.is_some() {
                 return Err(bad(
                     "--shard with --bulk would export the whole cohort once per shard: export once (--bulk --bulk-dir DIR), then run `trialgate screen --bundle DIR --shard K/N` in each process",
@@ -667,6 +767,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 (s, summary.errors)
             };
+            drop(progress);
             if let Some(writer) = writer {
                 let wopts = WriteOptions { write_ineligible, dry_run };
                 let w = runtime

@@ -21,11 +21,29 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel};
 
 /// Bytes per block handed to a worker: large enough that handing over costs nothing next to
 /// parsing, small enough that the blocks in flight stay a few tens of MB.
 const BLOCK: usize = 1 << 20;
+
+/// How far the current run is, for a progress display: updated by the reader, the evaluator
+/// and the sweep as they go, read by whoever shows it (the CLI's progress line). Counters
+/// only: one per process is enough, and a library user may ignore it.
+pub struct Progress {
+    pub bytes_total: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub patients_total: AtomicU64,
+    pub patients_done: AtomicU64,
+}
+
+pub static PROGRESS: Progress = Progress {
+    bytes_total: AtomicU64::new(0),
+    bytes_read: AtomicU64::new(0),
+    patients_total: AtomicU64::new(0),
+    patients_done: AtomicU64::new(0),
+};
 
 /// What was read, for the summary and progress.
 #[derive(Debug, Default, Clone, Copy)]
@@ -52,6 +70,9 @@ pub fn read_files(files: &[PathBuf], cfg: &Config, store: &mut FactStore, issues
     let opts = read_options(cfg);
     let mut stats = ReadStats::default();
     let mut seq = 0u64;
+    let total: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+    PROGRESS.bytes_total.store(total, Ordering::Relaxed);
+    PROGRESS.bytes_read.store(0, Ordering::Relaxed);
     for (_, f) in ordered {
         let io = |source| ReadError::Io { path: f.clone(), source };
         stats.bytes += std::fs::metadata(f).map_err(io)?.len();
@@ -62,6 +83,7 @@ pub fn read_files(files: &[PathBuf], cfg: &Config, store: &mut FactStore, issues
             tracing::debug!(file = %f.display(), peak_rss_kb = peak_rss_kb(), "file read");
         } else {
             let text = std::fs::read_to_string(f).map_err(io)?;
+            PROGRESS.bytes_read.fetch_add(text.len() as u64, Ordering::Relaxed);
             // Windows tools often write a UTF-8 byte-order mark, which JSON parsers reject.
             let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
             let mut out = ReadOutput::default();
@@ -200,6 +222,7 @@ fn read_ndjson(
                 };
                 *seq += 1;
                 line += lines;
+                PROGRESS.bytes_read.fetch_add(block.bytes.len() as u64, Ordering::Relaxed);
                 if work_tx.send(block).is_err() {
                     break Ok(());
                 }
@@ -243,6 +266,8 @@ const ROUND: usize = 2048;
 /// patient order.
 pub fn evaluate_each(facts: &[PatientFacts], cfg: &Config, as_of: Date, decisions: &Decisions, each: &mut dyn FnMut(TrialResult)) {
     let threads = std::thread::available_parallelism().map(usize::from).unwrap_or(1).max(1);
+    PROGRESS.patients_total.store(facts.len() as u64, Ordering::Relaxed);
+    PROGRESS.patients_done.store(0, Ordering::Relaxed);
     for round in facts.chunks(ROUND) {
         let chunk = round.len().div_ceil(threads).max(1);
         let parts: Vec<Vec<TrialResult>> = std::thread::scope(|s| {
@@ -266,6 +291,7 @@ pub fn evaluate_each(facts: &[PatientFacts], cfg: &Config, as_of: Date, decision
                 .collect()
         });
         parts.into_iter().flatten().for_each(&mut *each);
+        PROGRESS.patients_done.fetch_add(round.len() as u64, Ordering::Relaxed);
     }
 }
 

@@ -406,7 +406,12 @@ pub async fn sweep(
     }
     let mut failed: BTreeMap<String, String> = BTreeMap::new();
     let mut all_pages: Vec<(String, Vec<String>)> = Vec::new();
+    let progress = &crate::pipeline::PROGRESS;
+    progress.bytes_total.store(0, Ordering::Relaxed);
+    progress.patients_total.store(unique.len() as u64, Ordering::Relaxed);
+    progress.patients_done.store(0, Ordering::Relaxed);
     while let Some(joined) = tasks.join_next().await {
+        progress.patients_done.fetch_add(opts.batch.max(1) as u64, Ordering::Relaxed);
         match joined {
             Ok((pages, errors)) => {
                 all_pages.extend(pages);

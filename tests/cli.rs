@@ -926,3 +926,43 @@ fn medications_resolve_through_codes_contained_and_bundle_references() {
     assert_eq!(outcome(result(&v, "Patient/grace-okafor", "TG-PROBE"), "on-mmf"), "not-met");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A report written to a file appears whole under its name (never half of one), and stderr
+/// ends with a summary: patients, input size, time, problems, and counts per trial.
+#[test]
+fn a_report_file_appears_whole_and_stderr_summarizes_the_run() {
+    let dir = std::env::temp_dir().join(format!("trialgate-cli-summary-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("verdicts.csv");
+    let o = trialgate(&[
+        "screen",
+        "--bundle",
+        "fixtures/bundles",
+        "--as-of",
+        "2026-06-01",
+        "--format",
+        "csv",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("screen: 9 patient(s)"), "{err}");
+    assert!(
+        err.contains("NCT06406205: 0 eligible, 5 potentially eligible, 4 ineligible"),
+        "{err}"
+    );
+    let csv = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 9 * 5);
+    assert!(!dir.join("verdicts.csv.partial").exists());
+
+    // A run that fails once the report is open (a folder with no FHIR files) leaves neither
+    // the report nor a partial one.
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let missing = dir.join("nothing.csv");
+    let o = trialgate(&["screen", "--bundle", empty.to_str().unwrap(), "-o", missing.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(!missing.exists() && !dir.join("nothing.csv.partial").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
