@@ -64,6 +64,7 @@ fn screen(data: &Path, cfg: &trialgate::Config, out: &Path) -> (f64, f64) {
         cfg,
         as_of,
         &Decisions::default(),
+        None,
         &mut |n| {
             if let Some(f) = file.take() {
                 *writer.borrow_mut() = Some(Writer::new(f, Format::Csv, as_of, "bench", n));
