@@ -212,6 +212,15 @@ struct SweepArgs {
     /// Retry-After is honoured up to this.
     #[arg(long, value_name = "SECS", default_value_t = 30, requires = "bulk")]
     bulk_poll_max: u64,
+    /// Keep the sweep's state in this SQLite file: each batch of verdicts is committed as it
+    /// is made, so the same sweep started again after a crash or kill resumes where it stopped;
+    /// and finished runs are compared, listing who became eligible or ineligible.
+    #[arg(long, value_name = "FILE", env = "TRIALGATE_STATE")]
+    state: Option<PathBuf>,
+    /// With --state: write the patients whose status changed since the previous finished run
+    /// of this cohort to this CSV file (patient,trial,from,to).
+    #[arg(long, value_name = "FILE", requires = "state")]
+    changes: Option<PathBuf>,
 }
 
 /// An error that is the user's input or configuration (exit 2), as opposed to a failure (exit 1).
@@ -596,6 +605,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 since,
                 bulk_dir,
                 bulk_poll_max,
+                state,
+                changes,
             } = *args;
             let g = trialgate::gateway::Gateway::load(&config, &|k| std::env::var(k).ok()).map_err(bad)?;
             let nonempty = |s: &String| (!s.is_empty()).then(|| s.clone());
@@ -707,6 +718,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             let started = std::time::Instant::now();
+            // The run is what decides its verdicts: the same key resumes an interrupted run.
+            let mut state = match &state {
+                Some(path) => {
+                    let cohort_key = format!(
+                        "{server}|{:?}|{}|{:?}|{}",
+                        sweep_opts.cohort,
+                        cfg.provenance.config_hash,
+                        shard,
+                        if bulk { "bulk" } else { "rest" }
+                    );
+                    let run_key = format!("{cohort_key}|{as_of}");
+                    let st = trialgate::state::State::open(path, &run_key, &cohort_key, &as_of.to_string()).map_err(bad)?;
+                    if st.resumed {
+                        eprintln!("sweep: resuming the interrupted run recorded in {}", path.display());
+                    }
+                    Some(st)
+                }
+                None => None,
+            };
             let progress = ProgressDisplay::start("sweep");
             if bulk && shard.is_some() {
                 return Err(bad(
@@ -742,6 +772,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let _ = std::fs::remove_dir_all(&dir);
                 }
                 let (s, exported) = outcome?;
+                if let Some(st) = state.as_mut() {
+                    st.save(&s.results)?;
+                }
                 eprintln!(
                     "bulk export: {} file(s), {:.1} MB, transactionTime {} (the --since of the next run); {} deleted since --since (listed, not applied); {} server error(s); {} request(s), {} retried",
                     exported.files.len(),
@@ -755,7 +788,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("sweep: {} patient(s); {:.1} s", s.patients, started.elapsed().as_secs_f64());
                 (s, 0)
             } else {
-                let (s, summary) = runtime.block_on(trialgate::sweep::sweep(&client, &cfg, as_of, &loaded, &sweep_opts))?;
+                let (s, summary) = runtime.block_on(trialgate::sweep::sweep(&client, &cfg, as_of, &loaded, &sweep_opts, state.as_mut()))?;
                 eprintln!(
                     "sweep: {} patient(s), {} in error; {} read request(s), {} retried, {} failed; {:.1} s",
                     summary.patients,
@@ -768,6 +801,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (s, summary.errors)
             };
             drop(progress);
+            // Only a run with nobody in error is finished: an unfinished one is resumed, and its
+            // patients in error are tried again.
+            if let (Some(st), 0) = (state.as_mut(), errors) {
+                let c = st.finish()?;
+                match &c.since {
+                    Some(since) => eprintln!(
+                        "changes since the run as of {since}: {} newly eligible or potentially eligible, {} newly ineligible",
+                        c.newly_eligible.len(),
+                        c.newly_ineligible.len()
+                    ),
+                    None => eprintln!("changes: this is the first finished run of this cohort"),
+                }
+                if let Some(path) = &changes {
+                    let mut out = String::from("patient,trial,from,to\n");
+                    for ch in c.newly_eligible.iter().chain(&c.newly_ineligible) {
+                        out.push_str(&format!(
+                            "{},{},{},{}\n",
+                            ch.patient,
+                            ch.trial,
+                            ch.from.as_deref().unwrap_or(""),
+                            ch.to
+                        ));
+                    }
+                    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))?;
+                }
+            }
             if let Some(writer) = writer {
                 let wopts = WriteOptions { write_ineligible, dry_run };
                 let w = runtime

@@ -17,7 +17,7 @@ use crate::fhir::{InputIssue, Resource, query_encode as encode};
 use crate::time::Date;
 use crate::{Config, Screening, SourceFile};
 use serde::Deserialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -69,6 +69,8 @@ pub enum SweepError {
     /// The cohort itself could not be read: there is nothing to screen.
     #[error("cannot read the cohort: {0}")]
     Cohort(ClientError),
+    #[error("{0}")]
+    State(crate::state::StateError),
 }
 
 /// How a sweep went, beyond the screening itself.
@@ -349,6 +351,7 @@ pub async fn sweep(
     as_of: Date,
     decisions: &Decisions,
     opts: &SweepOptions,
+    mut state: Option<&mut crate::state::State>,
 ) -> Result<(Screening, SweepSummary), SweepError> {
     let needed: BTreeSet<&str> = cfg.trials.iter().flat_map(|t| t.resource_types()).collect();
     let served = served(client).await;
@@ -387,42 +390,142 @@ pub async fn sweep(
     unique.dedup();
     if let Some(shard) = opts.shard {
         unique.retain(|id| shard.holds(id));
-        // Patients the cohort search already brought, of other shards, are not this run's.
-        read.resources.retain(|p| match &p.resource {
-            Resource::Patient(pt) => pt.id.as_deref().is_some_and(|id| shard.holds(id)),
-            _ => true,
-        });
+    }
+    // Patients the cohort listing already brought, handed to their batch.
+    let mut listed: HashMap<String, crate::fhir::files::Parsed> = HashMap::new();
+    for p in read.resources.drain(..) {
+        if let Resource::Patient(pt) = &p.resource {
+            if let Some(id) = pt.id.clone() {
+                listed.entry(id).or_insert(p);
+            }
+        }
     }
 
-    // Batches run concurrently, at most `concurrency` at a time.
+    // A resumed run starts from its last checkpoint: those patients are not fetched again.
+    let mut results: Vec<TrialResult> = Vec::new();
+    let mut done: BTreeSet<String> = BTreeSet::new();
+    if let Some(st) = state.as_deref() {
+        let earlier = st.done().map_err(SweepError::State)?;
+        done.extend(earlier.iter().map(|r| r.patient.trim_start_matches("Patient/").to_string()));
+        results.extend(earlier);
+        if !done.is_empty() {
+            tracing::info!(
+                patients = done.len(),
+                "resuming: these patients were screened before the interruption"
+            );
+        }
+    }
+    let todo: Vec<String> = unique.iter().filter(|id| !done.contains(*id)).cloned().collect();
+
+    // Batches run concurrently, at most `concurrency` at a time; each is screened and
+    // checkpointed as soon as it arrives, so memory holds one batch's resources at a time.
     let limit = Arc::new(tokio::sync::Semaphore::new(opts.concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
-    for chunk in unique.chunks(opts.batch.max(1)) {
+    for (n, chunk) in todo.chunks(opts.batch.max(1)).enumerate() {
         let (client, plan, ids, limit) = (client.clone(), plan.clone(), chunk.to_vec(), limit.clone());
         tasks.spawn(async move {
             let _permit = limit.acquire_owned().await;
-            fetch_batch(&client, &plan, ids).await
+            let (pages, failed) = fetch_batch(&client, &plan, ids.clone()).await;
+            (n, ids, pages, failed)
         });
     }
     let mut failed: BTreeMap<String, String> = BTreeMap::new();
-    let mut all_pages: Vec<(String, Vec<String>)> = Vec::new();
+    let mut batch_issues: BTreeMap<usize, Vec<InputIssue>> = BTreeMap::new();
+    let mut unmapped = crate::facts::Unmapped::default();
+    let mut screened = done.len();
     let progress = &crate::pipeline::PROGRESS;
     progress.bytes_total.store(0, Ordering::Relaxed);
     progress.patients_total.store(unique.len() as u64, Ordering::Relaxed);
-    progress.patients_done.store(0, Ordering::Relaxed);
+    progress.patients_done.store(done.len() as u64, Ordering::Relaxed);
     while let Some(joined) = tasks.join_next().await {
-        progress.patients_done.fetch_add(opts.batch.max(1) as u64, Ordering::Relaxed);
-        match joined {
-            Ok((pages, errors)) => {
-                all_pages.extend(pages);
-                failed.extend(errors);
-            }
+        let (n, ids, pages, errors) = match joined {
+            Ok(x) => x,
             Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        progress.patients_done.fetch_add(ids.len() as u64, Ordering::Relaxed);
+        failed.extend(errors);
+        let s = screen_batch(&ids, pages, &failed, &mut listed, cfg, as_of, decisions);
+        // Patients of the cohort the server returned nothing for are reported, not lost.
+        let got: BTreeSet<&str> = s.results.iter().map(|r| r.patient.trim_start_matches("Patient/")).collect();
+        let missing: Vec<String> = ids
+            .iter()
+            .filter(|id| !got.contains(id.as_str()) && !failed.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in missing {
+            failed.insert(id, "the server returned no Patient resource for this id".into());
+        }
+        if let Some(st) = state.as_deref_mut() {
+            st.save(&s.results).map_err(SweepError::State)?;
+        }
+        screened += s.patients;
+        unmapped.merge(s.unmapped);
+        batch_issues.insert(n, s.issues);
+        results.extend(s.results);
+    }
+    for (id, reason) in &failed {
+        for t in &cfg.trials {
+            results.push(TrialResult {
+                patient: format!("Patient/{id}"),
+                trial: t.id.clone(),
+                status: Status::Error,
+                record: Some(reason.clone()),
+                decided_by: Vec::new(),
+                criteria: Vec::new(),
+                facts: Vec::new(),
+            });
         }
     }
+    results.sort_by(|a, b| {
+        a.patient
+            .cmp(&b.patient)
+            .then_with(|| trial_order(cfg, &a.trial).cmp(&trial_order(cfg, &b.trial)))
+    });
+    let mut all_issues = read.issues;
+    // In batch order, so that the same server state gives the same report, whatever the timing.
+    all_issues.extend(batch_issues.into_values().flatten());
+    all_issues.extend(issues);
+    let mut provenance = cfg.provenance.clone();
+    provenance.sources.push(SourceFile {
+        kind: "server",
+        path: client.base().to_string(),
+        sha256: None,
+        bytes: None,
+    });
+    let s = Screening {
+        as_of,
+        patients: screened + failed.len(),
+        results,
+        unmapped,
+        issues: all_issues,
+        provenance,
+    };
+    let summary = SweepSummary {
+        patients: s.patients,
+        errors: failed.len(),
+        requests: client.stats.requests.load(Ordering::Relaxed),
+        retries: client.stats.retries.load(Ordering::Relaxed),
+        failed_requests: client.stats.failures.load(Ordering::Relaxed),
+        types,
+    };
+    Ok((s, summary))
+}
+
+/// Screens one batch from its pages (and the Patients the cohort listing brought for it).
+fn screen_batch(
+    ids: &[String],
+    mut pages: Vec<(String, Vec<String>)>,
+    failed: &BTreeMap<String, String>,
+    listed: &mut HashMap<String, crate::fhir::files::Parsed>,
+    cfg: &Config,
+    as_of: Date,
+    decisions: &Decisions,
+) -> Screening {
+    let mut read = ReadOutput::default();
+    read.resources.extend(ids.iter().filter_map(|id| listed.remove(id)));
     // Sorted so that the same server state gives the same report, whatever the timing.
-    all_pages.sort();
-    for (label, pages) in &all_pages {
+    pages.sort();
+    for (label, pages) in &pages {
         read_pages(label, pages, &mut read, cfg);
     }
     // A failed patient's Patient resource may have arrived with the cohort: drop it, so it is
@@ -434,51 +537,7 @@ pub async fn sweep(
             .and_then(crate::fhir::record::normalize_reference)
             .is_some_and(|n| n.strip_prefix("Patient/").is_some_and(|id| failed.contains_key(id))),
     });
-    read.issues.extend(issues);
-    let input = SourceFile {
-        kind: "server",
-        path: client.base().to_string(),
-        sha256: None,
-        bytes: None,
-    };
-    let mut s = crate::screen_read(read, vec![input], cfg, as_of, decisions);
-
-    // Patients of the cohort the server returned nothing for are reported, not lost.
-    let screened: BTreeSet<String> = s.results.iter().map(|r| r.patient.clone()).collect();
-    for id in &unique {
-        let key = format!("Patient/{id}");
-        if !screened.contains(&key) && !failed.contains_key(id) {
-            failed.insert(id.clone(), "the server returned no Patient resource for this id".into());
-        }
-    }
-    for (id, reason) in &failed {
-        for t in &cfg.trials {
-            s.results.push(TrialResult {
-                patient: format!("Patient/{id}"),
-                trial: t.id.clone(),
-                status: Status::Error,
-                record: Some(reason.clone()),
-                decided_by: Vec::new(),
-                criteria: Vec::new(),
-                facts: Vec::new(),
-            });
-        }
-    }
-    s.results.sort_by(|a, b| {
-        a.patient
-            .cmp(&b.patient)
-            .then_with(|| trial_order(cfg, &a.trial).cmp(&trial_order(cfg, &b.trial)))
-    });
-    s.patients += failed.len();
-    let summary = SweepSummary {
-        patients: s.patients,
-        errors: failed.len(),
-        requests: client.stats.requests.load(Ordering::Relaxed),
-        retries: client.stats.retries.load(Ordering::Relaxed),
-        failed_requests: client.stats.failures.load(Ordering::Relaxed),
-        types,
-    };
-    Ok((s, summary))
+    crate::screen_read(read, Vec::new(), cfg, as_of, decisions)
 }
 
 /// The codes of every lab the trials read, and of the panels that carry one as a component:

@@ -304,7 +304,7 @@ async fn sweep_write_sweep_again(base: &str, via: &str) -> (u64, u64) {
         page_size: 7,
         ..Default::default()
     };
-    let (swept, summary) = sweep(&client, &cfg, as_of, &Decisions::default(), &paged).await.unwrap();
+    let (swept, summary) = sweep(&client, &cfg, as_of, &Decisions::default(), &paged, None).await.unwrap();
     assert_eq!(summary.errors, 0);
     assert_eq!(
         statuses(&swept.results),
@@ -361,7 +361,7 @@ async fn sweep_write_sweep_again(base: &str, via: &str) -> (u64, u64) {
         batch: 100,
         ..paged
     };
-    let (again, summary) = sweep(&client, &cfg, as_of, &Decisions::default(), &by_ids).await.unwrap();
+    let (again, summary) = sweep(&client, &cfg, as_of, &Decisions::default(), &by_ids, None).await.unwrap();
     assert_eq!(summary.patients, ids.len(), "every patient of the cohort is accounted for");
     assert_eq!(summary.errors, ids.len() - known);
     for r in again.results.iter().filter(|r| r.status.as_str() == "error") {

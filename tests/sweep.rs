@@ -160,7 +160,7 @@ async fn sweep_of_the_fixture_cohort_matches_screen() {
 
     let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[]).unwrap();
     let client = FhirClient::new(&server.uri(), fast()).unwrap();
-    let (swept, summary) = sweep(&client, &cfg, as_of(), &Decisions::default(), &SweepOptions::default())
+    let (swept, summary) = sweep(&client, &cfg, as_of(), &Decisions::default(), &SweepOptions::default(), None)
         .await
         .expect("sweep");
     let screened = trialgate::screen(&dir, &cfg, as_of(), &Decisions::default()).unwrap();
@@ -237,7 +237,7 @@ async fn throttling_and_server_errors_are_retried() {
     };
     empty_searches(&server, OTHER_TYPES).await;
     let started = std::time::Instant::now();
-    let (s, summary) = sweep(&client, &cfg, as_of(), &Decisions::default(), &opts).await.unwrap();
+    let (s, summary) = sweep(&client, &cfg, as_of(), &Decisions::default(), &opts, None).await.unwrap();
     assert_eq!(summary.errors, 0);
     assert_eq!(summary.retries, 2, "one 429 and one 503 retried");
     assert!(started.elapsed() >= Duration::from_millis(950), "Retry-After: 1 was honoured");
@@ -316,7 +316,7 @@ async fn a_failing_patient_is_reported_and_does_not_stop_the_others() {
         cohort: Cohort::Ids(vec!["good".into(), "bad".into()]),
         ..Default::default()
     };
-    let (s, summary) = sweep(&client, &cfg, as_of(), &Decisions::default(), &opts).await.unwrap();
+    let (s, summary) = sweep(&client, &cfg, as_of(), &Decisions::default(), &opts, None).await.unwrap();
     assert_eq!(summary.patients, 2);
     assert_eq!(summary.errors, 1);
     let by: BTreeMap<&str, &trialgate::criteria::eval::TrialResult> = s.results.iter().map(|r| (r.patient.as_str(), r)).collect();
@@ -368,7 +368,9 @@ async fn timeouts_end_in_an_error_with_the_reason() {
         cohort: Cohort::Ids(vec!["slow".into()]),
         ..Default::default()
     };
-    let (s, summary) = sweep(&client, &cfg, as_of(), &Decisions::default(), &sweep_opts).await.unwrap();
+    let (s, summary) = sweep(&client, &cfg, as_of(), &Decisions::default(), &sweep_opts, None)
+        .await
+        .unwrap();
     assert_eq!(summary.errors, 1);
     assert_eq!(summary.retries, 1);
     let reason = s.results[0].record.as_deref().unwrap();
@@ -399,7 +401,7 @@ async fn operation_outcomes_are_shown_and_client_errors_not_retried() {
         cohort: Cohort::Search("Condition?code=http://snomed.info/sct|55464009".into()),
         ..Default::default()
     };
-    let Err(err) = sweep(&client, &cfg, as_of(), &Decisions::default(), &opts).await else {
+    let Err(err) = sweep(&client, &cfg, as_of(), &Decisions::default(), &opts, None).await else {
         panic!("an unreadable cohort must stop the sweep");
     };
     let err = err.to_string();
@@ -597,7 +599,7 @@ async fn observation_query(observation_params: Option<&[&str]>, code_filter: boo
         code_filter,
         ..Default::default()
     };
-    let (_, summary) = sweep(&client, &config("NCT06406205"), as_of(), &Decisions::default(), &opts)
+    let (_, summary) = sweep(&client, &config("NCT06406205"), as_of(), &Decisions::default(), &opts, None)
         .await
         .unwrap();
     assert_eq!(summary.errors, 0);
@@ -690,7 +692,7 @@ async fn long_searches_go_as_post_and_their_pages_are_followed() {
         batch: 60,
         ..Default::default()
     };
-    let (s, summary) = sweep(&client, &config("NCT06406205"), as_of(), &Decisions::default(), &opts)
+    let (s, summary) = sweep(&client, &config("NCT06406205"), as_of(), &Decisions::default(), &opts, None)
         .await
         .unwrap();
     assert_eq!((summary.patients, summary.errors), (60, 0));
@@ -749,7 +751,7 @@ async fn shards_of_a_server_cohort_are_disjoint_and_complete() {
             ..Default::default()
         };
         let client = FhirClient::new(&server.uri(), fast()).unwrap();
-        let (s, summary) = sweep(&client, &config("NCT06406205"), as_of(), &Decisions::default(), &opts)
+        let (s, summary) = sweep(&client, &config("NCT06406205"), as_of(), &Decisions::default(), &opts, None)
             .await
             .unwrap();
         assert_eq!(summary.errors, 0);

@@ -39,7 +39,7 @@ pub struct Decision {
 }
 
 /// How a decision shows in the report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Applied {
     pub answer: Outcome,
     pub by: String,

@@ -11,9 +11,9 @@ use crate::facts::derive;
 use crate::facts::mappings::Mappings;
 use crate::facts::{Bound, Bounded, LabValue, MedSource, PatientFacts, Reading};
 use crate::time::{Date, Instant, Span, Window};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Deserialize)]
 pub struct Evidence {
     pub resource: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -47,7 +47,7 @@ impl Evidence {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Deserialize)]
 pub struct FactOut {
     pub name: String,
     pub value: serde_json::Value,
@@ -1156,7 +1156,7 @@ fn biopsy(cx: &Ctx, kind: &str, within: Option<Span>, classes: &[String], withou
 }
 
 /// One criterion's result as reported.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CriterionResult {
     pub id: String,
     pub kind: Kind,
@@ -1170,13 +1170,13 @@ pub struct CriterionResult {
     pub decision: Option<super::decisions::Applied>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Decider {
     pub id: String,
     pub text: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrialResult {
     pub patient: String,
     pub trial: String,

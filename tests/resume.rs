@@ -1,0 +1,187 @@
+//! A sweep killed with SIGKILL mid-run resumes from its last checkpoint: nobody screened twice
+//! into the report, nobody missed, the patients already done not fetched again. A later run
+//! lists who became eligible or ineligible since.
+
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use wiremock::matchers::{method, path, query_param};
+use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn ok(body: &Value) -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_raw(body.to_string(), "application/fhir+json")
+}
+
+fn searchset(resources: Vec<Value>) -> Value {
+    json!({"resourceType": "Bundle", "type": "searchset",
+        "entry": resources.into_iter().map(|r| json!({"resource": r})).collect::<Vec<_>>()})
+}
+
+fn ids_of(req: &Request, param: &str) -> Vec<String> {
+    req.url
+        .query_pairs()
+        .find(|(k, _)| k == param)
+        .map(|(_, v)| v.split(',').map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+fn screened_in_state(db: &Path) -> usize {
+    let Ok(conn) = rusqlite::Connection::open(db) else { return 0 };
+    conn.query_row("SELECT COUNT(DISTINCT patient) FROM results", [], |r| r.get::<_, i64>(0))
+        .map(|n| n as usize)
+        .unwrap_or(0)
+}
+
+fn command(server: &str, db: &Path, out: &Path, as_of: &str, changes: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_trialgate"));
+    c.current_dir(root())
+        .env("TRIALGATE_CONFIG", root().join("tests/data/no-such-gateway.toml"))
+        .env_remove("RUST_LOG")
+        .args([
+            "sweep",
+            "--server",
+            server,
+            "--trial",
+            "NCT06406205",
+            "--batch",
+            "1",
+            "--concurrency",
+            "1",
+        ])
+        .args(["--as-of", as_of, "--format", "csv", "--state"])
+        .arg(db)
+        .arg("--changes")
+        .arg(changes)
+        .arg("-o")
+        .arg(out);
+    for i in 0..10 {
+        c.args(["--patient", &format!("p{i}")]);
+    }
+    c
+}
+
+#[tokio::test]
+async fn a_killed_sweep_resumes_without_repeating_or_missing_anyone() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/metadata"))
+        .respond_with(ResponseTemplate::new(404))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/Patient"))
+        .respond_with(|req: &Request| {
+            let patients = ids_of(req, "_id")
+                .into_iter()
+                .map(|id| json!({"resourceType": "Patient", "id": id, "gender": "female", "birthDate": "1990-01-01"}))
+                .collect();
+            ok(&searchset(patients))
+        })
+        .mount(&server)
+        .await;
+    // Slow Observation searches, so that the kill lands mid-run.
+    Mock::given(method("GET"))
+        .and(path("/Observation"))
+        .respond_with(ok(&searchset(Vec::new())).set_delay(Duration::from_millis(300)))
+        .with_priority(5)
+        .mount(&server)
+        .await;
+    for t in [
+        "Condition",
+        "MedicationRequest",
+        "MedicationStatement",
+        "MedicationAdministration",
+        "Procedure",
+        "Immunization",
+        "AllergyIntolerance",
+        "DiagnosticReport",
+    ] {
+        Mock::given(method("GET"))
+            .and(path(format!("/{t}")))
+            .respond_with(ok(&searchset(Vec::new())))
+            .mount(&server)
+            .await;
+    }
+
+    let dir = std::env::temp_dir().join(format!("trialgate-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (db, out, changes) = (dir.join("state.sqlite"), dir.join("report.csv"), dir.join("changes.csv"));
+
+    // First run: killed (SIGKILL) once three patients are checkpointed.
+    let mut child = command(&server.uri(), &db, &out, "2026-06-01", &changes)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut waited = 0;
+    while screened_in_state(&db) < 3 {
+        assert!(waited < 200, "the sweep never checkpointed three patients");
+        assert!(child.try_wait().unwrap().is_none(), "the sweep ended before it could be killed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let saved = screened_in_state(&db);
+    assert!((3..10).contains(&saved), "{saved} patients checkpointed");
+    assert!(!out.exists(), "a killed run leaves no report under the final name");
+    let before = server.received_requests().await.unwrap().len();
+
+    // Second run: the same command resumes and completes.
+    let second = command(&server.uri(), &db, &out, "2026-06-01", &changes).output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{err}");
+    assert!(err.contains("resuming the interrupted run"), "{err}");
+    let report = std::fs::read_to_string(&out).unwrap();
+    let patients: Vec<&str> = report.lines().skip(1).filter_map(|l| l.split(',').next()).collect();
+    let unique: BTreeSet<&str> = patients.iter().copied().collect();
+    assert_eq!(patients.len(), 10, "one row per patient: {report}");
+    assert_eq!(unique.len(), 10, "nobody twice: {report}");
+    let reqs = server.received_requests().await.unwrap();
+    let refetched: BTreeSet<String> = reqs[before..]
+        .iter()
+        .filter(|r| r.url.path() == "/Patient")
+        .flat_map(|r| ids_of(r, "_id"))
+        .collect();
+    assert_eq!(
+        refetched.len(),
+        10 - saved,
+        "only the patients not checkpointed are fetched again: {refetched:?}"
+    );
+    assert!(err.contains("first finished run of this cohort"), "{err}");
+
+    // A later run (the next day, after a low eGFR for p3 arrived) lists what changed.
+    Mock::given(method("GET"))
+        .and(path("/Observation"))
+        .and(query_param("patient", "p3"))
+        .respond_with(ok(&searchset(vec![
+            json!({"resourceType": "Observation", "id": "o3", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "98979-8"}]},
+            "subject": {"reference": "Patient/p3"}, "effectiveDateTime": "2026-06-01T09:00:00Z",
+            "valueQuantity": {"value": 40, "unit": "mL/min/{1.73_m2}", "system": "http://unitsofmeasure.org", "code": "mL/min/{1.73_m2}"}}),
+        ])))
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    let third = command(&server.uri(), &db, &out, "2026-06-02", &changes).output().unwrap();
+    let err = String::from_utf8_lossy(&third.stderr);
+    assert!(third.status.success(), "{err}");
+    assert!(!err.contains("resuming"), "a new date is a new run: {err}");
+    assert!(
+        err.contains("changes since the run as of 2026-06-01: 0 newly eligible or potentially eligible, 1 newly ineligible"),
+        "{err}"
+    );
+    let listed = std::fs::read_to_string(&changes).unwrap();
+    assert_eq!(
+        listed,
+        "patient,trial,from,to\nPatient/p3,NCT06406205,potentially-eligible,ineligible\n"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
