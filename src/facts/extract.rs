@@ -12,19 +12,23 @@ const OBS_VALID: &[&str] = &["final", "amended", "corrected"];
 
 /// Adds what one resource says to a patient's facts. `demo` is the patient's, which some
 /// readings depend on (sex- and age-specific reference ranges).
+/// `spans`, when given, is the time span per lab in which a value can matter (see
+/// `criteria::eval::lab_spans`): values outside it are not even built.
+#[allow(clippy::too_many_arguments)]
 pub fn extract_one(
     reference: &str,
     resource: &Resource,
     demo: &Demographics,
     meds: &MedicationIndex,
     m: &Mappings,
+    spans: Option<&[Option<crate::time::Window>]>,
     unmapped: &mut Unmapped,
     f: &mut PatientFacts,
 ) {
     match resource {
         Resource::Observation(o, raw) => {
             f.present.observations = true;
-            observation(reference, o, raw.as_deref(), demo, m, unmapped, &mut f.labs);
+            observation(reference, o, raw.as_deref(), demo, m, spans, unmapped, &mut f.labs);
         }
         Resource::Condition(c) => {
             f.present.conditions = true;
@@ -205,6 +209,7 @@ fn observation(
     raw: Option<&serde_json::value::RawValue>,
     demo: &Demographics,
     m: &Mappings,
+    spans: Option<&[Option<crate::time::Window>]>,
     unmapped: &mut Unmapped,
     labs: &mut HashMap<usize, Vec<LabValue>>,
 ) {
@@ -220,11 +225,14 @@ fn observation(
         },
     };
     let tie = o.id.clone().unwrap_or_default();
+    let wanted = |lab: usize| spans.is_none_or(|sp| sp.get(lab).copied().flatten().is_some_and(|w| w.contains(time)));
     let codes = codes_of(o.code.as_ref(), m);
     let top = codes.iter().find_map(|c| m.lab_for_code(c).map(|l| (l, c)));
     let mut matched = false;
-    if let Some((lab, code)) = top {
+    if let Some((lab, code)) = top.filter(|(lab, _)| {
         matched = true;
+        wanted(*lab)
+    }) {
         let parts = ValueParts {
             quantity: o.value_quantity.as_ref(),
             string: o.value_string.as_ref(),
@@ -243,6 +251,9 @@ fn observation(
             continue;
         };
         matched = true;
+        if !wanted(lab) {
+            continue;
+        }
         let parts = ValueParts {
             quantity: comp.value_quantity.as_ref(),
             string: comp.value_string.as_ref(),

@@ -175,14 +175,20 @@ pub struct PatientFacts {
 impl PatientFacts {
     /// Gives back the spare capacity of every list, for stores that hold many patients.
     pub fn shrink(&mut self) {
-        self.labs.shrink_to_fit();
-        self.labs.values_mut().for_each(Vec::shrink_to_fit);
-        self.conditions.shrink_to_fit();
-        self.medications.shrink_to_fit();
-        self.procedures.shrink_to_fit();
-        self.immunizations.shrink_to_fit();
-        self.allergies.shrink_to_fit();
-        self.biopsies.shrink_to_fit();
+        // Only lists with real slack: re-allocating every list of every patient each time
+        // a block mentions them costs more than the memory it gives back.
+        fn trim<T>(v: &mut Vec<T>) {
+            if v.capacity() > v.len() + 1 {
+                v.shrink_to_fit();
+            }
+        }
+        self.labs.values_mut().for_each(trim);
+        trim(&mut self.conditions);
+        trim(&mut self.medications);
+        trim(&mut self.procedures);
+        trim(&mut self.immunizations);
+        trim(&mut self.allergies);
+        trim(&mut self.biopsies);
     }
 
     /// Adds facts gathered elsewhere (another chunk of the input) about the same patient.

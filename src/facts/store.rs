@@ -44,24 +44,46 @@ impl Shard {
     /// Whether this shard holds the patient with this id (or `Patient/<id>` key). FNV-1a:
     /// the same on every machine and in every version, unlike the standard library's hasher.
     pub fn holds(&self, id_or_key: &str) -> bool {
+        use std::hash::Hasher;
         let id = id_or_key.strip_prefix("Patient/").unwrap_or(id_or_key);
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in id.bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        h % u64::from(self.count) == u64::from(self.index)
+        let mut h = Fnv::default();
+        h.write(id.as_bytes());
+        h.finish() % u64::from(self.count) == u64::from(self.index)
     }
 }
+
+/// A hasher for patient keys, looked up once per resource: SipHash's protection against
+/// crafted collisions costs more than it is worth for ids that come from the hospital's own
+/// export. FNV-1a, one multiply per byte.
+#[derive(Default, Clone, Copy)]
+pub struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type FastHash = std::hash::BuildHasherDefault<Fnv>;
 
 /// The patients and Medications known at some point of the input.
 #[derive(Debug, Default, Clone)]
 pub struct Registry {
-    alias: HashMap<String, usize>,
+    alias: HashMap<String, usize, FastHash>,
     demographics: Vec<Demographics>,
     /// Per patient, whether this process screens it (see [`Shard`]).
     mine: Vec<bool>,
     meds: MedicationIndex,
+    /// Per lab, the span of time in which values can matter (None: keep all).
+    spans: Option<Arc<Vec<Option<Window>>>>,
 }
 
 impl Registry {
@@ -122,6 +144,7 @@ impl Partial {
             &reg.demographics[patient],
             &reg.meds,
             m,
+            reg.spans.as_deref().map(Vec::as_slice),
             &mut self.unmapped,
             f,
         );
@@ -152,10 +175,12 @@ impl FactStore {
     /// A store that keeps, of each lab, only the values inside its span (see
     /// [`crate::criteria::eval::lab_spans`]): what keeps memory flat however long the history.
     pub fn keeping(spans: Vec<Option<Window>>) -> FactStore {
-        FactStore {
-            spans: Some(spans),
+        let mut store = FactStore {
+            spans: Some(spans.clone()),
             ..Default::default()
-        }
+        };
+        store.registry.spans = Some(Arc::new(spans));
+        store
     }
 
     /// Screens only the patients of `shard`; the others are still registered (so that their
@@ -281,6 +306,7 @@ impl FactStore {
                 &self.registry.demographics[patient],
                 &self.registry.meds,
                 m,
+                self.registry.spans.as_deref().map(Vec::as_slice),
                 &mut self.unmapped,
                 f,
             );

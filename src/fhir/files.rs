@@ -143,6 +143,21 @@ pub fn read_line(loc: &dyn Fn() -> String, line: &str, opts: ReadOptions, out: &
     if line.is_empty() {
         return;
     }
+    // The common case, a resource whose resourceType comes first (as every serializer writes
+    // it), is parsed once, straight into its type; only a problem takes the longer way below,
+    // which tells broken JSON from a resource of the wrong shape.
+    if !opts.keep_observation_json {
+        if let Some(rt) = leading_type(line).filter(|t| *t != "Bundle") {
+            if !READ_TYPES.contains(&rt) {
+                out.skipped += 1;
+                return;
+            }
+            if let Ok(resource) = parse_typed(rt, line, None) {
+                out.resources.push(Parsed { resource, full_url: None });
+                return;
+            }
+        }
+    }
     match serde_json::from_str::<&RawValue>(line) {
         // A line may hold a whole Bundle.
         Ok(raw) if resource_type(raw).as_deref() == Some("Bundle") => read_value(&loc(), line, raw, None, opts, out),
@@ -207,17 +222,20 @@ fn issue(location: String, message: String) -> InputIssue {
     InputIssue { location, message }
 }
 
+/// The `resourceType` of a JSON object text when it is the first key.
+fn leading_type(s: &str) -> Option<&str> {
+    let rest = s.trim_start().strip_prefix('{')?.trim_start();
+    let rest = rest.strip_prefix("\"resourceType\"")?;
+    let rest = rest.trim_start().strip_prefix(':')?.trim_start().strip_prefix('"')?;
+    let end = rest.find('"')?;
+    Some(&rest[..end])
+}
+
 /// The `resourceType` of a JSON object, found cheaply when it is the first key (as every
 /// FHIR serializer writes it) and by a full scan otherwise.
 fn resource_type(raw: &RawValue) -> Option<String> {
-    let s = raw.get().trim_start();
-    if let Some(rest) = s.strip_prefix('{') {
-        let rest = rest.trim_start();
-        if let Some(rest) = rest.strip_prefix("\"resourceType\"") {
-            let rest = rest.trim_start().strip_prefix(':')?.trim_start().strip_prefix('"')?;
-            let end = rest.find('"')?;
-            return Some(rest[..end].to_string());
-        }
+    if let Some(t) = leading_type(raw.get()) {
+        return Some(t.to_string());
     }
     #[derive(Deserialize)]
     struct Peek {
@@ -225,6 +243,25 @@ fn resource_type(raw: &RawValue) -> Option<String> {
         rt: Option<String>,
     }
     serde_json::from_str::<Peek>(raw.get()).ok().and_then(|p| p.rt)
+}
+
+/// Parses a resource of a type in `READ_TYPES` from its JSON text.
+fn parse_typed(rt: &str, text: &str, keep: Option<Box<RawValue>>) -> serde_json::Result<Resource> {
+    match rt {
+        "Patient" => serde_json::from_str(text).map(Resource::Patient),
+        "Observation" => serde_json::from_str(text).map(|o| Resource::Observation(Box::new(o), keep)),
+        "Condition" => serde_json::from_str(text).map(|r| Resource::Condition(Box::new(r))),
+        "MedicationRequest" => serde_json::from_str(text).map(|r| Resource::MedicationRequest(Box::new(r))),
+        "MedicationStatement" => serde_json::from_str(text).map(|r| Resource::MedicationStatement(Box::new(r))),
+        "MedicationAdministration" => serde_json::from_str(text).map(|r| Resource::MedicationAdministration(Box::new(r))),
+        "Medication" => serde_json::from_str::<Medication>(text).map(|r| Resource::Medication(Box::new(r))),
+        "Procedure" => serde_json::from_str(text).map(|r| Resource::Procedure(Box::new(r))),
+        "Immunization" => serde_json::from_str(text).map(|r| Resource::Immunization(Box::new(r))),
+        "AllergyIntolerance" => serde_json::from_str(text).map(|r| Resource::AllergyIntolerance(Box::new(r))),
+        "DiagnosticReport" => serde_json::from_str(text).map(|r| Resource::DiagnosticReport(Box::new(r))),
+        // Callers check READ_TYPES first; a type outside it is no resource to read.
+        _ => Err(serde::de::Error::custom(format!("{rt} is not read"))),
+    }
 }
 
 fn parse_resource(loc: &dyn Fn() -> String, raw: &RawValue, full_url: Option<String>, opts: ReadOptions, out: &mut ReadOutput) {
@@ -236,25 +273,8 @@ fn parse_resource(loc: &dyn Fn() -> String, raw: &RawValue, full_url: Option<Str
         out.skipped += 1;
         return;
     }
-    let text = raw.get();
-    let parsed = match rt.as_str() {
-        "Patient" => serde_json::from_str(text).map(Resource::Patient),
-        "Observation" => serde_json::from_str(text).map(|o| {
-            let keep = opts.keep_observation_json.then(|| raw.to_owned());
-            Resource::Observation(Box::new(o), keep)
-        }),
-        "Condition" => serde_json::from_str(text).map(|r| Resource::Condition(Box::new(r))),
-        "MedicationRequest" => serde_json::from_str(text).map(|r| Resource::MedicationRequest(Box::new(r))),
-        "MedicationStatement" => serde_json::from_str(text).map(|r| Resource::MedicationStatement(Box::new(r))),
-        "MedicationAdministration" => serde_json::from_str(text).map(|r| Resource::MedicationAdministration(Box::new(r))),
-        "Medication" => serde_json::from_str::<Medication>(text).map(|r| Resource::Medication(Box::new(r))),
-        "Procedure" => serde_json::from_str(text).map(|r| Resource::Procedure(Box::new(r))),
-        "Immunization" => serde_json::from_str(text).map(|r| Resource::Immunization(Box::new(r))),
-        "AllergyIntolerance" => serde_json::from_str(text).map(|r| Resource::AllergyIntolerance(Box::new(r))),
-        "DiagnosticReport" => serde_json::from_str(text).map(|r| Resource::DiagnosticReport(Box::new(r))),
-        _ => unreachable!("READ_TYPES and this match list the same types"),
-    };
-    match parsed {
+    let keep = (opts.keep_observation_json && rt == "Observation").then(|| raw.to_owned());
+    match parse_typed(&rt, raw.get(), keep) {
         Ok(resource) => out.resources.push(Parsed { resource, full_url }),
         Err(e) => out
             .issues
