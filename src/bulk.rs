@@ -38,6 +38,8 @@ pub enum BulkError {
     Protocol(String),
     #[error("Bulk Data export: {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    State(#[from] crate::state::StateError),
 }
 
 #[derive(Debug, Deserialize)]
@@ -70,8 +72,9 @@ pub struct Exported {
     pub bytes: u64,
     /// Problems the server reported in the manifest's error files, in its words.
     pub issues: Vec<InputIssue>,
-    /// Resources the server says were deleted since `_since` (entries of its `deleted` files).
-    pub deleted: usize,
+    /// Resources the server says were deleted since `_since` (`Observation/123`, from the
+    /// request URLs of its `deleted` Bundles).
+    pub deleted: Vec<String>,
 }
 
 fn kickoff_path(opts: &ExportOptions, with_filter: bool) -> String {
@@ -197,15 +200,32 @@ pub async fn export(client: &FhirClient, opts: &ExportOptions, dir: &Path) -> Re
             source,
         })?;
         #[derive(Deserialize)]
+        struct Request {
+            url: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct Entry {
+            request: Option<Request>,
+        }
+        #[derive(Deserialize)]
         struct Deleted {
             #[serde(default)]
-            entry: Vec<serde_json::Value>,
+            entry: Vec<Entry>,
         }
-        out.deleted += text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Deleted>(l).ok())
-            .map(|d| d.entry.len())
-            .sum::<usize>();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            match serde_json::from_str::<Deleted>(line) {
+                Ok(d) => out.deleted.extend(
+                    d.entry
+                        .into_iter()
+                        .filter_map(|e| e.request?.url)
+                        .filter_map(|u| crate::fhir::record::normalize_reference(&u)),
+                ),
+                Err(e) => out.issues.push(InputIssue {
+                    location: format!("{status_url} (deleted file {})", i + 1),
+                    message: format!("a line of the deleted list cannot be read: {e}"),
+                }),
+            }
+        }
         let _ = std::fs::remove_file(&path);
     }
     // The server may now delete the files; failing to tell it is not worth failing the run.

@@ -231,6 +231,20 @@ pub fn screen_each(
     begin: &mut dyn FnMut(usize),
     each: &mut dyn FnMut(TrialResult),
 ) -> Result<Totals, ReadError> {
+    let read = read_facts(path, cfg, as_of, shard)?;
+    Ok(evaluate_facts(read, cfg, as_of, decisions, begin, each))
+}
+
+/// Every patient's facts under `path`, with what the reading found.
+pub struct FactsRead {
+    pub facts: Vec<facts::PatientFacts>,
+    pub issues: Vec<InputIssue>,
+    pub unmapped: Unmapped,
+    pub inputs: Vec<SourceFile>,
+}
+
+/// Reads `path` into every patient's facts (the first half of [`screen_each`]).
+pub fn read_facts(path: &Path, cfg: &Config, as_of: Date, shard: Option<Shard>) -> Result<FactsRead, ReadError> {
     let files = list_files(path)?;
     let mut store = FactStore::keeping(criteria::eval::lab_spans(&cfg.trials, &cfg.mappings, as_of)).sharded(shard);
     let mut issues = Vec::new();
@@ -244,7 +258,44 @@ pub fn screen_each(
             bytes: std::fs::metadata(f).ok().map(|m| m.len()),
         })
         .collect();
-    Ok(conclude(store, issues, inputs, cfg, as_of, decisions, begin, each))
+    tracing::debug!(peak_rss_kb = pipeline::peak_rss_kb(), "input read");
+    let (facts, more, unmapped) = store.finish(&cfg.mappings);
+    issues.extend(more);
+    Ok(FactsRead {
+        facts,
+        issues,
+        unmapped,
+        inputs,
+    })
+}
+
+/// Evaluates every trial for facts already read (the second half of [`screen_each`]).
+pub fn evaluate_facts(
+    read: FactsRead,
+    cfg: &Config,
+    as_of: Date,
+    decisions: &Decisions,
+    begin: &mut dyn FnMut(usize),
+    each: &mut dyn FnMut(TrialResult),
+) -> Totals {
+    let mut provenance = cfg.provenance.clone();
+    provenance.sources.extend(read.inputs);
+    begin(read.facts.len());
+    pipeline::evaluate_each(&read.facts, cfg, as_of, decisions, each);
+    tracing::debug!(peak_rss_kb = pipeline::peak_rss_kb(), "evaluated");
+    Totals {
+        as_of,
+        patients: read.facts.len(),
+        unmapped: read.unmapped,
+        issues: read.issues,
+        provenance,
+    }
+}
+
+/// [`evaluate_facts`], collecting the results.
+pub fn screen_facts(read: FactsRead, cfg: &Config, as_of: Date, decisions: &Decisions) -> Screening {
+    let mut results = Vec::new();
+    evaluate_facts(read, cfg, as_of, decisions, &mut |_| {}, &mut |r| results.push(r)).with(results)
 }
 
 /// Whether a loaded trial reads a lab through JSONPath (its Observations must then be kept as
@@ -262,37 +313,14 @@ pub fn screen_read(read: fhir::files::ReadOutput, inputs: Vec<SourceFile>, cfg: 
     for p in read.resources {
         store.feed(p, &cfg.mappings);
     }
-    let mut results = Vec::new();
-    conclude(store, read.issues, inputs, cfg, as_of, decisions, &mut |_| {}, &mut |r| {
-        results.push(r)
-    })
-    .with(results)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn conclude(
-    store: FactStore,
-    mut issues: Vec<InputIssue>,
-    inputs: Vec<SourceFile>,
-    cfg: &Config,
-    as_of: Date,
-    decisions: &Decisions,
-    begin: &mut dyn FnMut(usize),
-    each: &mut dyn FnMut(TrialResult),
-) -> Totals {
-    let mut provenance = cfg.provenance.clone();
-    provenance.sources.extend(inputs);
-    tracing::debug!(peak_rss_kb = pipeline::peak_rss_kb(), "input read");
     let (facts, more, unmapped) = store.finish(&cfg.mappings);
+    let mut issues = read.issues;
     issues.extend(more);
-    begin(facts.len());
-    pipeline::evaluate_each(&facts, cfg, as_of, decisions, each);
-    tracing::debug!(peak_rss_kb = pipeline::peak_rss_kb(), "evaluated");
-    Totals {
-        as_of,
-        patients: facts.len(),
-        unmapped,
+    let read = FactsRead {
+        facts,
         issues,
-        provenance,
-    }
+        unmapped,
+        inputs,
+    };
+    screen_facts(read, cfg, as_of, decisions)
 }

@@ -757,30 +757,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     Some(d) => (d, false),
                     None => (std::env::temp_dir().join(format!("trialgate-export-{}", std::process::id())), true),
                 };
+                let bulk_opts = trialgate::sweep::BulkOptions {
+                    group,
+                    since,
+                    code_filter: sweep_opts.code_filter,
+                    max_poll: std::time::Duration::from_secs(bulk_poll_max),
+                };
                 let outcome = runtime.block_on(trialgate::sweep::bulk_sweep(
                     &client,
                     &cfg,
                     as_of,
                     &loaded,
-                    group,
-                    since,
-                    sweep_opts.code_filter,
-                    std::time::Duration::from_secs(bulk_poll_max),
+                    &bulk_opts,
                     &dir,
+                    state.as_mut(),
                 ));
                 if temporary {
                     let _ = std::fs::remove_dir_all(&dir);
                 }
-                let (s, exported) = outcome?;
+                let (s, outcome) = outcome?;
                 if let Some(st) = state.as_mut() {
                     st.save(&s.results)?;
                 }
+                let exported = &outcome.exported;
+                match &outcome.incremental_since {
+                    Some(t) => eprintln!(
+                        "bulk export: only what changed since {t}, applied to the stored facts; {} deleted resource(s) removed",
+                        exported.deleted.len()
+                    ),
+                    None if state.is_some() => eprintln!("bulk export: full; its facts are stored for the next, incremental run"),
+                    None => {}
+                }
                 eprintln!(
-                    "bulk export: {} file(s), {:.1} MB, transactionTime {} (the --since of the next run); {} deleted since --since (listed, not applied); {} server error(s); {} request(s), {} retried",
+                    "bulk export: {} file(s), {:.1} MB, transactionTime {}; {} server error(s); {} request(s), {} retried",
                     exported.files.len(),
                     exported.bytes as f64 / 1e6,
                     exported.transaction_time.as_deref().unwrap_or("not given"),
-                    exported.deleted,
                     exported.issues.len(),
                     client.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
                     client.stats.retries.load(std::sync::atomic::Ordering::Relaxed),

@@ -58,6 +58,16 @@ CREATE TABLE IF NOT EXISTS runs (
     finished INTEGER
 );
 CREATE INDEX IF NOT EXISTS runs_by_key ON runs (run_key, finished);
+CREATE TABLE IF NOT EXISTS facts (
+    cohort_key TEXT NOT NULL,
+    patient TEXT NOT NULL,
+    facts TEXT NOT NULL,
+    PRIMARY KEY (cohort_key, patient)
+);
+CREATE TABLE IF NOT EXISTS exports (
+    cohort_key TEXT PRIMARY KEY,
+    transaction_time TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS results (
     run INTEGER NOT NULL REFERENCES runs (id),
     patient TEXT NOT NULL,
@@ -171,6 +181,65 @@ impl State {
             }
         }
         tx.commit().map_err(|e| self.db(e))
+    }
+
+    /// The fact state an incremental export starts from: every patient's facts and the
+    /// `transactionTime` of the export they are current to. None before the first full run.
+    pub fn saved_facts(&self) -> Result<Option<(Vec<crate::facts::PatientFacts>, String)>, StateError> {
+        let since: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT transaction_time FROM exports WHERE cohort_key = ?1",
+                params![self.cohort_key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.db(e))?;
+        let Some(since) = since else { return Ok(None) };
+        let mut stmt = self
+            .conn
+            .prepare("SELECT facts FROM facts WHERE cohort_key = ?1 ORDER BY patient")
+            .map_err(|e| self.db(e))?;
+        let rows = stmt
+            .query_map(params![self.cohort_key], |r| r.get::<_, String>(0))
+            .map_err(|e| self.db(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let text = row.map_err(|e| self.db(e))?;
+            out.push(serde_json::from_str(&text).map_err(|source| StateError::Stored {
+                path: self.path.clone(),
+                source,
+            })?);
+        }
+        Ok(Some((out, since)))
+    }
+
+    /// Replaces the fact state with `facts`, current to the export of `transaction_time`.
+    pub fn save_facts(&mut self, facts: &[crate::facts::PatientFacts], transaction_time: &str) -> Result<(), StateError> {
+        let key = self.cohort_key.clone();
+        let path = self.path.clone();
+        let db = |source| StateError::Db {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(db)?;
+        tx.execute("DELETE FROM facts WHERE cohort_key = ?1", params![key]).map_err(db)?;
+        {
+            let mut stmt = tx
+                .prepare_cached("INSERT INTO facts (cohort_key, patient, facts) VALUES (?1, ?2, ?3)")
+                .map_err(db)?;
+            for f in facts {
+                // Serializing plain structs of strings and numbers cannot fail.
+                stmt.execute(params![key, f.key, serde_json::to_string(f).unwrap_or_default()])
+                    .map_err(db)?;
+            }
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO exports (cohort_key, transaction_time) VALUES (?1, ?2)",
+            params![key, transaction_time],
+        )
+        .map_err(db)?;
+        tx.commit().map_err(db)
     }
 
     /// Marks the run finished and compares it with the previous finished run of the cohort.

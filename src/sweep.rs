@@ -554,49 +554,97 @@ pub fn observation_codes(cfg: &Config) -> Vec<String> {
     codes.into_iter().collect()
 }
 
-#[allow(clippy::too_many_arguments)]
+/// How a Bulk Data sweep runs.
+#[derive(Debug, Clone)]
+pub struct BulkOptions {
+    /// `Group/<id>/$export`; None: `Patient/$export`.
+    pub group: Option<String>,
+    /// `_since` as given; None with a state that holds facts: since that state's export.
+    pub since: Option<String>,
+    pub code_filter: bool,
+    pub max_poll: std::time::Duration,
+}
+
+/// What a Bulk Data sweep did.
+#[derive(Debug)]
+pub struct BulkOutcome {
+    pub exported: crate::bulk::Exported,
+    /// The `_since` of an incremental export applied to the stored fact state.
+    pub incremental_since: Option<String>,
+}
+
 /// A sweep through Bulk Data: export what the trials read (every patient, or a Group's
 /// members) into `dir`, then screen the folder through the same streaming path as `screen`.
+/// With a `state`, the facts are stored after the run, and the next run exports only what
+/// changed since (`_since` = this export's `transactionTime`), applies it to the stored facts
+/// and evaluates every patient again at its own date, since windows age even for patients
+/// whose records did not change.
 pub async fn bulk_sweep(
     client: &FhirClient,
     cfg: &Config,
     as_of: Date,
     decisions: &Decisions,
-    group: Option<String>,
-    since: Option<String>,
-    code_filter: bool,
-    max_poll: std::time::Duration,
+    opts: &BulkOptions,
     dir: &std::path::Path,
-) -> Result<(Screening, crate::bulk::Exported), crate::bulk::BulkError> {
+    state: Option<&mut crate::state::State>,
+) -> Result<(Screening, BulkOutcome), crate::bulk::BulkError> {
     let mut types: BTreeSet<&str> = cfg.trials.iter().flat_map(|t| t.resource_types()).collect();
     if types.iter().any(|t| t.starts_with("Medication")) {
         types.insert("Medication");
     }
     let codes = observation_codes(cfg);
-    let type_filters = if code_filter && types.contains("Observation") && !codes.is_empty() {
+    let type_filters = if opts.code_filter && types.contains("Observation") && !codes.is_empty() {
         vec![format!("Observation?code={}", codes.join(","))]
     } else {
         Vec::new()
     };
-    let opts = crate::bulk::ExportOptions {
-        group,
+    let saved = match (&opts.since, state.as_deref()) {
+        (None, Some(st)) => st.saved_facts()?,
+        _ => None,
+    };
+    let incremental_since = saved.as_ref().map(|(_, t)| t.clone());
+    let export = crate::bulk::ExportOptions {
+        group: opts.group.clone(),
         types: types.iter().map(|t| t.to_string()).collect(),
         type_filters,
-        since,
+        since: opts.since.clone().or(incremental_since.clone()),
         max_wait: std::time::Duration::from_secs(6 * 3600),
-        max_poll,
+        max_poll: opts.max_poll,
     };
-    let exported = crate::bulk::export(client, &opts, dir).await?;
-    let mut s = match crate::screen(dir, cfg, as_of, decisions) {
-        Ok(s) => s,
-        // An export of nobody leaves no files: that is an empty cohort, not an error.
-        Err(crate::fhir::files::ReadError::Empty(_)) => crate::screen_read(ReadOutput::default(), Vec::new(), cfg, as_of, decisions),
-        Err(crate::fhir::files::ReadError::Io { path, source }) => {
-            return Err(crate::bulk::BulkError::Io { path, source });
-        }
+    let exported = crate::bulk::export(client, &export, dir).await?;
+    let io = |e: crate::fhir::files::ReadError| match e {
+        crate::fhir::files::ReadError::Io { path, source } => crate::bulk::BulkError::Io { path, source },
+        crate::fhir::files::ReadError::Empty(path) => crate::bulk::BulkError::Io {
+            path,
+            source: std::io::Error::other("no files"),
+        },
     };
-    s.issues.extend(exported.issues.iter().cloned());
-    Ok((s, exported))
+    let mut read = match saved {
+        Some((facts, _)) => crate::pipeline::apply_delta(facts, &exported.files, &exported.deleted, cfg, as_of).map_err(io)?,
+        None => match crate::read_facts(dir, cfg, as_of, None) {
+            Ok(r) => r,
+            // An export of nobody leaves no files: that is an empty cohort, not an error.
+            Err(crate::fhir::files::ReadError::Empty(_)) => crate::FactsRead {
+                facts: Vec::new(),
+                issues: Vec::new(),
+                unmapped: Default::default(),
+                inputs: Vec::new(),
+            },
+            Err(e) => return Err(io(e)),
+        },
+    };
+    read.issues.extend(exported.issues.iter().cloned());
+    if let (Some(st), Some(t)) = (state, &exported.transaction_time) {
+        st.save_facts(&read.facts, t)?;
+    }
+    let s = crate::screen_facts(read, cfg, as_of, decisions);
+    Ok((
+        s,
+        BulkOutcome {
+            exported,
+            incremental_since,
+        },
+    ))
 }
 
 fn trial_order(cfg: &Config, id: &str) -> usize {

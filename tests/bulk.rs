@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 use trialgate::criteria::decisions::Decisions;
 use trialgate::fhir::client::{ClientOptions, FhirClient};
+use trialgate::sweep::BulkOptions;
 use trialgate::time::Date;
 use wiremock::matchers::{header, method, path, query_param};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -127,23 +128,20 @@ async fn a_full_export_is_polled_downloaded_and_screened_like_files() {
     let dir = temp("full");
     let _ = std::fs::remove_dir_all(&dir);
     let started = std::time::Instant::now();
-    let (s, exported) = trialgate::sweep::bulk_sweep(
-        &client(&server),
-        &cfg,
-        as_of,
-        &Decisions::default(),
-        Some("ln-clinic".into()),
-        Some("2026-05-01T00:00:00Z".into()),
-        true,
-        Duration::from_secs(5),
-        &dir,
-    )
-    .await
-    .expect("the export runs");
+    let opts = BulkOptions {
+        group: Some("ln-clinic".into()),
+        since: Some("2026-05-01T00:00:00Z".into()),
+        code_filter: true,
+        max_poll: Duration::from_secs(5),
+    };
+    let (s, outcome) = trialgate::sweep::bulk_sweep(&client(&server), &cfg, as_of, &Decisions::default(), &opts, &dir, None)
+        .await
+        .expect("the export runs");
+    let exported = outcome.exported;
     assert!(started.elapsed() >= Duration::from_millis(950), "Retry-After: 1 was honoured");
     assert_eq!(exported.transaction_time.as_deref(), Some("2026-06-01T02:00:00Z"));
     assert_eq!(exported.files.len(), 3);
-    assert_eq!(exported.deleted, 2);
+    assert_eq!(exported.deleted, ["Observation/old-1", "Observation/old-2"]);
     assert!(
         s.issues
             .iter()
@@ -208,18 +206,14 @@ async fn a_refused_filter_is_dropped_and_a_failed_export_is_reported() {
         .await;
     let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &["NCT06406205".into()]).unwrap();
     let dir = temp("failed");
-    let err = trialgate::sweep::bulk_sweep(
-        &client(&server),
-        &cfg,
-        Date::parse("2026-06-01").unwrap(),
-        &Decisions::default(),
-        None,
-        None,
-        true,
-        Duration::from_secs(1),
-        &dir,
-    )
-    .await;
+    let opts = BulkOptions {
+        group: None,
+        since: None,
+        code_filter: true,
+        max_poll: Duration::from_secs(1),
+    };
+    let as_of = Date::parse("2026-06-01").unwrap();
+    let err = trialgate::sweep::bulk_sweep(&client(&server), &cfg, as_of, &Decisions::default(), &opts, &dir, None).await;
     let Err(err) = err else {
         panic!("the export failed, yet the sweep succeeded")
     };
@@ -230,5 +224,138 @@ async fn a_refused_filter_is_dropped_and_a_failed_export_is_reported() {
     let kicks: Vec<_> = reqs.iter().filter(|r| r.url.path() == "/Patient/$export").collect();
     assert_eq!(kicks.len(), 2, "asked again without _typeFilter");
     assert!(!kicks[1].url.query().unwrap_or_default().contains("_typeFilter"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Mounts one export job: its kick-off (told apart by `_since`), status and files.
+async fn mount_job(server: &MockServer, job: &str, since: Option<&str>, time: &str, files: &[(&str, String)], deleted: Option<String>) {
+    let kick = Mock::given(method("GET")).and(path("/Patient/$export"));
+    let kick = match since {
+        Some(s) => kick.and(query_param("_since", s)),
+        None => kick.and(wiremock::matchers::query_param_is_missing("_since")),
+    };
+    let status = format!("{}/status/{job}", server.uri());
+    kick.respond_with(ResponseTemplate::new(202).insert_header("Content-Location", status.as_str()))
+        .expect(1)
+        .mount(server)
+        .await;
+    let url = |name: &str| format!("{}/files/{job}/{name}", server.uri());
+    let mut manifest = json!({"transactionTime": time, "requiresAccessToken": false,
+        "output": files.iter().map(|(t, _)| json!({"type": t, "url": url(t)})).collect::<Vec<_>>(), "error": []});
+    if deleted.is_some() {
+        manifest["deleted"] = json!([{"type": "Bundle", "url": url("deleted")}]);
+    }
+    Mock::given(method("GET"))
+        .and(path(format!("/status/{job}")))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(manifest.to_string(), "application/json"))
+        .mount(server)
+        .await;
+    for (t, body) in files.iter().cloned().chain(deleted.map(|d| ("deleted", d))) {
+        Mock::given(method("GET"))
+            .and(path(format!("/files/{job}/{t}")))
+            .respond_with(ResponseTemplate::new(200).set_body_raw(body, "application/fhir+ndjson"))
+            .mount(server)
+            .await;
+    }
+    Mock::given(method("DELETE"))
+        .and(path(format!("/status/{job}")))
+        .respond_with(ResponseTemplate::new(202))
+        .mount(server)
+        .await;
+}
+
+/// A full export, then a `_since` delta (an amended eGFR, a deleted one, a new patient) applied
+/// to the stored facts a day later: every verdict equals a full screening of the data as it now
+/// stands, at the new date.
+#[tokio::test]
+async fn an_incremental_export_applied_to_stored_facts_equals_a_full_rescreen() {
+    let server = MockServer::start().await;
+    let (patients, observations, conditions) = (ndjson("Patient.ndjson"), ndjson("Observation.ndjson"), ndjson("Condition.ndjson"));
+    let full = [
+        ("Patient", patients.clone()),
+        ("Observation", observations.clone()),
+        ("Condition", conditions.clone()),
+    ];
+    mount_job(&server, "full", None, "2026-06-01T03:00:00Z", &full, None).await;
+
+    // The delta: bulk-0001's eGFR amended to 30, bulk-0003's eGFR deleted, a new patient.
+    let amended = observations
+        .lines()
+        .find(|l| l.contains("\"id\":\"bulk-0001-egfr\""))
+        .unwrap()
+        .replace("\"status\":\"final\"", "\"status\":\"amended\"");
+    let mut amended: serde_json::Value = serde_json::from_str(&amended).unwrap();
+    amended["valueQuantity"]["value"] = json!(30);
+    let newcomer = json!({"resourceType": "Patient", "id": "bulk-new", "gender": "female", "birthDate": "1992-03-04"});
+    let deleted = json!({"resourceType": "Bundle", "type": "transaction",
+        "entry": [{"request": {"method": "DELETE", "url": "Observation/bulk-0003-egfr"}}]});
+    let delta = [("Patient", format!("{newcomer}\n")), ("Observation", format!("{amended}\n"))];
+    mount_job(
+        &server,
+        "delta",
+        Some("2026-06-01T03:00:00Z"),
+        "2026-06-02T03:00:00Z",
+        &delta,
+        Some(deleted.to_string()),
+    )
+    .await;
+
+    let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[]).unwrap();
+    let dir = temp("incremental");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("state.sqlite");
+    let opts = BulkOptions {
+        group: None,
+        since: None,
+        code_filter: false,
+        max_poll: Duration::from_secs(1),
+    };
+    let c = client(&server);
+    for (day, export) in [("2026-06-01", "export-1"), ("2026-06-02", "export-2")] {
+        let mut state = trialgate::state::State::open(&db, &format!("cohort|{day}"), "cohort", day).unwrap();
+        let as_of = Date::parse(day).unwrap();
+        let (s, outcome) = trialgate::sweep::bulk_sweep(&c, &cfg, as_of, &Decisions::default(), &opts, &dir.join(export), Some(&mut state))
+            .await
+            .expect("the export runs");
+        state.finish().unwrap();
+        if day == "2026-06-01" {
+            assert_eq!(outcome.incremental_since, None, "the first run is a full export");
+            continue;
+        }
+        assert_eq!(outcome.incremental_since.as_deref(), Some("2026-06-01T03:00:00Z"));
+        assert_eq!(outcome.exported.deleted, ["Observation/bulk-0003-egfr"]);
+
+        // The data as it now stands, screened in full at the new date.
+        let now = dir.join("now");
+        std::fs::create_dir_all(&now).unwrap();
+        std::fs::write(now.join("Patient.ndjson"), format!("{patients}{newcomer}\n")).unwrap();
+        let obs: Vec<String> = observations
+            .lines()
+            .filter(|l| !l.contains("\"id\":\"bulk-0003-egfr\""))
+            .map(|l| {
+                if l.contains("\"id\":\"bulk-0001-egfr\"") {
+                    amended.to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
+        std::fs::write(now.join("Observation.ndjson"), obs.join("\n") + "\n").unwrap();
+        std::fs::write(now.join("Condition.ndjson"), &conditions).unwrap();
+        let rescreen = trialgate::screen(&now, &cfg, as_of, &Decisions::default()).unwrap();
+        let view = |rs: &[trialgate::criteria::eval::TrialResult]| -> Vec<serde_json::Value> {
+            rs.iter().map(|r| serde_json::to_value(r).unwrap()).collect()
+        };
+        assert_eq!(s.patients, rescreen.patients);
+        let (a, b) = (view(&s.results), view(&rescreen.results));
+        for (x, y) in a.iter().zip(&b) {
+            assert!(x == y, "{} {}:\n{x}\n{y}", y["patient"], y["trial"]);
+        }
+        assert_eq!(a.len(), b.len());
+        // And the amendment did change a verdict.
+        let st = |p: &str, t: &str| s.results.iter().find(|r| r.patient == p && r.trial == t).map(|r| r.status.as_str());
+        assert_eq!(st("Patient/bulk-0001", "NCT06406205"), Some("ineligible"));
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

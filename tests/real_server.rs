@@ -438,20 +438,17 @@ async fn a_bulk_export_from_the_real_server_gives_the_files_verdicts() {
     let as_of = Date::parse("2026-06-01").unwrap();
     let client = FhirClient::new(&base, ClientOptions::default()).unwrap();
     let out = dir.join("export");
-    let (swept, exported) = trialgate::sweep::bulk_sweep(
-        &client,
-        &cfg,
-        as_of,
-        &Decisions::default(),
-        None,
-        None,
-        true,
+    let opts = trialgate::sweep::BulkOptions {
+        group: None,
+        since: None,
+        code_filter: true,
         // Helios answers Retry-After: 120 even for exports done in under a second.
-        Duration::from_secs(1),
-        &out,
-    )
-    .await
-    .expect("the export runs");
+        max_poll: Duration::from_secs(1),
+    };
+    let (swept, outcome) = trialgate::sweep::bulk_sweep(&client, &cfg, as_of, &Decisions::default(), &opts, &out, None)
+        .await
+        .expect("the export runs");
+    let exported = outcome.exported;
     assert!(exported.transaction_time.is_some());
     assert!(exported.files.iter().any(|f| f.to_string_lossy().contains("Patient")));
     let screened = trialgate::screen(&root().join("fixtures/bundles"), &cfg, as_of, &Decisions::default()).unwrap();

@@ -587,9 +587,11 @@ fn derive_value(cx: &Ctx, l: &LabRule, window: Window) -> Result<Option<Found>, 
 }
 
 /// For each lab (by index), the span of time in which any rule of `trials` reads its values at
-/// `as_of`; None for a lab no rule reads. A value outside its lab's span cannot change any
-/// verdict, so a reader may drop it as it streams: this mirrors the windows `lab`,
-/// `derive_value` and `substitute` apply, and must change with them.
+/// `as_of` or any later date; None for a lab no rule reads. A value outside its lab's span
+/// cannot change any verdict now or later (windows only move forward), so a reader may drop
+/// it as it streams, and a stored fact state may forget it. The span is open at the end: a
+/// value dated after `as_of` is kept for the later dates an incremental run screens at. This
+/// mirrors the windows `lab`, `derive_value` and `substitute` apply, and must change with them.
 pub fn lab_spans(trials: &[Trial], m: &Mappings, as_of: Date) -> Vec<Option<Window>> {
     fn widen(spans: &mut [Option<Window>], lab: usize, w: Window) {
         let s = &mut spans[lab];
@@ -639,6 +641,9 @@ pub fn lab_spans(trials: &[Trial], m: &Mappings, as_of: Date) -> Vec<Option<Wind
                 walk(n, m, as_of, &mut spans);
             }
         }
+    }
+    for w in spans.iter_mut().flatten() {
+        w.end = Instant(i64::MAX);
     }
     spans
 }

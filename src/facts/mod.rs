@@ -13,20 +13,20 @@ use crate::time::{Date, Instant};
 use std::collections::{BTreeMap, HashMap};
 
 /// A numeric value that may be only a bound (`<0.1`, `>90`), as labs report it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Bounded {
     pub value: f64,
     /// `None`: exact; `Some(Less)`: the true value is at most `value`; `Some(Greater)`: at least.
     pub bound: Option<Bound>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Bound {
     AtMost,
     AtLeast,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Reading {
     /// A number converted to the lab's canonical unit.
     Number(Bounded),
@@ -39,7 +39,7 @@ pub enum Reading {
 }
 
 /// One usable lab measurement.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LabValue {
     pub resource: String,
     /// The Observation's own id, the tie-breaker between two results at the same instant.
@@ -56,7 +56,7 @@ pub struct LabValue {
 }
 
 /// A coded condition that counts (not refuted, not entered in error).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ConditionFact {
     pub resource: String,
     pub sets: Vec<usize>,
@@ -72,7 +72,7 @@ pub struct ConditionFact {
     pub recorded: Option<Instant>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MedSource {
     Request,
     Statement,
@@ -80,7 +80,7 @@ pub enum MedSource {
 }
 
 /// A medication exposure: a period during which the patient had (or was to have) the drug.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct MedicationFact {
     pub resource: String,
     pub source: MedSource,
@@ -101,7 +101,7 @@ pub struct MedicationFact {
 }
 
 /// A dated coded event: a Procedure, an Immunization.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct EventFact {
     pub resource: String,
     pub sets: Vec<usize>,
@@ -110,7 +110,7 @@ pub struct EventFact {
     pub end: Option<Instant>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct AllergyFact {
     pub resource: String,
     pub sets: Vec<usize>,
@@ -118,7 +118,7 @@ pub struct AllergyFact {
 }
 
 /// A kidney (or other) biopsy with the classes its report codes, if any.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BiopsyFact {
     pub kind: String,
     pub resource: String,
@@ -126,14 +126,14 @@ pub struct BiopsyFact {
     pub classes: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Deceased {
     /// When, if the record says so in a usable form; None: deceased at an unknown time.
     pub when: Option<Instant>,
     pub text: String,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Demographics {
     pub birth_date: Option<Date>,
     pub birth_text: Option<String>,
@@ -145,7 +145,7 @@ pub struct Demographics {
 
 /// Which kinds of record the patient has at all: a rule about a kind the feed never sent
 /// cannot say "absent", only "unknown".
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct Present {
     pub observations: bool,
     pub conditions: bool,
@@ -157,7 +157,7 @@ pub struct Present {
 }
 
 /// Everything the rules may read about one patient.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct PatientFacts {
     pub key: String,
     pub demographics: Demographics,
@@ -189,6 +189,30 @@ impl PatientFacts {
         trim(&mut self.immunizations);
         trim(&mut self.allergies);
         trim(&mut self.biopsies);
+    }
+
+    /// Drops every fact taken from `resource` (`Observation/123`): it was amended, entered in
+    /// error or deleted, and its new version (if any) is read again.
+    pub fn forget(&mut self, resource: &str) {
+        self.labs.values_mut().for_each(|v| v.retain(|x| x.resource != resource));
+        self.labs.retain(|_, v| !v.is_empty());
+        self.conditions.retain(|x| x.resource != resource);
+        self.medications.retain(|x| x.resource != resource);
+        self.procedures.retain(|x| x.resource != resource);
+        self.immunizations.retain(|x| x.resource != resource);
+        self.allergies.retain(|x| x.resource != resource);
+        self.biopsies.retain(|x| x.resource != resource);
+    }
+
+    /// Every resource some fact was taken from.
+    pub fn sources(&self) -> impl Iterator<Item = &str> {
+        let labs = self.labs.values().flatten().map(|x| x.resource.as_str());
+        labs.chain(self.conditions.iter().map(|x| x.resource.as_str()))
+            .chain(self.medications.iter().map(|x| x.resource.as_str()))
+            .chain(self.procedures.iter().map(|x| x.resource.as_str()))
+            .chain(self.immunizations.iter().map(|x| x.resource.as_str()))
+            .chain(self.allergies.iter().map(|x| x.resource.as_str()))
+            .chain(self.biopsies.iter().map(|x| x.resource.as_str()))
     }
 
     /// Adds facts gathered elsewhere (another chunk of the input) about the same patient.
