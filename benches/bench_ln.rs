@@ -94,6 +94,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    // `cargo test --all-targets` runs bench targets too, without `--bench`: a 470 MB benchmark
+    // has no place in the test run.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("bench_ln: run it with `cargo bench --bench bench_ln`");
+        return;
+    }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let bench = root.join("../shared/bench");
     let n: usize = env_or("BENCH_N", 20_000);

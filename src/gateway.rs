@@ -115,6 +115,31 @@ pub struct WriteBack {
     pub target_url: String,
 }
 
+/// `trialgate daemon`: when to sweep, how, and where to keep state and reports.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleSection {
+    /// Five-field cron, UTC (`0 2 * * *`: every day at 02:00).
+    pub cron: String,
+    /// Sweep through Bulk Data (incremental after the first run) rather than searches.
+    pub bulk: bool,
+    /// The SQLite state file (checkpoints, fact state, verdict history).
+    pub state: String,
+    /// Folder for each run's JSON report and changes.
+    pub reports: String,
+}
+
+impl Default for ScheduleSection {
+    fn default() -> Self {
+        ScheduleSection {
+            cron: String::new(),
+            bulk: false,
+            state: "trialgate-state.sqlite".into(),
+            reports: "reports".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Gateway {
@@ -123,6 +148,7 @@ pub struct Gateway {
     pub cohort: CohortSection,
     pub sweep: Sweep,
     pub write_back: WriteBack,
+    pub schedule: ScheduleSection,
 }
 
 /// Every key, for environment overrides: (section, key).
@@ -145,6 +171,7 @@ const KEYS: &[(&str, &[&str])] = &[
     ("cohort", &["kind", "group", "search", "ids"]),
     ("sweep", &["trials", "batch", "concurrency", "page_size", "code_filter"]),
     ("write_back", &["enabled", "write_ineligible", "target_url"]),
+    ("schedule", &["cron", "bulk", "state", "reports"]),
 ];
 
 pub fn env_name(section: &str, key: &str) -> String {
@@ -277,6 +304,11 @@ impl Gateway {
         ] {
             if v == 0 {
                 err("sweep", key, "must be at least 1".into());
+            }
+        }
+        if !self.schedule.cron.is_empty() {
+            if let Err(why) = crate::schedule::Schedule::parse(&self.schedule.cron) {
+                err("schedule", "cron", why);
             }
         }
         if errors.is_empty() {

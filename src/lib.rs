@@ -14,6 +14,7 @@ pub mod fhir;
 pub mod gateway;
 pub mod pipeline;
 pub mod report;
+pub mod schedule;
 pub mod state;
 pub mod sweep;
 pub mod time;

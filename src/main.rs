@@ -81,6 +81,25 @@ enum Command {
         duplicate ids and thresholds that look inverted (an inclusion requiring a low eGFR), each with \
         the file, criterion and line. Exit status 2 when anything is wrong."
     )]
+    /// Run the configured sweep on its schedule ([schedule] in the gateway configuration), one
+    /// run at a time, until stopped.
+    #[command(after_help = "Examples:\n  \
+        trialgate daemon                                  # [schedule] cron in config/gateway.toml\n  \
+        trialgate daemon --once                           # one run now, then exit (for an outside scheduler)\n  \
+        TRIALGATE_SCHEDULE_CRON='0 2 * * *' trialgate daemon\n\n\
+        Each run is `trialgate sweep` with the gateway configuration, screening as of the day it \
+        starts (UTC), with the [schedule] state file (so a run killed midway resumes at the next \
+        start, and a Bulk sweep after the first is incremental) and its JSON report and changes \
+        written to the [schedule] reports folder. A failed run is logged and the daemon waits for \
+        the next; runs never overlap.")]
+    Daemon {
+        /// The gateway configuration (sweep, schedule, state and reports).
+        #[arg(long, value_name = "FILE", env = "TRIALGATE_CONFIG", default_value = "config/gateway.toml")]
+        config: PathBuf,
+        /// Run once now and exit, whatever the schedule.
+        #[arg(long)]
+        once: bool,
+    },
     Check {
         /// Check these trials (ids or files) instead of the whole trials folder.
         #[arg(long = "trial", value_name = "ID|FILE")]
@@ -879,6 +898,73 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("{errors} patient(s) could not be screened: see status `error` in the report");
             }
             Ok(())
+        }
+        Command::Daemon { config, once } => {
+            let g = trialgate::gateway::Gateway::load(&config, &|k| std::env::var(k).ok()).map_err(bad)?;
+            let schedule = match (once, g.schedule.cron.as_str()) {
+                (true, _) => None,
+                (false, "") => {
+                    return Err(bad(format!(
+                        "no schedule: set [schedule] cron in {} (or TRIALGATE_SCHEDULE_CRON), or pass --once",
+                        config.display()
+                    )));
+                }
+                (false, cron) => Some(trialgate::schedule::Schedule::parse(cron).map_err(bad)?),
+            };
+            let reports = PathBuf::from(&g.schedule.reports);
+            std::fs::create_dir_all(&reports).with_context(|| format!("creating the reports folder {}", reports.display()))?;
+            loop {
+                if let Some(s) = &schedule {
+                    let now = trialgate::time::Instant(
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs() as i64)
+                            .unwrap_or(0),
+                    );
+                    let Some(next) = s.next_after(now) else {
+                        return Err(bad(format!("[schedule] cron `{s}` never fires")));
+                    };
+                    tracing::info!(schedule = %s, next = %next, "waiting for the next sweep");
+                    eprintln!("daemon: next sweep at {next} (cron `{s}`)");
+                    std::thread::sleep(std::time::Duration::from_secs((next.0 - now.0).max(0) as u64));
+                }
+                let stamp = {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs() as i64)
+                        .unwrap_or(0);
+                    let t = trialgate::time::Instant(now);
+                    format!("{}T{:02}{:02}", t.date(), (now / 3600).rem_euclid(24), (now / 60).rem_euclid(60))
+                };
+                let report = reports.join(format!("{stamp}.json"));
+                let changes = reports.join(format!("{stamp}.changes.csv"));
+                // Exactly a `sweep` command line, so a scheduled run is what a person would run.
+                let mut argv: Vec<std::ffi::OsString> = vec!["trialgate".into(), "--mappings".into(), cli.mappings.clone().into()];
+                argv.extend(["--trials-dir".into(), cli.trials_dir.clone().into(), "sweep".into()]);
+                argv.extend(["--config".into(), config.clone().into(), "--format".into(), "json".into()]);
+                argv.extend([
+                    "-o".into(),
+                    report.clone().into(),
+                    "--state".into(),
+                    g.schedule.state.clone().into(),
+                ]);
+                argv.extend(["--changes".into(), changes.into_os_string()]);
+                if g.schedule.bulk {
+                    argv.push("--bulk".into());
+                }
+                let outcome = Cli::try_parse_from(&argv).map_err(anyhow::Error::from).and_then(run);
+                match (&outcome, once) {
+                    (Ok(()), _) => eprintln!("daemon: run done; report {}", report.display()),
+                    (Err(e), false) => {
+                        tracing::error!("the scheduled sweep failed: {e:#}");
+                        eprintln!("daemon: the run failed ({e:#}); waiting for the next");
+                    }
+                    (Err(_), true) => {}
+                }
+                if once {
+                    return outcome;
+                }
+            }
         }
         Command::Check { trials, list } => {
             let cfg = trialgate::load_config(&cli.mappings, &cli.trials_dir, &trials).map_err(bad)?;

@@ -778,3 +778,89 @@ async fn shards_of_a_server_cohort_are_disjoint_and_complete() {
     });
     assert_eq!(requested.len(), ids.len(), "each patient fetched by one shard only");
 }
+
+/// `daemon --once` runs the configured sweep with the schedule's state and reports folder; a
+/// second run is compared with the first; a bad cron is refused naming the key.
+#[tokio::test]
+async fn the_daemon_runs_the_configured_sweep_with_state_and_reports() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/metadata"))
+        .respond_with(ResponseTemplate::new(404))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/Patient"))
+        .respond_with(ok(&searchset(&[patient("p1")], None)))
+        .mount(&server)
+        .await;
+    empty_searches(&server, &["Observation"]).await;
+    empty_searches(&server, OTHER_TYPES).await;
+    let dir = std::env::temp_dir().join(format!("trialgate-daemon-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("gateway.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nurl = \"{}\"\n[sweep]\ntrials = [\"NCT06406205\"]\n[schedule]\ncron = \"0 2 * * *\"\nstate = \"{}\"\nreports = \"{}\"\n",
+            server.uri(),
+            dir.join("state.sqlite").display(),
+            dir.join("reports").display()
+        ),
+    )
+    .unwrap();
+    let run = || {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_trialgate"))
+                .current_dir(root())
+                .env("TRIALGATE_CONFIG", &cfg)
+                .env_remove("RUST_LOG")
+                .args(["daemon", "--once"])
+                .output()
+                .expect("trialgate runs")
+        })
+    };
+    let first = run().await.unwrap();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let second = run().await.unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{err}");
+    assert!(
+        err.contains("0 newly eligible or potentially eligible, 0 newly ineligible"),
+        "{err}"
+    );
+    let reports: Vec<_> = std::fs::read_dir(dir.join("reports"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    assert!(!reports.is_empty());
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&reports[0]).unwrap()).unwrap();
+    assert_eq!(report["summary"]["patients"], 1);
+    assert!(dir.join("state.sqlite").exists());
+
+    // Without --once, a schedule that cannot parse is refused before anything runs.
+    let bad = tokio::task::spawn_blocking({
+        let cfg = cfg.clone();
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_trialgate"))
+                .current_dir(root())
+                .env("TRIALGATE_CONFIG", &cfg)
+                .env("TRIALGATE_SCHEDULE_CRON", "0 25 * * *")
+                .args(["daemon"])
+                .output()
+                .expect("trialgate runs")
+        }
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("[schedule] cron (from TRIALGATE_SCHEDULE_CRON)") && err.contains("hour"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
