@@ -140,6 +140,26 @@ impl Default for ScheduleSection {
     }
 }
 
+/// `trialgate serve`: where to listen, which tokens to accept, how large a body may be.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeSection {
+    pub listen: String,
+    /// The environment variable holding the accepted bearer tokens, comma-separated.
+    pub token_env: String,
+    pub max_body_mb: u64,
+}
+
+impl Default for ServeSection {
+    fn default() -> Self {
+        ServeSection {
+            listen: "127.0.0.1:8080".into(),
+            token_env: "TRIALGATE_API_TOKENS".into(),
+            max_body_mb: 16,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Gateway {
@@ -149,6 +169,7 @@ pub struct Gateway {
     pub sweep: Sweep,
     pub write_back: WriteBack,
     pub schedule: ScheduleSection,
+    pub serve: ServeSection,
 }
 
 /// Every key, for environment overrides: (section, key).
@@ -172,6 +193,7 @@ const KEYS: &[(&str, &[&str])] = &[
     ("sweep", &["trials", "batch", "concurrency", "page_size", "code_filter"]),
     ("write_back", &["enabled", "write_ineligible", "target_url"]),
     ("schedule", &["cron", "bulk", "state", "reports"]),
+    ("serve", &["listen", "token_env", "max_body_mb"]),
 ];
 
 pub fn env_name(section: &str, key: &str) -> String {
@@ -305,6 +327,16 @@ impl Gateway {
             if v == 0 {
                 err("sweep", key, "must be at least 1".into());
             }
+        }
+        if self.serve.listen.parse::<std::net::SocketAddr>().is_err() {
+            err(
+                "serve",
+                "listen",
+                format!("`{}` is not an address such as 127.0.0.1:8080", self.serve.listen),
+            );
+        }
+        if self.serve.max_body_mb == 0 {
+            err("serve", "max_body_mb", "must be at least 1".into());
         }
         if !self.schedule.cron.is_empty() {
             if let Err(why) = crate::schedule::Schedule::parse(&self.schedule.cron) {

@@ -15,6 +15,7 @@ pub mod gateway;
 pub mod pipeline;
 pub mod report;
 pub mod schedule;
+pub mod serve;
 pub mod state;
 pub mod sweep;
 pub mod time;

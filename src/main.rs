@@ -100,6 +100,26 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Serve screening over HTTP for integration engines: POST /screen, GET /trials, /health,
+    /// /metrics, /openapi.json.
+    #[command(after_help = "Examples:\n  \
+        TRIALGATE_API_TOKENS=s3cret trialgate serve\n  \
+        curl -H 'Authorization: Bearer s3cret' --data-binary @fixtures/bundles/01-meilin-zhou.json \\\n    \
+        'http://127.0.0.1:8080/screen?as_of=2026-06-01&trial=NCT06406205'\n\n\
+        Every route but /health needs a bearer token from the variable [serve] token_env names \
+        (comma-separated for several). Errors are FHIR OperationOutcomes. The routes are described \
+        in openapi.json. Ctrl-C or SIGTERM stop it after the requests in flight.")]
+    Serve {
+        /// The gateway configuration ([serve] listen, token_env, max_body_mb).
+        #[arg(long, value_name = "FILE", env = "TRIALGATE_CONFIG", default_value = "config/gateway.toml")]
+        config: PathBuf,
+        /// Address and port to listen on (default: [serve] listen).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// Accept requests without a token. Only for a service reachable by nobody else.
+        #[arg(long)]
+        no_auth: bool,
+    },
     Check {
         /// Check these trials (ids or files) instead of the whole trials folder.
         #[arg(long = "trial", value_name = "ID|FILE")]
@@ -965,6 +985,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     return outcome;
                 }
             }
+        }
+        Command::Serve { config, listen, no_auth } => {
+            let g = trialgate::gateway::Gateway::load(&config, &|k| std::env::var(k).ok()).map_err(bad)?;
+            let listen = listen.unwrap_or_else(|| g.serve.listen.clone());
+            let addr: std::net::SocketAddr = listen
+                .parse()
+                .map_err(|_| bad(format!("--listen `{listen}` is not an address such as 127.0.0.1:8080")))?;
+            let tokens: Vec<String> = std::env::var(&g.serve.token_env)
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_string)
+                .collect();
+            if tokens.is_empty() && !no_auth {
+                return Err(bad(format!(
+                    "no API tokens: set {} to one or more bearer tokens (comma-separated), or pass --no-auth for a service nobody else can reach",
+                    g.serve.token_env
+                )));
+            }
+            if no_auth {
+                tracing::warn!("serving without authentication (--no-auth)");
+            }
+            let cfg = load_config(&cli.mappings, &cli.trials_dir, &[])?;
+            let app = trialgate::serve::App::new(cfg, if no_auth { Vec::new() } else { tokens }, (g.serve.max_body_mb as usize) << 20);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(async {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("listening on {addr}"))?;
+                eprintln!("serving on http://{addr} (POST /screen, GET /trials, /health, /metrics, /openapi.json)");
+                trialgate::serve::serve(listener, app).await.context("serving")
+            })
         }
         Command::Check { trials, list } => {
             let cfg = trialgate::load_config(&cli.mappings, &cli.trials_dir, &trials).map_err(bad)?;

@@ -1,0 +1,383 @@
+//! `trialgate serve`: the screening engine over HTTP, for integration engines that send one
+//! patient at a time. Same configuration, same path (`screen_read`) and same report as `screen`.
+//!
+//! Every error is a FHIR OperationOutcome with a code and a message that says what to fix.
+//! Every route but `/health` needs `Authorization: Bearer <token>` (compared in constant
+//! time). Logs carry a request id, the route, the status and the time taken: never a name, a
+//! birth date, a value or an id from the body.
+
+use crate::criteria::decisions::Decisions;
+use crate::time::Date;
+use crate::{Config, SourceFile};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The OpenAPI description of these routes, kept in the repository and served as is.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// Counters for `/metrics` (Prometheus text format).
+#[derive(Default)]
+struct Metrics {
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    seconds: Mutex<BTreeMap<String, (f64, u64)>>,
+    verdicts: Mutex<BTreeMap<(String, &'static str), u64>>,
+}
+
+pub struct App {
+    cfg: Config,
+    /// Accepted bearer tokens; empty only when started with authentication off.
+    tokens: Vec<String>,
+    max_body: usize,
+    metrics: Metrics,
+    next_id: AtomicU64,
+}
+
+impl App {
+    pub fn new(cfg: Config, tokens: Vec<String>, max_body: usize) -> Arc<App> {
+        Arc::new(App {
+            cfg,
+            tokens,
+            max_body,
+            metrics: Metrics::default(),
+            next_id: AtomicU64::new(1),
+        })
+    }
+}
+
+/// An OperationOutcome response: `code` from the FHIR issue-type value set.
+fn outcome(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let body = json!({"resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": code, "diagnostics": message.into()}]});
+    fhir_json(status, body.to_string())
+}
+
+fn fhir_json(status: StatusCode, body: String) -> Response {
+    let mut r = (status, body).into_response();
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/fhir+json"));
+    r
+}
+
+/// Equal in time whatever the first differing byte, so a token cannot be guessed byte by byte.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+/// Authentication, request ids, logging and request metrics for every route.
+async fn track(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let id = app.next_id.fetch_add(1, Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let open = path == "/health";
+    let authorized = open
+        || app.tokens.is_empty()
+        || req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| app.tokens.iter().any(|k| same(k.as_bytes(), t.trim().as_bytes())));
+    let mut resp = if authorized {
+        next.run(req).await
+    } else {
+        let mut r = outcome(
+            StatusCode::UNAUTHORIZED,
+            "login",
+            "send Authorization: Bearer <token> with one of the tokens the service was started with",
+        );
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        r
+    };
+    let status = resp.status().as_u16();
+    let secs = started.elapsed().as_secs_f64();
+    // Routes are fixed strings: anything else is counted as one, so a scanner cannot grow the map.
+    let route = if ["/screen", "/trials", "/health", "/metrics", "/openapi.json"].contains(&path.as_str()) {
+        path.clone()
+    } else {
+        "other".to_string()
+    };
+    if let Ok(mut m) = app.metrics.requests.lock() {
+        *m.entry((route.clone(), status)).or_default() += 1;
+    }
+    if let Ok(mut m) = app.metrics.seconds.lock() {
+        let e = m.entry(route.clone()).or_default();
+        e.0 += secs;
+        e.1 += 1;
+    }
+    tracing::info!(request = id, %method, route = %route, status, ms = (secs * 1000.0).round() as u64, "served");
+    if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+async fn health(State(app): State<Arc<App>>) -> Response {
+    let body = json!({"status": "ok", "trials": app.cfg.trials.len(), "version": app.cfg.provenance.version});
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+async fn trials(State(app): State<Arc<App>>) -> Response {
+    let list: Vec<Value> = app
+        .cfg
+        .trials
+        .iter()
+        .map(|t| {
+            json!({"id": t.id, "title": t.title, "source": t.source,
+                "criteria": t.criteria.iter().map(|c| json!({"id": c.id, "kind": c.kind, "text": c.text})).collect::<Vec<_>>()})
+        })
+        .collect();
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        Value::Array(list).to_string(),
+    )
+        .into_response()
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP trialgate_http_requests_total HTTP requests by route and status.");
+    let _ = writeln!(out, "# TYPE trialgate_http_requests_total counter");
+    if let Ok(m) = app.metrics.requests.lock() {
+        for ((route, status), n) in m.iter() {
+            let _ = writeln!(out, "trialgate_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+        }
+    }
+    let _ = writeln!(out, "# HELP trialgate_http_request_seconds Time to answer, by route.");
+    let _ = writeln!(out, "# TYPE trialgate_http_request_seconds summary");
+    if let Ok(m) = app.metrics.seconds.lock() {
+        for (route, (sum, count)) in m.iter() {
+            let _ = writeln!(out, "trialgate_http_request_seconds_sum{{route=\"{route}\"}} {sum}");
+            let _ = writeln!(out, "trialgate_http_request_seconds_count{{route=\"{route}\"}} {count}");
+        }
+    }
+    let _ = writeln!(out, "# HELP trialgate_verdicts_total Verdicts given, by trial and status.");
+    let _ = writeln!(out, "# TYPE trialgate_verdicts_total counter");
+    if let Ok(m) = app.metrics.verdicts.lock() {
+        for ((trial, status), n) in m.iter() {
+            let _ = writeln!(out, "trialgate_verdicts_total{{trial=\"{trial}\",status=\"{status}\"}} {n}");
+        }
+    }
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+async fn openapi() -> Response {
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// `POST /screen`: a Bundle, a single resource or NDJSON in; the JSON report of `screen` out,
+/// or with `format=bundle` a FHIR Bundle of ResearchStudy and ResearchSubject resources.
+async fn screen(State(app): State<Arc<App>>, Query(q): Query<HashMap<String, String>>, body: Body) -> Response {
+    let Ok(bytes) = axum::body::to_bytes(body, app.max_body).await else {
+        return outcome(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-long",
+            format!(
+                "the body is larger than {} bytes: post one patient's data, or raise [serve] max_body_mb",
+                app.max_body
+            ),
+        );
+    };
+    let as_of = match q.get("as_of") {
+        Some(s) => match Date::parse(s) {
+            Some(d) => d,
+            None => {
+                return outcome(
+                    StatusCode::BAD_REQUEST,
+                    "value",
+                    format!("as_of `{s}` is not a date: write YYYY-MM-DD"),
+                );
+            }
+        },
+        None => Date::today_utc(),
+    };
+    let selected: Vec<String> = q
+        .get("trial")
+        .map(|t| t.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect())
+        .unwrap_or_default();
+    if let Some(unknown) = selected.iter().find(|id| !app.cfg.trials.iter().any(|t| &t.id == *id)) {
+        let known: Vec<&str> = app.cfg.trials.iter().map(|t| t.id.as_str()).collect();
+        return outcome(
+            StatusCode::BAD_REQUEST,
+            "not-found",
+            format!(
+                "unknown trial `{unknown}`; the loaded trials are {} (GET /trials)",
+                known.join(", ")
+            ),
+        );
+    }
+    let as_bundle = match q.get("format").map(String::as_str) {
+        None | Some("report") => false,
+        Some("bundle") => true,
+        Some(other) => {
+            return outcome(
+                StatusCode::BAD_REQUEST,
+                "value",
+                format!("format `{other}`: use report (the JSON report, the default) or bundle (FHIR ResearchSubjects)"),
+            );
+        }
+    };
+    let work = {
+        let app = app.clone();
+        move || screen_body(&app, &bytes, as_of, &selected, as_bundle)
+    };
+    match tokio::task::spawn_blocking(work).await {
+        Ok(r) => r,
+        Err(_) => outcome(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "exception",
+            "the screening failed; see the service log",
+        ),
+    }
+}
+
+fn screen_body(app: &App, bytes: &[u8], as_of: Date, selected: &[String], as_bundle: bool) -> Response {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return outcome(StatusCode::BAD_REQUEST, "structure", "the body is not UTF-8 text: post FHIR JSON");
+    };
+    let text = text.trim_start_matches('\u{feff}');
+    if text.trim().is_empty() {
+        return outcome(
+            StatusCode::BAD_REQUEST,
+            "required",
+            "the body is empty: post a FHIR Bundle (or NDJSON) holding a Patient",
+        );
+    }
+    let mut read = crate::fhir::files::ReadOutput::default();
+    crate::fhir::files::read_text("request body", text, false, crate::read_options(&app.cfg), &mut read);
+    if read.resources.is_empty() {
+        let why = read
+            .issues
+            .first()
+            .map(|i| format!("{}: {}", i.location, i.message))
+            .unwrap_or_else(|| "it holds no resource trialgate reads".into());
+        return outcome(StatusCode::BAD_REQUEST, "structure", format!("the body cannot be screened: {why}"));
+    }
+    if !read
+        .resources
+        .iter()
+        .any(|p| matches!(p.resource, crate::fhir::Resource::Patient(_)))
+    {
+        return outcome(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "required",
+            "the posted data holds no Patient: include the Patient resource the other resources refer to",
+        );
+    }
+    let input = SourceFile {
+        kind: "request",
+        path: "POST /screen".into(),
+        sha256: None,
+        bytes: Some(bytes.len() as u64),
+    };
+    let mut s = crate::screen_read(read, vec![input], &app.cfg, as_of, &Decisions::default());
+    if !selected.is_empty() {
+        s.results.retain(|r| selected.contains(&r.trial));
+    }
+    if let Ok(mut m) = app.metrics.verdicts.lock() {
+        for r in &s.results {
+            *m.entry((r.trial.clone(), r.status.as_str())).or_default() += 1;
+        }
+    }
+    if !as_bundle {
+        return fhir_json_report(crate::report::json(&s));
+    }
+    let mut entries = Vec::new();
+    for t in app.cfg.trials.iter().filter(|t| s.results.iter().any(|r| r.trial == t.id)) {
+        let mut study = crate::writeback::research_study(t);
+        study["id"] = json!(t.id);
+        entries.push(json!({"fullUrl": format!("ResearchStudy/{}", t.id), "resource": study}));
+    }
+    for r in &s.results {
+        let (Some(t), Some(status)) = (
+            app.cfg.trials.iter().find(|t| t.id == r.trial),
+            crate::writeback::r4_status(r.status),
+        ) else {
+            continue;
+        };
+        entries.push(json!({"resource": crate::writeback::research_subject(t, &t.id, r, status, as_of, None)}));
+    }
+    let bundle = json!({"resourceType": "Bundle", "type": "collection", "entry": entries});
+    fhir_json(StatusCode::OK, bundle.to_string())
+}
+
+fn fhir_json_report(body: String) -> Response {
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn not_found() -> Response {
+    outcome(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "no such route: POST /screen, GET /trials, /health, /metrics, /openapi.json",
+    )
+}
+
+/// The routes, with authentication, logging and metrics.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/screen", post(screen))
+        .route("/trials", get(trials))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(app.clone(), track))
+        // The body limit is applied by the handler, which answers with an OperationOutcome.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(app)
+}
+
+/// Serves until Ctrl-C or SIGTERM, then lets requests in flight finish.
+pub async fn serve(listener: tokio::net::TcpListener, app: Arc<App>) -> std::io::Result<()> {
+    axum::serve(listener, router(app)).with_graceful_shutdown(shutdown()).await
+}
+
+async fn shutdown() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down: finishing the requests in flight");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison_is_exact() {
+        assert!(same(b"abc", b"abc"));
+        assert!(!same(b"abc", b"abd"));
+        assert!(!same(b"abc", b"abcd"));
+        assert!(!same(b"", b"a"));
+    }
+}

@@ -1,0 +1,167 @@
+//! `trialgate serve` over real HTTP on 127.0.0.1: the same verdicts as `screen` for a posted
+//! Bundle, bearer tokens on every route but /health, an OperationOutcome with a 4xx for every
+//! kind of bad input (never a 500), ResearchSubjects on request, and metrics.
+
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use trialgate::criteria::decisions::Decisions;
+use trialgate::time::Date;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+async fn start(max_body: usize) -> String {
+    let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[]).unwrap();
+    let app = trialgate::serve::App::new(cfg, vec!["t0k3n".into(), "second-token".into()], max_body);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(trialgate::serve::serve(listener, app));
+    base
+}
+
+async fn post(base: &str, query: &str, body: impl Into<reqwest::Body>, token: Option<&str>) -> (u16, Value) {
+    let mut req = reqwest::Client::new().post(format!("{base}/screen{query}")).body(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+fn diagnostics(v: &Value) -> String {
+    assert_eq!(v["resourceType"], "OperationOutcome", "{v}");
+    v["issue"][0]["diagnostics"].as_str().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn a_posted_bundle_gets_the_verdicts_screen_gives() {
+    let base = start(16 << 20).await;
+    let file = root().join("fixtures/bundles/01-meilin-zhou.json");
+    let (status, report) = post(&base, "?as_of=2026-06-01", std::fs::read(&file).unwrap(), Some("t0k3n")).await;
+    assert_eq!(status, 200, "{report}");
+    let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[]).unwrap();
+    let screened = trialgate::screen(&file, &cfg, Date::parse("2026-06-01").unwrap(), &Decisions::default()).unwrap();
+    let expected: Vec<Value> = screened.results.iter().map(|r| serde_json::to_value(r).unwrap()).collect();
+    assert_eq!(report["results"].as_array().unwrap(), &expected);
+    assert_eq!(report["summary"]["patients"], 1);
+
+    // One trial, as FHIR ResearchSubjects; the second token works too.
+    let (status, bundle) = post(
+        &base,
+        "?as_of=2026-06-01&trial=NCT06406205&format=bundle",
+        std::fs::read(&file).unwrap(),
+        Some("second-token"),
+    )
+    .await;
+    assert_eq!(status, 200, "{bundle}");
+    assert_eq!(bundle["resourceType"], "Bundle");
+    let subjects: Vec<&Value> = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["resource"])
+        .filter(|r| r["resourceType"] == "ResearchSubject")
+        .collect();
+    assert_eq!(subjects.len(), 1);
+    let want = trialgate::writeback::r4_status(screened.results[0].status).unwrap();
+    assert_eq!(subjects[0]["status"], want);
+    assert_eq!(subjects[0]["study"]["reference"], "ResearchStudy/NCT06406205");
+
+    // Metrics count what was served.
+    let metrics = reqwest::Client::new()
+        .get(format!("{base}/metrics"))
+        .bearer_auth("t0k3n")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("trialgate_http_requests_total{route=\"/screen\",status=\"200\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("trialgate_verdicts_total{trial=\"NCT06406205\""), "{metrics}");
+}
+
+#[tokio::test]
+async fn every_bad_request_gets_an_operation_outcome_never_a_500() {
+    let base = start(64 << 10).await;
+    let patient = json!({"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1990-01-01"});
+    let bundle = json!({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": patient}]}).to_string();
+
+    let (s, v) = post(&base, "", bundle.clone(), None).await;
+    assert_eq!(s, 401);
+    assert!(diagnostics(&v).contains("Authorization: Bearer"));
+    let (s, _) = post(&base, "", bundle.clone(), Some("t0k3n-but-longer")).await;
+    assert_eq!(s, 401, "a token that only starts right is refused");
+
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("", "{\"resourceType\": \"Bundle\", \"entry\": [".into(), 400, "not valid JSON"),
+        ("", "   ".into(), 400, "empty"),
+        (
+            "",
+            json!({"resourceType": "Observation", "id": "o", "status": "final"}).to_string(),
+            422,
+            "no Patient",
+        ),
+        (
+            "",
+            json!({"resourceType": "Encounter", "id": "e"}).to_string(),
+            400,
+            "cannot be screened",
+        ),
+        ("?trial=NCT00000000", bundle.clone(), 400, "unknown trial `NCT00000000`"),
+        ("?as_of=June", bundle.clone(), 400, "as_of `June`"),
+        ("?format=xml", bundle.clone(), 400, "format `xml`"),
+        ("", "x".repeat(70 << 10), 413, "larger than"),
+    ];
+    for (query, body, status, says) in cases {
+        let (s, v) = post(&base, query, body, Some("t0k3n")).await;
+        assert_eq!(s, status, "{query}: {v}");
+        let d = diagnostics(&v);
+        assert!(d.contains(says), "{query}: {d}");
+    }
+    // NDJSON works as well as a Bundle.
+    let (s, v) = post(&base, "?as_of=2026-06-01", format!("{patient}\n"), Some("t0k3n")).await;
+    assert_eq!(s, 200, "{v}");
+}
+
+#[tokio::test]
+async fn health_is_open_and_the_rest_is_described() {
+    let base = start(1 << 20).await;
+    let http = reqwest::Client::new();
+    let health = http.get(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    assert!(health.headers().contains_key("x-request-id"));
+    let trials: Value = http
+        .get(format!("{base}/trials"))
+        .bearer_auth("t0k3n")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .map(|t| serde_json::from_str(&t).unwrap())
+        .unwrap();
+    assert_eq!(trials.as_array().unwrap().len(), 5);
+    assert!(trials[0]["criteria"][0]["text"].as_str().is_some_and(|t| !t.is_empty()));
+    let api: Value = http
+        .get(format!("{base}/openapi.json"))
+        .bearer_auth("t0k3n")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .map(|t| serde_json::from_str(&t).unwrap())
+        .unwrap();
+    for route in ["/screen", "/trials", "/health", "/metrics", "/openapi.json"] {
+        assert!(api["paths"][route].is_object(), "{route} is described");
+    }
+    let missing = http.get(format!("{base}/nowhere")).bearer_auth("t0k3n").send().await.unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
+}
