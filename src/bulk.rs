@@ -169,7 +169,13 @@ pub async fn export(client: &FhirClient, opts: &ExportOptions, dir: &Path) -> Re
     };
     let auth = manifest.requires_access_token;
     for (i, f) in manifest.output.iter().enumerate() {
-        let kind = f.kind.as_deref().unwrap_or("Resource");
+        // The type names the file: anything but a plain resource type name (a path, say) from a
+        // manifest is not used as one.
+        let kind = f
+            .kind
+            .as_deref()
+            .filter(|k| !k.is_empty() && k.len() <= 64 && k.chars().all(|c| c.is_ascii_alphabetic()))
+            .unwrap_or("Resource");
         // Named by type so the reader sees Patients first, numbered so parts never collide.
         let path = dir.join(format!("{kind}.{i:04}.ndjson"));
         out.bytes += client.download(&f.url, &path, auth).await?;

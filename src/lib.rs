@@ -247,10 +247,14 @@ pub struct FactsRead {
 
 /// Reads `path` into every patient's facts (the first half of [`screen_each`]).
 pub fn read_facts(path: &Path, cfg: &Config, as_of: Date, shard: Option<Shard>) -> Result<FactsRead, ReadError> {
-    let files = list_files(path)?;
+    read_facts_files(&list_files(path)?, cfg, as_of, shard)
+}
+
+/// [`read_facts`] for a list of files (none: no patients).
+pub fn read_facts_files(files: &[PathBuf], cfg: &Config, as_of: Date, shard: Option<Shard>) -> Result<FactsRead, ReadError> {
     let mut store = FactStore::keeping(criteria::eval::lab_spans(&cfg.trials, &cfg.mappings, as_of)).sharded(shard);
     let mut issues = Vec::new();
-    pipeline::read_files(&files, cfg, &mut store, &mut issues)?;
+    pipeline::read_files(files, cfg, &mut store, &mut issues)?;
     let inputs = files
         .iter()
         .map(|f| SourceFile {

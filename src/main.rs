@@ -74,13 +74,6 @@ enum Command {
         A patient whose data still cannot be fetched is reported with status `error` and the \
         server's reason. A summary of requests and errors goes to stderr.")]
     Sweep(Box<SweepArgs>),
-    /// Validate every trial and mapping file, and lint criteria for suspect thresholds.
-    #[command(
-        after_help = "Examples:\n  trialgate check\n  trialgate check --trial config/bench/bench-ln.yaml\n  trialgate check --list\n\n\
-        Reports unknown fact or set names, units that cannot convert, thresholds in the wrong unit, \
-        duplicate ids and thresholds that look inverted (an inclusion requiring a low eGFR), each with \
-        the file, criterion and line. Exit status 2 when anything is wrong."
-    )]
     /// Run the configured sweep on its schedule ([schedule] in the gateway configuration), one
     /// run at a time, until stopped.
     #[command(after_help = "Examples:\n  \
@@ -120,6 +113,13 @@ enum Command {
         #[arg(long)]
         no_auth: bool,
     },
+    /// Validate every trial and mapping file, and lint criteria for suspect thresholds.
+    #[command(
+        after_help = "Examples:\n  trialgate check\n  trialgate check --trial config/bench/bench-ln.yaml\n  trialgate check --list\n\n\
+        Reports unknown fact or set names, units that cannot convert, thresholds in the wrong unit, \
+        duplicate ids and thresholds that look inverted (an inclusion requiring a low eGFR), each with \
+        the file, criterion and line. Exit status 2 when anything is wrong."
+    )]
     Check {
         /// Check these trials (ids or files) instead of the whole trials folder.
         #[arg(long = "trial", value_name = "ID|FILE")]
@@ -425,8 +425,16 @@ fn note_inputs(
     if let Some(p) = decisions {
         provenance.sources.push(trialgate::SourceFile::hashed("decisions", p).map_err(bad)?);
     }
+    // Locations can name patients (a search's label lists its patient ids) and messages can
+    // quote data: the details go to the report, and to the log only at debug level.
+    if !issues.is_empty() {
+        tracing::warn!(
+            problems = issues.len(),
+            "input problems were found and skipped; see input_issues in the report"
+        );
+    }
     for i in issues {
-        tracing::warn!("{}: {}", i.location, i.message);
+        tracing::debug!("{}: {}", i.location, i.message);
     }
     Ok(())
 }
@@ -684,7 +692,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ));
             }
             let configured_cohort = group.is_none() && patients.is_none() && patient.is_empty();
-            let as_of = parse_as_of(as_of)?;
+            let as_of_given = as_of.is_some();
+            let mut as_of = parse_as_of(as_of)?;
             let cfg = load_config(&cli.mappings, &cli.trials_dir, &trials)?;
             let loaded = load_decisions(&decisions, &cfg)?;
             // The token is read here and handed to the client; it is never logged or echoed.
@@ -767,10 +776,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         shard,
                         if bulk { "bulk" } else { "rest" }
                     );
+                    // Without an explicit date, an interrupted run of this cohort is finished first,
+                    // as of its own date: a daily schedule must not abandon it.
+                    if !as_of_given {
+                        if let Some(d) = trialgate::state::State::unfinished_as_of(path, &cohort_key)
+                            .map_err(bad)?
+                            .and_then(|d| Date::parse(&d))
+                        {
+                            as_of = d;
+                        }
+                    }
                     let run_key = format!("{cohort_key}|{as_of}");
                     let st = trialgate::state::State::open(path, &run_key, &cohort_key, &as_of.to_string()).map_err(bad)?;
                     if st.resumed {
-                        eprintln!("sweep: resuming the interrupted run recorded in {}", path.display());
+                        eprintln!("sweep: resuming the interrupted run as of {as_of} recorded in {}", path.display());
                     }
                     Some(st)
                 }
@@ -782,7 +801,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "--shard with --bulk would export the whole cohort once per shard: export once (--bulk --bulk-dir DIR), then run `trialgate screen --bundle DIR --shard K/N` in each process",
                 ));
             }
-            let (mut s, errors) = if bulk {
+            let (mut s, errors, unfetched) = if bulk {
                 let group = match &sweep_opts.cohort {
                     Cohort::Group(g) => Some(g.clone()),
                     Cohort::All => None,
@@ -837,7 +856,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     client.stats.retries.load(std::sync::atomic::Ordering::Relaxed),
                 );
                 eprintln!("sweep: {} patient(s); {:.1} s", s.patients, started.elapsed().as_secs_f64());
-                (s, 0)
+                (s, 0, 0)
             } else {
                 let (s, summary) = runtime.block_on(trialgate::sweep::sweep(&client, &cfg, as_of, &loaded, &sweep_opts, state.as_mut()))?;
                 eprintln!(
@@ -849,12 +868,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     summary.failed_requests,
                     started.elapsed().as_secs_f64()
                 );
-                (s, summary.errors)
+                (s, summary.errors, summary.unfetched)
             };
             drop(progress);
-            // Only a run with nobody in error is finished: an unfinished one is resumed, and its
-            // patients in error are tried again.
-            if let (Some(st), 0) = (state.as_mut(), errors) {
+            // A run whose every patient was fetched is finished; one with patients that could not
+            // be fetched stays open, to be resumed, and those patients tried again. (An id the
+            // server has no Patient for is a definite answer: it does not hold the run open.)
+            if let (Some(st), 0) = (state.as_mut(), unfetched) {
                 let c = st.finish()?;
                 match &c.since {
                     Some(since) => eprintln!(

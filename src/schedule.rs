@@ -1,7 +1,7 @@
 //! Cron schedules for `trialgate daemon`: the five classic fields (minute, hour, day of month,
 //! month, day of week; UTC), each `*`, a number, a range `a-b`, a step `*/n` or `a-b/n`, or a
-//! comma list of those. As in Vixie cron, when both day fields are restricted a day matching
-//! either runs.
+//! comma list of those. As in Vixie cron, when both day fields are restricted (neither starts
+//! with `*`) a day matching either runs; otherwise a day must match both.
 
 use crate::time::{Date, Instant};
 
@@ -49,7 +49,8 @@ fn field(text: &str, lo: u32, hi: u32, name: &str) -> Result<(Vec<bool>, bool), 
             set[v as usize] = true;
         }
     }
-    Ok((set, text == "*"))
+    // Vixie cron's rule: a field that starts with `*` (`*`, `*/2`) does not restrict the day.
+    Ok((set, text.starts_with('*')))
 }
 
 impl Schedule {
@@ -90,11 +91,10 @@ impl Schedule {
         let weekday = ((d.start().0 / 86_400).rem_euclid(7) + 4) % 7;
         let by_day = self.days[day as usize];
         let by_weekday = self.weekdays[weekday as usize];
-        match (self.days_any, self.weekdays_any) {
-            (true, true) => true,
-            (true, false) => by_weekday,
-            (false, true) => by_day,
-            (false, false) => by_day || by_weekday,
+        if self.days_any || self.weekdays_any {
+            by_day && by_weekday
+        } else {
+            by_day || by_weekday
         }
     }
 
@@ -155,6 +155,11 @@ mod tests {
             "day of month or Friday"
         );
         assert_eq!(next("0 0 * * 7", "2026-06-01T00:00:00Z"), "2026-06-07 00:00", "7 is Sunday");
+        assert_eq!(
+            next("0 0 */2 * 1", "2026-06-01T07:00:00Z"),
+            "2026-06-15 00:00",
+            "an odd day and a Monday"
+        );
         assert!(Schedule::parse("0 0 31 2 *").unwrap().next_after(Instant(0)).is_none());
     }
 

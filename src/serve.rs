@@ -34,6 +34,8 @@ struct Metrics {
 
 pub struct App {
     cfg: Config,
+    /// Screenings at once: each holds its body and its facts, so their number bounds memory.
+    slots: tokio::sync::Semaphore,
     /// Accepted bearer tokens; empty only when started with authentication off.
     tokens: Vec<String>,
     max_body: usize,
@@ -43,7 +45,9 @@ pub struct App {
 
 impl App {
     pub fn new(cfg: Config, tokens: Vec<String>, max_body: usize) -> Arc<App> {
+        let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
         Arc::new(App {
+            slots: tokio::sync::Semaphore::new(cores * 2),
             cfg,
             tokens,
             max_body,
@@ -182,6 +186,10 @@ async fn openapi() -> Response {
 /// `POST /screen`: a Bundle, a single resource or NDJSON in; the JSON report of `screen` out,
 /// or with `format=bundle` a FHIR Bundle of ResearchStudy and ResearchSubject resources.
 async fn screen(State(app): State<Arc<App>>, Query(q): Query<HashMap<String, String>>, body: Body) -> Response {
+    // Waiting for a slot before reading the body keeps at most a few bodies in memory.
+    let Ok(_slot) = app.slots.acquire().await else {
+        return outcome(StatusCode::SERVICE_UNAVAILABLE, "transient", "the service is shutting down");
+    };
     let Ok(bytes) = axum::body::to_bytes(body, app.max_body).await else {
         return outcome(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -327,6 +335,14 @@ async fn not_found() -> Response {
     )
 }
 
+async fn wrong_method() -> Response {
+    outcome(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "not-supported",
+        "wrong method for this route: POST /screen; GET /trials, /health, /metrics, /openapi.json",
+    )
+}
+
 /// The routes, with authentication, logging and metrics.
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
@@ -336,6 +352,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
+        .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(app.clone(), track))
         // The body limit is applied by the handler, which answers with an OperationOutcome.
         .layer(axum::extract::DefaultBodyLimit::disable())

@@ -128,6 +128,27 @@ impl State {
         })
     }
 
+    /// The screening date of the newest unfinished run of `cohort_key` in the state at `path`,
+    /// if the file exists and holds one.
+    pub fn unfinished_as_of(path: &Path, cohort_key: &str) -> Result<Option<String>, StateError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let db = |source| StateError::Db {
+            path: path.display().to_string(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(db)?;
+        conn.execute_batch(SCHEMA).map_err(db)?;
+        conn.query_row(
+            "SELECT as_of FROM runs WHERE cohort_key = ?1 AND finished IS NULL ORDER BY id DESC LIMIT 1",
+            params![cohort_key],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db)
+    }
+
     fn db(&self, source: rusqlite::Error) -> StateError {
         StateError::Db {
             path: self.path.clone(),

@@ -78,6 +78,9 @@ pub enum SweepError {
 pub struct SweepSummary {
     pub patients: usize,
     pub errors: usize,
+    /// Of the errors, patients whose data could not be fetched (worth trying again), as
+    /// opposed to ids the server has no Patient for (a definite answer).
+    pub unfetched: usize,
     pub requests: u64,
     pub retries: u64,
     pub failed_requests: u64,
@@ -430,6 +433,7 @@ pub async fn sweep(
         });
     }
     let mut failed: BTreeMap<String, String> = BTreeMap::new();
+    let mut absent = 0usize;
     let mut batch_issues: BTreeMap<usize, Vec<InputIssue>> = BTreeMap::new();
     let mut unmapped = crate::facts::Unmapped::default();
     let mut screened = done.len();
@@ -453,6 +457,7 @@ pub async fn sweep(
             .cloned()
             .collect();
         for id in missing {
+            absent += 1;
             failed.insert(id, "the server returned no Patient resource for this id".into());
         }
         if let Some(st) = state.as_deref_mut() {
@@ -503,6 +508,7 @@ pub async fn sweep(
     let summary = SweepSummary {
         patients: s.patients,
         errors: failed.len(),
+        unfetched: failed.len() - absent,
         requests: client.stats.requests.load(Ordering::Relaxed),
         retries: client.stats.retries.load(Ordering::Relaxed),
         failed_requests: client.stats.failures.load(Ordering::Relaxed),
@@ -598,16 +604,19 @@ pub async fn bulk_sweep(
     } else {
         Vec::new()
     };
-    let saved = match (&opts.since, state.as_deref()) {
-        (None, Some(st)) => st.saved_facts()?,
-        _ => None,
+    let saved = match state.as_deref() {
+        Some(st) => st.saved_facts()?,
+        None => None,
     };
-    let incremental_since = saved.as_ref().map(|(_, t)| t.clone());
+    // A delta is applied to the stored facts; an explicit --since without stored facts is a
+    // delta screened alone, and is not stored (it is not the whole cohort).
+    let incremental_since = saved.as_ref().map(|(_, t)| opts.since.clone().unwrap_or_else(|| t.clone()));
+    let full = saved.is_none() && opts.since.is_none();
     let export = crate::bulk::ExportOptions {
         group: opts.group.clone(),
         types: types.iter().map(|t| t.to_string()).collect(),
         type_filters,
-        since: opts.since.clone().or(incremental_since.clone()),
+        since: incremental_since.clone().or(opts.since.clone()),
         max_wait: std::time::Duration::from_secs(6 * 3600),
         max_poll: opts.max_poll,
     };
@@ -621,20 +630,11 @@ pub async fn bulk_sweep(
     };
     let mut read = match saved {
         Some((facts, _)) => crate::pipeline::apply_delta(facts, &exported.files, &exported.deleted, cfg, as_of).map_err(io)?,
-        None => match crate::read_facts(dir, cfg, as_of, None) {
-            Ok(r) => r,
-            // An export of nobody leaves no files: that is an empty cohort, not an error.
-            Err(crate::fhir::files::ReadError::Empty(_)) => crate::FactsRead {
-                facts: Vec::new(),
-                issues: Vec::new(),
-                unmapped: Default::default(),
-                inputs: Vec::new(),
-            },
-            Err(e) => return Err(io(e)),
-        },
+        // Only this export's files: the folder may hold an earlier export's.
+        None => crate::read_facts_files(&exported.files, cfg, as_of, None).map_err(io)?,
     };
     read.issues.extend(exported.issues.iter().cloned());
-    if let (Some(st), Some(t)) = (state, &exported.transaction_time) {
+    if let (Some(st), Some(t), true) = (state, &exported.transaction_time, full || incremental_since.is_some()) {
         st.save_facts(&read.facts, t)?;
     }
     let s = crate::screen_facts(read, cfg, as_of, decisions);

@@ -876,7 +876,7 @@ fn check_accepts_the_shipped_configuration() {
 
 #[test]
 fn help_of_screen_and_check_shows_examples() {
-    for sub in ["screen", "check"] {
+    for sub in ["screen", "sweep", "daemon", "serve", "check"] {
         let o = trialgate(&[sub, "--help"]);
         assert_eq!(code(&o), 0, "{sub}");
         assert!(stdout(&o).contains("Example"), "{sub} --help:\n{}", stdout(&o));

@@ -38,7 +38,8 @@ fn screened_in_state(db: &Path) -> usize {
         .unwrap_or(0)
 }
 
-fn command(server: &str, db: &Path, out: &Path, as_of: &str, changes: &Path) -> Command {
+/// The sweep command; `as_of` None is how a schedule runs it (screening "today").
+fn command(server: &str, db: &Path, out: &Path, as_of: Option<&str>, changes: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_trialgate"));
     c.current_dir(root())
         .env("TRIALGATE_CONFIG", root().join("tests/data/no-such-gateway.toml"))
@@ -54,7 +55,7 @@ fn command(server: &str, db: &Path, out: &Path, as_of: &str, changes: &Path) -> 
             "--concurrency",
             "1",
         ])
-        .args(["--as-of", as_of, "--format", "csv", "--state"])
+        .args(["--format", "csv", "--state"])
         .arg(db)
         .arg("--changes")
         .arg(changes)
@@ -62,6 +63,9 @@ fn command(server: &str, db: &Path, out: &Path, as_of: &str, changes: &Path) -> 
         .arg(out);
     for i in 0..10 {
         c.args(["--patient", &format!("p{i}")]);
+    }
+    if let Some(d) = as_of {
+        c.args(["--as-of", d]);
     }
     c
 }
@@ -115,7 +119,7 @@ async fn a_killed_sweep_resumes_without_repeating_or_missing_anyone() {
     let (db, out, changes) = (dir.join("state.sqlite"), dir.join("report.csv"), dir.join("changes.csv"));
 
     // First run: killed (SIGKILL) once three patients are checkpointed.
-    let mut child = command(&server.uri(), &db, &out, "2026-06-01", &changes)
+    let mut child = command(&server.uri(), &db, &out, Some("2026-06-01"), &changes)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -134,11 +138,12 @@ async fn a_killed_sweep_resumes_without_repeating_or_missing_anyone() {
     assert!(!out.exists(), "a killed run leaves no report under the final name");
     let before = server.received_requests().await.unwrap().len();
 
-    // Second run: the same command resumes and completes.
-    let second = command(&server.uri(), &db, &out, "2026-06-01", &changes).output().unwrap();
+    // Second run, as a schedule starts it (no date, on a later day): it finishes the
+    // interrupted run, as of that run's date.
+    let second = command(&server.uri(), &db, &out, None, &changes).output().unwrap();
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(second.status.success(), "{err}");
-    assert!(err.contains("resuming the interrupted run"), "{err}");
+    assert!(err.contains("resuming the interrupted run as of 2026-06-01"), "{err}");
     let report = std::fs::read_to_string(&out).unwrap();
     let patients: Vec<&str> = report.lines().skip(1).filter_map(|l| l.split(',').next()).collect();
     let unique: BTreeSet<&str> = patients.iter().copied().collect();
@@ -170,7 +175,7 @@ async fn a_killed_sweep_resumes_without_repeating_or_missing_anyone() {
         .with_priority(1)
         .mount(&server)
         .await;
-    let third = command(&server.uri(), &db, &out, "2026-06-02", &changes).output().unwrap();
+    let third = command(&server.uri(), &db, &out, Some("2026-06-02"), &changes).output().unwrap();
     let err = String::from_utf8_lossy(&third.stderr);
     assert!(third.status.success(), "{err}");
     assert!(!err.contains("resuming"), "a new date is a new run: {err}");

@@ -164,4 +164,8 @@ async fn health_is_open_and_the_rest_is_described() {
     }
     let missing = http.get(format!("{base}/nowhere")).bearer_auth("t0k3n").send().await.unwrap();
     assert_eq!(missing.status().as_u16(), 404);
+    let wrong = http.get(format!("{base}/screen")).bearer_auth("t0k3n").send().await.unwrap();
+    assert_eq!(wrong.status().as_u16(), 405);
+    let v: Value = serde_json::from_str(&wrong.text().await.unwrap()).unwrap();
+    assert!(diagnostics(&v).contains("POST /screen"));
 }

@@ -549,9 +549,13 @@ impl FhirClient {
     pub async fn download(&self, url: &str, path: &std::path::Path, auth: bool) -> Result<u64, ClientError> {
         use std::io::Write;
         let mut retries = 0u32;
+        let full = url;
+        // A pre-signed storage URL carries its credential in the query: errors and logs get
+        // the URL without it.
+        let url = url.split('?').next().unwrap_or(url);
         loop {
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let mut req = self.http.get(url).header(reqwest::header::ACCEPT, "application/fhir+ndjson");
+            let mut req = self.http.get(full).header(reqwest::header::ACCEPT, "application/fhir+ndjson");
             if auth {
                 if let Some(t) = &self.opts.bearer {
                     req = req.bearer_auth(t);
