@@ -43,6 +43,8 @@ enum Format {
     Json,
     Text,
     Csv,
+    /// A page for the study coordinator (sortable, filterable; open it in a browser).
+    Html,
 }
 
 #[derive(Subcommand)]
@@ -439,10 +441,16 @@ fn note_inputs(
     Ok(())
 }
 
-fn finish(s: &mut trialgate::Screening, decisions: &Option<PathBuf>, format: Format, output: Option<PathBuf>) -> anyhow::Result<()> {
+fn finish(
+    s: &mut trialgate::Screening,
+    decisions: &Option<PathBuf>,
+    format: Format,
+    output: Option<PathBuf>,
+    server: &str,
+) -> anyhow::Result<()> {
     note_inputs(&mut s.provenance, &s.issues, decisions)?;
     let sink = ReportSink::open(output.as_deref())?;
-    let text = trialgate::report::render(s, format.into());
+    let text = trialgate::report::render_linked(s, format.into(), Some(server));
     let mut w = sink.writer();
     let written = w.write_all(text.as_bytes()).and_then(|()| w.flush()).map(|()| w);
     sink.close(written)
@@ -454,6 +462,7 @@ impl From<Format> for trialgate::report::Format {
             Format::Json => trialgate::report::Format::Json,
             Format::Text => trialgate::report::Format::Text,
             Format::Csv => trialgate::report::Format::Csv,
+            Format::Html => trialgate::report::Format::Html,
         }
     }
 }
@@ -924,14 +933,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     return Ok(());
                 }
                 if !w.failed.is_empty() {
-                    finish(&mut s, &decisions, format, output)?;
+                    finish(&mut s, &decisions, format, output, &server)?;
                     anyhow::bail!(
                         "{} ResearchSubject write(s) were refused by the server (see the warnings above)",
                         w.failed.len()
                     );
                 }
             }
-            finish(&mut s, &decisions, format, output)?;
+            finish(&mut s, &decisions, format, output, &server)?;
             // The report is written either way; the exit status tells a scheduler that some
             // patients could not be screened.
             if errors > 0 {

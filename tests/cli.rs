@@ -966,3 +966,51 @@ fn a_report_file_appears_whole_and_stderr_summarizes_the_run() {
     assert!(!missing.exists() && !dir.join("nothing.csv.partial").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--format html` is the coordinator's page: per trial, every patient with the status, the
+/// deciding criteria and what is unknown, candidates first, ineligible ones hidden until asked
+/// for, and text from the data escaped.
+#[test]
+fn the_html_page_lists_every_patient_per_trial_with_the_reasons() {
+    let o = trialgate(&[
+        "screen",
+        "--bundle",
+        "fixtures/bundles",
+        "--as-of",
+        "2026-06-01",
+        "--format",
+        "html",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let page = stdout(&o);
+    assert!(page.starts_with("<!DOCTYPE html>") && page.trim_end().ends_with("</html>"));
+    for trial in [
+        "NCT06406205",
+        "belimumab-multitarget-ln",
+        "felzartamab-refractory-ln",
+        "NCT06535412",
+        "biologic-induction-ln",
+    ] {
+        let section = page
+            .split(&format!("<section id=\"trial-{trial}\">"))
+            .nth(1)
+            .expect("a section per trial");
+        let section = section.split("</section>").next().unwrap_or_default();
+        assert_eq!(section.matches("<tr class=").count(), 9, "{trial}: every patient once");
+        // Candidates come before the ineligible.
+        let first_inel = section.find("class=\"ineligible\"").unwrap_or(usize::MAX);
+        let last_cand = section.rfind("class=\"potentially-eligible\"").unwrap_or(0);
+        assert!(last_cand < first_inel, "{trial}: candidates first");
+    }
+    // Rosa Delgado is excluded from NCT06406205 by exc-1, and the page says why.
+    let rosa = page
+        .split("<section id=\"trial-NCT06406205\">")
+        .nth(1)
+        .and_then(|s| s.split("<td>Patient/rosa-delgado</td>").nth(1))
+        .and_then(|s| s.split("</tr>").next())
+        .expect("Rosa's row");
+    assert!(rosa.contains("<b>exc-1</b>"), "{rosa}");
+    // Reasons quote units such as mL/min/{1.73_m2}; nothing from the data is left unescaped.
+    assert!(!page.contains("<b>exc-1</b> <"), "escaped");
+    assert!(page.contains("data-status=\"ineligible\" hidden"));
+}

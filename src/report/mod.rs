@@ -51,6 +51,20 @@ pub enum Format {
     Json,
     Text,
     Csv,
+    /// A page for the study coordinator: per trial, patients by status with the deciding
+    /// criteria and what is unknown or needs review; filterable and sortable.
+    Html,
+}
+
+/// What the HTML page shows of one result: small, so a page can be built for a whole run.
+struct HtmlRow {
+    patient: String,
+    trial: String,
+    status: Status,
+    deciding: Vec<(String, String)>,
+    unknown: Vec<(String, String)>,
+    manual: Vec<String>,
+    evidence: Vec<String>,
 }
 
 /// Writes a report as the results come, so that a cohort of any size is reported without
@@ -63,9 +77,19 @@ pub struct Writer<W: std::io::Write> {
     trials: Vec<TrialSummary>,
     current: String,
     error: Option<std::io::Error>,
+    rows: Vec<HtmlRow>,
+    as_of: crate::time::Date,
+    version: String,
+    link_base: Option<String>,
 }
 
 impl<W: std::io::Write> Writer<W> {
+    /// Links each evidence item of the HTML page to its resource on this FHIR server.
+    pub fn link_to(mut self, base: &str) -> Self {
+        self.link_base = Some(base.trim_end_matches('/').to_string());
+        self
+    }
+
     /// Starts a report; `patients` is only used by the text format's heading.
     pub fn new(out: W, format: Format, as_of: crate::time::Date, version: &str, patients: usize) -> Writer<W> {
         let mut w = Writer {
@@ -75,11 +99,16 @@ impl<W: std::io::Write> Writer<W> {
             trials: Vec::new(),
             current: String::new(),
             error: None,
+            rows: Vec::new(),
+            as_of,
+            version: version.to_string(),
+            link_base: None,
         };
         let head = match format {
             Format::Json => format!("{{\n  \"as_of\": \"{as_of}\",\n  \"results\": ["),
             Format::Csv => "patient,trial,status,decided_by,unknown,manual\n".to_string(),
             Format::Text => format!("trialgate {version} — screening as of {as_of} — {patients} patient(s)\n\n"),
+            Format::Html => String::new(),
         };
         w.put(head.as_bytes());
         w
@@ -102,6 +131,39 @@ impl<W: std::io::Write> Writer<W> {
                 format!("{}\n    {one}", if self.results == 0 { "" } else { "," })
             }
             Format::Csv => csv_row(r),
+            Format::Html => {
+                let pick = |o: Outcome| -> Vec<(String, String)> {
+                    r.criteria
+                        .iter()
+                        .filter(|c| c.outcome == o)
+                        .map(|c| (c.id.clone(), c.reason.clone()))
+                        .collect()
+                };
+                let deciding = r
+                    .criteria
+                    .iter()
+                    .filter(|c| r.decided_by.iter().any(|d| d.id == c.id))
+                    .map(|c| (c.id.clone(), c.reason.clone()))
+                    .chain(r.record.iter().map(|rec| ("record".to_string(), rec.clone())))
+                    .collect();
+                let mut evidence: Vec<String> = r
+                    .criteria
+                    .iter()
+                    .flat_map(|c| c.evidence.iter().map(|e| e.resource.clone()))
+                    .collect();
+                evidence.sort();
+                evidence.dedup();
+                self.rows.push(HtmlRow {
+                    patient: r.patient.clone(),
+                    trial: r.trial.clone(),
+                    status: r.status,
+                    deciding,
+                    unknown: pick(Outcome::Unknown),
+                    manual: pick(Outcome::Manual).into_iter().map(|(id, _)| id).collect(),
+                    evidence,
+                });
+                String::new()
+            }
             Format::Text => {
                 let mut out = String::new();
                 if r.patient != self.current {
@@ -150,6 +212,10 @@ impl<W: std::io::Write> Writer<W> {
                 let text = text_tail(&summary, t);
                 self.put(text.as_bytes());
             }
+            Format::Html => {
+                let page = html_page(&self.rows, &summary, t, self.as_of, &self.version, self.link_base.as_deref());
+                self.put(page.as_bytes());
+            }
         }
         if self.error.is_none() {
             if let Err(e) = self.out.flush() {
@@ -188,7 +254,15 @@ fn count(trials: &mut Vec<TrialSummary>, r: &TrialResult) {
 
 /// A whole report of a screening held in memory.
 pub fn render(s: &Screening, format: Format) -> String {
+    render_linked(s, format, None)
+}
+
+/// [`render`], the HTML page linking evidence to its resources on the FHIR server at `base`.
+pub fn render_linked(s: &Screening, format: Format, base: Option<&str>) -> String {
     let mut w = Writer::new(Vec::new(), format, s.as_of, &s.provenance.version, s.patients);
+    if let Some(b) = base {
+        w = w.link_to(b);
+    }
     for r in &s.results {
         w.result(r);
     }
@@ -213,6 +287,10 @@ pub fn csv(s: &Screening) -> String {
 
 pub fn text(s: &Screening) -> String {
     render(s, Format::Text)
+}
+
+pub fn html(s: &Screening) -> String {
+    render(s, Format::Html)
 }
 
 fn ids(r: &TrialResult, outcome: Outcome) -> Vec<&str> {
@@ -305,4 +383,143 @@ fn text_tail(sum: &Summary, t: &Totals) -> String {
         );
     }
     out
+}
+
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Sorting and filtering, in plain script: no build step, nothing fetched.
+const PAGE_SCRIPT: &str = r#"
+function filterRows() {
+  const q = document.getElementById('q').value.toLowerCase();
+  const shown = new Set([...document.querySelectorAll('input.status:checked')].map(b => b.value));
+  document.querySelectorAll('tbody tr').forEach(tr => {
+    tr.hidden = !(shown.has(tr.dataset.status) && tr.textContent.toLowerCase().includes(q));
+  });
+}
+function sortBy(th) {
+  const table = th.closest('table'), body = table.tBodies[0], i = th.cellIndex;
+  const asc = th.dataset.asc !== 'true'; th.dataset.asc = asc;
+  [...body.rows].sort((a, b) => (a.cells[i].dataset.key || a.cells[i].textContent)
+      .localeCompare(b.cells[i].dataset.key || b.cells[i].textContent) * (asc ? 1 : -1))
+    .forEach(r => body.appendChild(r));
+}
+"#;
+
+const PAGE_STYLE: &str = "body{font-family:system-ui,sans-serif;margin:1.5rem;color:#222}\
+table{border-collapse:collapse;width:100%;margin-bottom:2rem}th,td{border:1px solid #ccc;padding:.3rem .5rem;vertical-align:top;text-align:left}\
+th{background:#f3f3f3;cursor:pointer}tr.eligible td:nth-child(2){color:#0a6d2c;font-weight:600}\
+tr.potentially-eligible td:nth-child(2){color:#8a5a00;font-weight:600}tr.ineligible td:nth-child(2){color:#777}\
+tr.error td:nth-child(2){color:#b00020;font-weight:600}ul{margin:0;padding-left:1.1rem}small{color:#555}";
+
+fn html_page(rows: &[HtmlRow], summary: &Summary, t: &Totals, as_of: crate::time::Date, version: &str, link_base: Option<&str>) -> String {
+    let rank = |s: Status| match s {
+        Status::Eligible => 0,
+        Status::PotentiallyEligible => 1,
+        Status::Error => 2,
+        Status::Ineligible => 3,
+    };
+    let list = |items: &[(String, String)]| -> String {
+        if items.is_empty() {
+            return String::new();
+        }
+        let li: String = items
+            .iter()
+            .map(|(id, why)| format!("<li><b>{}</b> {}</li>", esc(id), esc(why)))
+            .collect();
+        format!("<ul>{li}</ul>")
+    };
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>trialgate: screening as of {as_of}</title>\
+         <style>{PAGE_STYLE}</style><script>{PAGE_SCRIPT}</script></head><body>\n\
+         <h1>Trial candidates as of {as_of}</h1>\n<p>{} patient(s) screened by trialgate {} (configuration {}). \
+         {} input problem(s), {} unmapped code(s): see the JSON report.</p>\n\
+         <p><label>Find <input id=\"q\" oninput=\"filterRows()\" placeholder=\"patient, criterion, reason\"></label> ",
+        t.patients,
+        esc(version),
+        esc(t.provenance.config_hash.get(..12).unwrap_or_default()),
+        t.issues.len(),
+        t.unmapped.counts.len()
+    );
+    for (value, label, on) in [
+        ("eligible", "eligible", true),
+        ("potentially-eligible", "potentially eligible", true),
+        ("error", "error", true),
+        ("ineligible", "ineligible", false),
+    ] {
+        let _ = write!(
+            out,
+            "<label><input type=\"checkbox\" class=\"status\" value=\"{value}\"{} onchange=\"filterRows()\"> {label}</label> ",
+            if on { " checked" } else { "" }
+        );
+    }
+    out.push_str("</p>\n");
+    for trial in &summary.trials {
+        let _ = write!(
+            out,
+            "<section id=\"trial-{id}\"><h2>{id}</h2><p>{} eligible, {} potentially eligible, {} ineligible, {} error</p>\n\
+             <table><thead><tr><th onclick=\"sortBy(this)\">Patient</th><th onclick=\"sortBy(this)\">Status</th>\
+             <th>Deciding</th><th>Unknown</th><th>Needs review</th><th>Evidence</th></tr></thead><tbody>\n",
+            trial.eligible,
+            trial.potentially_eligible,
+            trial.ineligible,
+            trial.error,
+            id = esc(&trial.trial)
+        );
+        let mut mine: Vec<&HtmlRow> = rows.iter().filter(|r| r.trial == trial.trial).collect();
+        mine.sort_by(|a, b| rank(a.status).cmp(&rank(b.status)).then_with(|| a.patient.cmp(&b.patient)));
+        for r in mine {
+            let evidence: String = r
+                .evidence
+                .iter()
+                .map(|e| match link_base {
+                    Some(base) => format!("<a href=\"{}/{}\">{}</a> ", esc(base), esc(e), esc(e)),
+                    None => format!("{} ", esc(e)),
+                })
+                .collect();
+            let status = r.status.as_str();
+            let _ = writeln!(
+                out,
+                "<tr class=\"{status}\" data-status=\"{status}\"{}><td>{}</td><td data-key=\"{}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td><small>{}</small></td></tr>",
+                if status == "ineligible" { " hidden" } else { "" },
+                esc(&r.patient),
+                rank(r.status),
+                status.replace('-', " "),
+                list(&r.deciding),
+                list(&r.unknown),
+                esc(&r.manual.join(", ")),
+                evidence.trim_end()
+            );
+        }
+        out.push_str("</tbody></table></section>\n");
+    }
+    out.push_str("</body></html>\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::esc;
+
+    #[test]
+    fn page_text_is_escaped() {
+        assert_eq!(
+            esc("UPCR <0.2 & \"x\" 'y' >1"),
+            "UPCR &lt;0.2 &amp; &quot;x&quot; &#39;y&#39; &gt;1"
+        );
+    }
 }
