@@ -71,6 +71,18 @@ pub enum ClientError {
     BadUrl(String),
 }
 
+impl ClientError {
+    /// The fault without the URL (whose query may name patients), for logs.
+    pub fn brief(&self) -> String {
+        match self {
+            ClientError::Status { status, .. } => format!("HTTP {status}"),
+            ClientError::Transport { message, .. } | ClientError::Body { message, .. } => message.chars().take(200).collect(),
+            ClientError::Budget { budget, .. } => format!("retry budget of {budget} spent"),
+            ClientError::BadUrl(_) => "invalid URL".into(),
+        }
+    }
+}
+
 /// Requests made, for the run summary.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -520,7 +532,7 @@ impl FhirClient {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1));
         if spent.is_err() {
             self.stats.failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%error, "retry budget spent");
+            tracing::warn!(fault = %error.brief(), "retry budget spent");
             return Err(ClientError::Budget {
                 url: url.to_string(),
                 budget: self.opts.retry_budget,
@@ -537,7 +549,9 @@ impl FhirClient {
             .unwrap_or_else(|| ceiling.mul_f64(jitter()));
         *retries += 1;
         self.stats.retries.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(%error, retry = *retries, wait_ms = pause.as_millis() as u64, "retrying");
+        // The query names patients (`patient=a,b`): the log gets the path and the kind of fault.
+        let path = url.split('?').next().unwrap_or(url);
+        tracing::info!(path, fault = %error.brief(), retry = *retries, wait_ms = pause.as_millis() as u64, "retrying");
         tokio::time::sleep(pause).await;
         Ok(())
     }
