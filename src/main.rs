@@ -1038,7 +1038,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tracing::warn!("serving without authentication (--no-auth)");
             }
             let cfg = load_config(&cli.mappings, &cli.trials_dir, &[])?;
-            let app = trialgate::serve::App::new(cfg, if no_auth { Vec::new() } else { tokens }, (g.serve.max_body_mb as usize) << 20);
+            // /health checks the configured FHIR server (its CapabilityStatement, public by the
+            // FHIR specification, with a short timeout and no retries) and the state database.
+            let fhir = if g.server.url.is_empty() {
+                None
+            } else {
+                let opts = ClientOptions {
+                    read_timeout: std::time::Duration::from_secs(3),
+                    connect_timeout: std::time::Duration::from_secs(3),
+                    max_retries: 0,
+                    ..Default::default()
+                };
+                Some(FhirClient::new(&g.server.url, opts).map_err(bad)?)
+            };
+            let state = (!g.schedule.state.is_empty()).then(|| PathBuf::from(&g.schedule.state));
+            let app = trialgate::serve::App::checking(
+                cfg,
+                if no_auth { Vec::new() } else { tokens },
+                (g.serve.max_body_mb as usize) << 20,
+                fhir,
+                state,
+            );
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -41,10 +41,25 @@ pub struct App {
     max_body: usize,
     metrics: Metrics,
     next_id: AtomicU64,
+    /// What `/health` checks besides the service itself.
+    fhir: Option<crate::fhir::client::FhirClient>,
+    state: Option<std::path::PathBuf>,
 }
 
 impl App {
     pub fn new(cfg: Config, tokens: Vec<String>, max_body: usize) -> Arc<App> {
+        App::checking(cfg, tokens, max_body, None, None)
+    }
+
+    /// Has `/health` also check that this FHIR server answers (`GET metadata`) and that this
+    /// state database opens.
+    pub fn checking(
+        cfg: Config,
+        tokens: Vec<String>,
+        max_body: usize,
+        fhir: Option<crate::fhir::client::FhirClient>,
+        state: Option<std::path::PathBuf>,
+    ) -> Arc<App> {
         let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
         Arc::new(App {
             slots: tokio::sync::Semaphore::new(cores * 2),
@@ -53,6 +68,8 @@ impl App {
             max_body,
             metrics: Metrics::default(),
             next_id: AtomicU64::new(1),
+            fhir,
+            state,
         })
     }
 }
@@ -128,9 +145,35 @@ async fn track(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
     resp
 }
 
+/// Liveness, and whether the FHIR server and the state database answer: 503 when one that is
+/// configured does not, so a load balancer or orchestrator can tell.
 async fn health(State(app): State<Arc<App>>) -> Response {
-    let body = json!({"status": "ok", "trials": app.cfg.trials.len(), "version": app.cfg.provenance.version});
-    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    let mut ok = true;
+    let fhir = match &app.fhir {
+        None => "not configured".to_string(),
+        Some(c) => match c.get("metadata").await {
+            Ok(_) => "ok".to_string(),
+            Err(e) => {
+                ok = false;
+                format!("not answering: {}", e.brief())
+            }
+        },
+    };
+    let database = match &app.state {
+        None => "not configured".to_string(),
+        Some(p) if !p.exists() => "not created yet (the first sweep creates it)".to_string(),
+        Some(p) => match rusqlite::Connection::open(p).and_then(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))) {
+            Ok(_) => "ok".to_string(),
+            Err(e) => {
+                ok = false;
+                format!("not answering: {e}")
+            }
+        },
+    };
+    let body = json!({"status": if ok { "ok" } else { "degraded" }, "trials": app.cfg.trials.len(),
+        "version": app.cfg.provenance.version, "fhir_server": fhir, "database": database});
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
 async fn trials(State(app): State<Arc<App>>) -> Response {

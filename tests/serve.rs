@@ -169,3 +169,62 @@ async fn health_is_open_and_the_rest_is_described() {
     let v: Value = serde_json::from_str(&wrong.text().await.unwrap()).unwrap();
     assert!(diagnostics(&v).contains("POST /screen"));
 }
+
+/// `/health` says whether the FHIR server and the state database answer, with a 503 when a
+/// configured one does not.
+#[tokio::test]
+async fn health_checks_the_fhir_server_and_the_database() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let fhir = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/metadata"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(
+            r#"{"resourceType":"CapabilityStatement","status":"active"}"#,
+            "application/fhir+json",
+        ))
+        .mount(&fhir)
+        .await;
+    let quick = trialgate::fhir::client::ClientOptions {
+        max_retries: 0,
+        read_timeout: std::time::Duration::from_secs(2),
+        ..Default::default()
+    };
+    let check = |server: &str, state: Option<PathBuf>| {
+        let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[]).unwrap();
+        let client = trialgate::fhir::client::FhirClient::new(server, quick.clone()).unwrap();
+        trialgate::serve::App::checking(cfg, vec!["t".into()], 1 << 20, Some(client), state)
+    };
+    let health = |app| async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(trialgate::serve::serve(listener, app));
+        let r = reqwest::get(format!("{base}/health")).await.unwrap();
+        let status = r.status().as_u16();
+        (status, serde_json::from_str::<Value>(&r.text().await.unwrap()).unwrap())
+    };
+    let dir = std::env::temp_dir().join(format!("trialgate-health-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("state.sqlite");
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("CREATE TABLE t (x)")
+        .unwrap();
+
+    let (s, v) = health(check(&fhir.uri(), Some(db.clone()))).await;
+    assert_eq!(
+        (s, v["fhir_server"].as_str(), v["database"].as_str()),
+        (200, Some("ok"), Some("ok")),
+        "{v}"
+    );
+    // A FHIR server that is down: 503, and the reason.
+    let dead = format!(
+        "http://127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    );
+    let (s, v) = health(check(&dead, Some(db))).await;
+    assert_eq!(s, 503, "{v}");
+    assert_eq!(v["status"], "degraded");
+    assert!(v["fhir_server"].as_str().is_some_and(|t| t.starts_with("not answering")), "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
