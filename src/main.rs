@@ -964,12 +964,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             std::fs::create_dir_all(&reports).with_context(|| format!("creating the reports folder {}", reports.display()))?;
             loop {
                 if let Some(s) = &schedule {
-                    let now = trialgate::time::Instant(
-                        std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map(|d| d.as_secs() as i64)
-                            .unwrap_or(0),
-                    );
+                    let now = trialgate::time::Instant::now();
                     let Some(next) = s.next_after(now) else {
                         return Err(bad(format!("[schedule] cron `{s}` never fires")));
                     };
@@ -978,12 +973,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     std::thread::sleep(std::time::Duration::from_secs((next.0 - now.0).max(0) as u64));
                 }
                 let stamp = {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_secs() as i64)
-                        .unwrap_or(0);
-                    let t = trialgate::time::Instant(now);
-                    format!("{}T{:02}{:02}", t.date(), (now / 3600).rem_euclid(24), (now / 60).rem_euclid(60))
+                    let t = trialgate::time::Instant::now();
+                    format!("{}T{:02}{:02}", t.date(), (t.0 / 3600).rem_euclid(24), (t.0 / 60).rem_euclid(60))
                 };
                 let report = reports.join(format!("{stamp}.json"));
                 let changes = reports.join(format!("{stamp}.changes.csv"));

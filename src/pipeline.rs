@@ -356,14 +356,9 @@ pub fn apply_delta(
         });
     }
     facts.retain(|f| !removed.contains(&f.key));
+    // Stored values that aged out of every window can never count again.
     for f in &mut facts {
-        f.labs.retain(|lab, values| match spans.get(*lab).copied().flatten() {
-            Some(w) => {
-                values.retain(|v| w.contains(v.time));
-                !values.is_empty()
-            }
-            None => false,
-        });
+        f.keep_within(&spans);
     }
     facts.sort_by(|a, b| a.key.cmp(&b.key));
     let inputs = files

@@ -79,10 +79,7 @@ CREATE TABLE IF NOT EXISTS results (
 ";
 
 fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    crate::time::Instant::now().0
 }
 
 impl State {
@@ -158,13 +155,13 @@ impl State {
 
     /// The verdicts this run has already committed (none for a new run).
     pub fn done(&self) -> Result<Vec<TrialResult>, StateError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT result FROM results WHERE run = ?1 ORDER BY patient, trial")
-            .map_err(|e| self.db(e))?;
-        let rows = stmt
-            .query_map(params![self.run], |r| r.get::<_, String>(0))
-            .map_err(|e| self.db(e))?;
+        self.json_rows("SELECT result FROM results WHERE run = ?1 ORDER BY patient, trial", self.run)
+    }
+
+    /// The JSON in the one column `sql` selects, read back into `T`.
+    fn json_rows<T: serde::de::DeserializeOwned>(&self, sql: &str, param: impl rusqlite::ToSql) -> Result<Vec<T>, StateError> {
+        let mut stmt = self.conn.prepare(sql).map_err(|e| self.db(e))?;
+        let rows = stmt.query_map(params![param], |r| r.get::<_, String>(0)).map_err(|e| self.db(e))?;
         let mut out = Vec::new();
         for row in rows {
             let text = row.map_err(|e| self.db(e))?;
@@ -217,22 +214,8 @@ impl State {
             .optional()
             .map_err(|e| self.db(e))?;
         let Some(since) = since else { return Ok(None) };
-        let mut stmt = self
-            .conn
-            .prepare("SELECT facts FROM facts WHERE cohort_key = ?1 ORDER BY patient")
-            .map_err(|e| self.db(e))?;
-        let rows = stmt
-            .query_map(params![self.cohort_key], |r| r.get::<_, String>(0))
-            .map_err(|e| self.db(e))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let text = row.map_err(|e| self.db(e))?;
-            out.push(serde_json::from_str(&text).map_err(|source| StateError::Stored {
-                path: self.path.clone(),
-                source,
-            })?);
-        }
-        Ok(Some((out, since)))
+        let facts = self.json_rows("SELECT facts FROM facts WHERE cohort_key = ?1 ORDER BY patient", &self.cohort_key)?;
+        Ok(Some((facts, since)))
     }
 
     /// Replaces the fact state with `facts`, current to the export of `transaction_time`.

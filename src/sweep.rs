@@ -156,22 +156,13 @@ async fn served(client: &FhirClient) -> Served {
 /// a needed lab as a component (blood pressure) are asked for by their own codes. A server
 /// that declares neither gets no filter: every Observation of the cohort is fetched.
 fn observation_filter(cfg: &Config, served: &Served) -> Option<(&'static str, String)> {
-    let m = &cfg.mappings;
-    let labs: BTreeSet<usize> = cfg.trials.iter().flat_map(|t| t.labs(m)).collect();
-    if labs.is_empty() {
-        return None;
-    }
     let combo = served.searches_by("Observation", "combo-code");
     if !combo && !served.searches_by("Observation", "code") {
         return None;
     }
-    let mut codes = BTreeSet::new();
-    for &l in &labs {
-        let spec = &m.labs[l].spec;
-        codes.extend(spec.codes.values().flatten());
-        if !combo {
-            codes.extend(spec.panels.values().flatten());
-        }
+    let codes = observation_codes(cfg, !combo);
+    if codes.is_empty() {
+        return None;
     }
     let list = codes.iter().map(|c| encode(c)).collect::<Vec<_>>().join(",");
     Some((if combo { "combo-code" } else { "code" }, list))
@@ -546,16 +537,18 @@ fn screen_batch(
     crate::screen_read(read, Vec::new(), cfg, as_of, decisions)
 }
 
-/// The codes of every lab the trials read, and of the panels that carry one as a component:
-/// an Observation filter for servers that search by `code` only (Bulk Data's `_typeFilter`).
-pub fn observation_codes(cfg: &Config) -> Vec<String> {
+/// The codes of every lab the trials read and, with `panels`, of the panels that carry one as
+/// a component: what a search by `code` needs (one by `combo-code` looks into components).
+pub fn observation_codes(cfg: &Config, panels: bool) -> Vec<String> {
     let m = &cfg.mappings;
     let labs: BTreeSet<usize> = cfg.trials.iter().flat_map(|t| t.labs(m)).collect();
     let mut codes = BTreeSet::new();
     for &l in &labs {
         let spec = &m.labs[l].spec;
         codes.extend(spec.codes.values().flatten().cloned());
-        codes.extend(spec.panels.values().flatten().cloned());
+        if panels {
+            codes.extend(spec.panels.values().flatten().cloned());
+        }
     }
     codes.into_iter().collect()
 }
@@ -598,7 +591,8 @@ pub async fn bulk_sweep(
     if types.iter().any(|t| t.starts_with("Medication")) {
         types.insert("Medication");
     }
-    let codes = observation_codes(cfg);
+    // _typeFilter is a plain `code` search: the panels go with it.
+    let codes = observation_codes(cfg, true);
     let type_filters = if opts.code_filter && types.contains("Observation") && !codes.is_empty() {
         vec![format!("Observation?code={}", codes.join(","))]
     } else {

@@ -76,15 +76,22 @@ impl Date {
     /// Today in UTC, from the system clock. Only the binary's edge calls this: the evaluator
     /// always receives its screening date as an argument.
     pub fn today_utc() -> Date {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        Date(secs.div_euclid(SECS_PER_DAY))
+        Instant::now().date()
     }
 }
 
 impl Instant {
+    /// Now, from the system clock. Like `Date::today_utc`, only for the edges (the daemon,
+    /// the state's run times), never the evaluator.
+    pub fn now() -> Instant {
+        Instant(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
+        )
+    }
+
     pub fn date(self) -> Date {
         Date(self.0.div_euclid(SECS_PER_DAY))
     }

@@ -204,6 +204,18 @@ impl PatientFacts {
         self.biopsies.retain(|x| x.resource != resource);
     }
 
+    /// Keeps only the lab values inside their lab's span (`criteria::eval::lab_spans`); a
+    /// lab with no span is read by no rule and goes entirely.
+    pub fn keep_within(&mut self, spans: &[Option<crate::time::Window>]) {
+        self.labs.retain(|lab, values| match spans.get(*lab).copied().flatten() {
+            Some(w) => {
+                values.retain(|v| w.contains(v.time));
+                !values.is_empty()
+            }
+            None => false,
+        });
+    }
+
     /// Every resource some fact was taken from.
     pub fn sources(&self) -> impl Iterator<Item = &str> {
         let labs = self.labs.values().flatten().map(|x| x.resource.as_str());

@@ -163,8 +163,6 @@ pub struct FactStore {
     /// Resources fed one at a time so far (their order, for those kept aside).
     fed: u64,
     snapshot: Option<Arc<Registry>>,
-    /// Per lab, the span of time in which values can matter; None: keep every value.
-    spans: Option<Vec<Option<Window>>>,
     shard: Option<Shard>,
 }
 
@@ -175,10 +173,7 @@ impl FactStore {
     /// A store that keeps, of each lab, only the values inside its span (see
     /// [`crate::criteria::eval::lab_spans`]): what keeps memory flat however long the history.
     pub fn keeping(spans: Vec<Option<Window>>) -> FactStore {
-        let mut store = FactStore {
-            spans: Some(spans.clone()),
-            ..Default::default()
-        };
+        let mut store = FactStore::default();
         store.registry.spans = Some(Arc::new(spans));
         store
     }
@@ -243,16 +238,9 @@ impl FactStore {
         for d in p.structural {
             self.register(d);
         }
-        for (patient, mut f) in p.facts {
-            if let Some(spans) = &self.spans {
-                f.labs.retain(|lab, values| match spans.get(*lab).copied().flatten() {
-                    Some(w) => {
-                        values.retain(|v| w.contains(v.time));
-                        !values.is_empty()
-                    }
-                    None => false,
-                });
-            }
+        // Lab values outside their span were never built (extract_one skips them): nothing
+        // to prune here.
+        for (patient, f) in p.facts {
             let held = &mut self.facts[patient];
             held.absorb(f);
             // Vectors grow by doubling: trimmed, a patient costs what it holds, not up to twice.
