@@ -137,28 +137,25 @@ async fn health_is_open_and_the_rest_is_described() {
     let health = http.get(format!("{base}/health")).send().await.unwrap();
     assert_eq!(health.status().as_u16(), 200);
     assert!(health.headers().contains_key("x-request-id"));
-    let trials: Value = http
-        .get(format!("{base}/trials"))
-        .bearer_auth("t0k3n")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .map(|t| serde_json::from_str(&t).unwrap())
-        .unwrap();
+    let get_json = |route: &'static str| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let text = http
+                .get(format!("{base}{route}"))
+                .bearer_auth("t0k3n")
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            serde_json::from_str::<Value>(&text).unwrap()
+        }
+    };
+    let trials = get_json("/trials").await;
     assert_eq!(trials.as_array().unwrap().len(), 5);
     assert!(trials[0]["criteria"][0]["text"].as_str().is_some_and(|t| !t.is_empty()));
-    let api: Value = http
-        .get(format!("{base}/openapi.json"))
-        .bearer_auth("t0k3n")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .map(|t| serde_json::from_str(&t).unwrap())
-        .unwrap();
+    let api = get_json("/openapi.json").await;
     for route in ["/screen", "/trials", "/health", "/metrics", "/openapi.json"] {
         assert!(api["paths"][route].is_object(), "{route} is described");
     }
