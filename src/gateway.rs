@@ -123,7 +123,8 @@ pub struct ScheduleSection {
     pub cron: String,
     /// Sweep through Bulk Data (incremental after the first run) rather than searches.
     pub bulk: bool,
-    /// The SQLite state file (checkpoints, fact state, verdict history).
+    /// The state: a SQLite file, or a `postgres://` URL shared by processes (checkpoints,
+    /// fact state, verdict history).
     pub state: String,
     /// Folder for each run's JSON report and changes.
     pub reports: String,

@@ -253,15 +253,25 @@ struct SweepArgs {
     /// Retry-After is honoured up to this.
     #[arg(long, value_name = "SECS", default_value_t = 30, requires = "bulk")]
     bulk_poll_max: u64,
-    /// Keep the sweep's state in this SQLite file: each batch of verdicts is committed as it
-    /// is made, so the same sweep started again after a crash or kill resumes where it stopped;
-    /// and finished runs are compared, listing who became eligible or ineligible.
-    #[arg(long, value_name = "FILE", env = "TRIALGATE_STATE")]
-    state: Option<PathBuf>,
+    /// Keep the sweep's state in this SQLite file, or in PostgreSQL when given a
+    /// `postgres://user@host:port/db` URL (for shards or processes that share a cohort): each
+    /// batch of verdicts is committed as it is made, so the same sweep started again after a
+    /// crash or kill resumes where it stopped; and finished runs are compared, listing who
+    /// became eligible or ineligible. A URL without a password takes it from
+    /// TRIALGATE_STATE_PASSWORD.
+    #[arg(long, value_name = "FILE|URL", env = "TRIALGATE_STATE", value_parser = parse_state)]
+    state: Option<trialgate::state::Location>,
     /// With --state: write the patients whose status changed since the previous finished run
     /// of this cohort to this CSV file (patient,trial,from,to).
     #[arg(long, value_name = "FILE", requires = "state")]
     changes: Option<PathBuf>,
+}
+
+fn parse_state(s: &str) -> Result<trialgate::state::Location, String> {
+    if s.is_empty() {
+        return Err("give a file path or a postgres:// URL".into());
+    }
+    Ok(trialgate::state::Location::parse(s))
 }
 
 /// An error that is the user's input or configuration (exit 2), as opposed to a failure (exit 1).
@@ -798,7 +808,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let run_key = format!("{cohort_key}|{as_of}");
                     let st = trialgate::state::State::open(path, &run_key, &cohort_key, &as_of.to_string()).map_err(bad)?;
                     if st.resumed {
-                        eprintln!("sweep: resuming the interrupted run as of {as_of} recorded in {}", path.display());
+                        eprintln!("sweep: resuming the interrupted run as of {as_of} recorded in {path}");
                     }
                     Some(st)
                 }
@@ -1042,7 +1052,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 Some(FhirClient::new(&g.server.url, opts).map_err(bad)?)
             };
-            let state = (!g.schedule.state.is_empty()).then(|| PathBuf::from(&g.schedule.state));
+            let state = (!g.schedule.state.is_empty()).then(|| trialgate::state::Location::parse(&g.schedule.state));
             let app = trialgate::serve::App::checking(
                 cfg,
                 if no_auth { Vec::new() } else { tokens },

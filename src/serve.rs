@@ -43,7 +43,7 @@ pub struct App {
     next_id: AtomicU64,
     /// What `/health` checks besides the service itself.
     fhir: Option<crate::fhir::client::FhirClient>,
-    state: Option<std::path::PathBuf>,
+    state: Option<crate::state::Location>,
 }
 
 impl App {
@@ -58,7 +58,7 @@ impl App {
         tokens: Vec<String>,
         max_body: usize,
         fhir: Option<crate::fhir::client::FhirClient>,
-        state: Option<std::path::PathBuf>,
+        state: Option<crate::state::Location>,
     ) -> Arc<App> {
         let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
         Arc::new(App {
@@ -159,14 +159,18 @@ async fn health(State(app): State<Arc<App>>) -> Response {
             }
         },
     };
-    let database = match &app.state {
+    let database = match app.state.clone() {
         None => "not configured".to_string(),
-        Some(p) if !p.exists() => "not created yet (the first sweep creates it)".to_string(),
-        Some(p) => match rusqlite::Connection::open(p).and_then(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))) {
-            Ok(_) => "ok".to_string(),
-            Err(e) => {
+        // A blocking connect and query, kept off the async workers.
+        Some(loc) => match tokio::task::spawn_blocking(move || loc.ping()).await {
+            Ok(Ok(said)) => said.to_string(),
+            Ok(Err(e)) => {
                 ok = false;
                 format!("not answering: {e}")
+            }
+            Err(_) => {
+                ok = false;
+                "the check itself failed".to_string()
             }
         },
     };

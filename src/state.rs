@@ -1,7 +1,11 @@
-//! Sweep state in an embedded SQLite database: every batch of verdicts is committed as it is
-//! made, so a sweep killed at any moment (kill -9, power loss) resumes from its last commit
-//! with nobody screened twice and nobody missed; and the verdicts of finished runs are kept,
-//! so each run can say who became eligible or ineligible since the one before.
+//! Sweep state in a database: every batch of verdicts is committed as it is made, so a sweep
+//! killed at any moment (kill -9, power loss) resumes from its last commit with nobody
+//! screened twice and nobody missed; and the verdicts of finished runs are kept, so each run
+//! can say who became eligible or ineligible since the one before.
+//!
+//! The database is an embedded SQLite file by default, or PostgreSQL (a `postgres://` URL)
+//! when several processes share a cohort: the shards of one sweep, or a daemon and its
+//! stand-by. Both hold the same tables and answer the same few queries, written once.
 //!
 //! A run is identified by what decides its verdicts: the source, the cohort, the trials (by
 //! their configuration hash), the shard and the screening date. Starting the same run again
@@ -9,16 +13,85 @@
 //! run of the same cohort, compared with the last finished one.
 
 use crate::criteria::eval::TrialResult;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::Connection;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("sweep state {path}: {source}")]
     Db { path: String, source: rusqlite::Error },
+    #[error("sweep state {path}: {message}")]
+    Postgres { path: String, message: String },
     #[error("sweep state {path}: a stored verdict cannot be read ({source}); the file may come from another version")]
     Stored { path: String, source: serde_json::Error },
+    #[error(
+        "sweep state {path}: another process is running this sweep now (same cohort, trials, shard and date); \
+         wait for it, or give each process its own --shard"
+    )]
+    Busy { path: String },
+}
+
+/// Where the state lives: a SQLite file, or a PostgreSQL database shared by processes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    File(PathBuf),
+    Postgres(String),
+}
+
+impl Location {
+    /// A `postgres://` or `postgresql://` URL is PostgreSQL; anything else is a file path.
+    pub fn parse(s: &str) -> Location {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Location::Postgres(s.to_string())
+        } else {
+            Location::File(PathBuf::from(s))
+        }
+    }
+
+    /// For messages and logs: a URL without its password.
+    pub fn shown(&self) -> String {
+        match self {
+            Location::File(p) => p.display().to_string(),
+            Location::Postgres(url) => redact(url),
+        }
+    }
+
+    /// Whether the database answers (for `/health`). A file not created yet is not an error.
+    pub fn ping(&self) -> Result<&'static str, String> {
+        match self {
+            Location::File(p) if !p.exists() => Ok("not created yet (the first sweep creates it)"),
+            Location::File(p) => Connection::open(p)
+                .and_then(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)))
+                .map(|_| "ok")
+                .map_err(|e| e.to_string()),
+            Location::Postgres(url) => {
+                let pg = Pg::connect(url).map_err(|e| e.to_string())?;
+                pg.query("SELECT 1", Vec::new()).map(|_| "ok").map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown())
+    }
+}
+
+/// `postgres://user:secret@host/db` shown as `postgres://user:***@host/db`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some(x) => x,
+        None => return url.to_string(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
 }
 
 /// A patient whose status for a trial changed since the previous finished run.
@@ -40,14 +113,14 @@ pub struct Changes {
 }
 
 pub struct State {
-    conn: Connection,
-    path: String,
+    db: Backend,
     run: i64,
     cohort_key: String,
     /// Whether this run picks up one that was interrupted.
     pub resumed: bool,
 }
 
+/// The tables, in SQLite's types; `schema` turns them into PostgreSQL's.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,
@@ -78,95 +151,86 @@ CREATE TABLE IF NOT EXISTS results (
 );
 ";
 
+/// PostgreSQL's form of `SCHEMA`: 64-bit integers, a sequence for run ids. Processes starting
+/// at once would race on `CREATE TABLE IF NOT EXISTS` (not atomic there): a transaction lock
+/// orders them.
+fn postgres_schema() -> String {
+    let tables = SCHEMA
+        .replace("id INTEGER PRIMARY KEY", "id BIGSERIAL PRIMARY KEY")
+        .replace("INTEGER", "BIGINT");
+    format!("BEGIN;\nSELECT pg_advisory_xact_lock(7240571);\n{tables}COMMIT;\n")
+}
+
 fn now() -> i64 {
     crate::time::Instant::now().0
 }
 
 impl State {
-    /// Opens (creating if needed) the state at `path` and starts, or resumes, the run
-    /// `run_key` of the cohort `cohort_key`.
-    pub fn open(path: &Path, run_key: &str, cohort_key: &str, as_of: &str) -> Result<State, StateError> {
-        let shown = path.display().to_string();
-        let db = |source| StateError::Db {
-            path: shown.clone(),
-            source,
-        };
-        let conn = Connection::open(path).map_err(db)?;
-        // WAL with full sync: a commit survives a killed process and a power cut.
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(db)?;
-        conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(db)?;
-        conn.execute_batch(SCHEMA).map_err(db)?;
-        let open: Option<i64> = conn
-            .query_row(
-                "SELECT id FROM runs WHERE run_key = ?1 AND finished IS NULL ORDER BY id DESC LIMIT 1",
-                params![run_key],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(db)?;
-        let (run, resumed) = match open {
+    /// Opens (creating if needed) the state at `location` and starts, or resumes, the run
+    /// `run_key` of the cohort `cohort_key`. With PostgreSQL the run is locked for as long as
+    /// this `State` lives: a second process starting the same run is refused (`Busy`).
+    pub fn open(location: &Location, run_key: &str, cohort_key: &str, as_of: &str) -> Result<State, StateError> {
+        let db = Backend::open(location)?;
+        if matches!(db.kind, Kind::Pg(_)) {
+            let got = db.query("SELECT pg_try_advisory_lock(hashtextextended(?1, 0))", vec![Val::text(run_key)])?;
+            if first(got).and_then(Val::int) != Some(1) {
+                return Err(StateError::Busy { path: location.shown() });
+            }
+        }
+        let open = db.query(
+            "SELECT id FROM runs WHERE run_key = ?1 AND finished IS NULL ORDER BY id DESC LIMIT 1",
+            vec![Val::text(run_key)],
+        )?;
+        let (run, resumed) = match first(open).and_then(Val::int) {
             Some(id) => (id, true),
             None => {
-                conn.execute(
-                    "INSERT INTO runs (run_key, cohort_key, as_of, started) VALUES (?1, ?2, ?3, ?4)",
-                    params![run_key, cohort_key, as_of, now()],
-                )
-                .map_err(db)?;
-                (conn.last_insert_rowid(), false)
+                let made = db.query(
+                    "INSERT INTO runs (run_key, cohort_key, as_of, started) VALUES (?1, ?2, ?3, ?4) RETURNING id",
+                    vec![Val::text(run_key), Val::text(cohort_key), Val::text(as_of), Val::Int(now())],
+                )?;
+                let id = first(made).and_then(Val::int).ok_or_else(|| db.odd("no id for the new run"))?;
+                (id, false)
             }
         };
         Ok(State {
-            conn,
-            path: shown,
+            db,
             run,
             cohort_key: cohort_key.to_string(),
             resumed,
         })
     }
 
-    /// The screening date of the newest unfinished run of `cohort_key` in the state at `path`,
-    /// if the file exists and holds one.
-    pub fn unfinished_as_of(path: &Path, cohort_key: &str) -> Result<Option<String>, StateError> {
-        if !path.exists() {
-            return Ok(None);
+    /// The screening date of the newest unfinished run of `cohort_key` in the state at
+    /// `location`, if it exists and holds one.
+    pub fn unfinished_as_of(location: &Location, cohort_key: &str) -> Result<Option<String>, StateError> {
+        if let Location::File(path) = location {
+            if !path.exists() {
+                return Ok(None);
+            }
         }
-        let db = |source| StateError::Db {
-            path: path.display().to_string(),
-            source,
-        };
-        let conn = Connection::open(path).map_err(db)?;
-        conn.execute_batch(SCHEMA).map_err(db)?;
-        conn.query_row(
+        let db = Backend::open(location)?;
+        let rows = db.query(
             "SELECT as_of FROM runs WHERE cohort_key = ?1 AND finished IS NULL ORDER BY id DESC LIMIT 1",
-            params![cohort_key],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(db)
-    }
-
-    fn db(&self, source: rusqlite::Error) -> StateError {
-        StateError::Db {
-            path: self.path.clone(),
-            source,
-        }
+            vec![Val::text(cohort_key)],
+        )?;
+        Ok(first(rows).and_then(Val::into_text))
     }
 
     /// The verdicts this run has already committed (none for a new run).
     pub fn done(&self) -> Result<Vec<TrialResult>, StateError> {
-        self.json_rows("SELECT result FROM results WHERE run = ?1 ORDER BY patient, trial", self.run)
+        self.json_rows(
+            "SELECT result FROM results WHERE run = ?1 ORDER BY patient, trial",
+            Val::Int(self.run),
+        )
     }
 
     /// The JSON in the one column `sql` selects, read back into `T`.
-    fn json_rows<T: serde::de::DeserializeOwned>(&self, sql: &str, param: impl rusqlite::ToSql) -> Result<Vec<T>, StateError> {
-        let mut stmt = self.conn.prepare(sql).map_err(|e| self.db(e))?;
-        let rows = stmt.query_map(params![param], |r| r.get::<_, String>(0)).map_err(|e| self.db(e))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let text = row.map_err(|e| self.db(e))?;
+    fn json_rows<T: serde::de::DeserializeOwned>(&self, sql: &str, param: Val) -> Result<Vec<T>, StateError> {
+        let rows = self.db.query(sql, vec![param])?;
+        let mut out = Vec::with_capacity(rows.len());
+        for text in rows.into_iter().filter_map(|r| r.into_iter().next().and_then(Val::into_text)) {
             out.push(serde_json::from_str(&text).map_err(|source| StateError::Stored {
-                path: self.path.clone(),
+                path: self.db.shown.clone(),
                 source,
             })?);
         }
@@ -176,102 +240,99 @@ impl State {
     /// Commits a batch of verdicts: the checkpoint a resumed run starts from. Results in
     /// `error` are not kept, so a resumed run tries those patients again.
     pub fn save(&mut self, results: &[TrialResult]) -> Result<(), StateError> {
-        let run = self.run;
-        let tx = self.conn.transaction().map_err(|e| StateError::Db {
-            path: self.path.clone(),
-            source: e,
-        })?;
-        {
-            let mut stmt = tx
-                .prepare_cached("INSERT OR REPLACE INTO results (run, patient, trial, status, result) VALUES (?1, ?2, ?3, ?4, ?5)")
-                .map_err(|e| StateError::Db {
-                    path: self.path.clone(),
-                    source: e,
-                })?;
-            for r in results.iter().filter(|r| r.status != crate::criteria::Status::Error) {
+        let rows = results
+            .iter()
+            .filter(|r| r.status != crate::criteria::Status::Error)
+            .map(|r| {
                 // Serializing plain structs of strings and numbers cannot fail.
                 let json = serde_json::to_string(r).unwrap_or_default();
-                stmt.execute(params![run, r.patient, r.trial, r.status.as_str(), json])
-                    .map_err(|e| StateError::Db {
-                        path: self.path.clone(),
-                        source: e,
-                    })?;
-            }
-        }
-        tx.commit().map_err(|e| self.db(e))
+                vec![
+                    Val::Int(self.run),
+                    Val::text(&r.patient),
+                    Val::text(&r.trial),
+                    Val::text(r.status.as_str()),
+                    Val::Text(json),
+                ]
+            })
+            .collect();
+        self.db.write(vec![Step {
+            sql: "INSERT INTO results (run, patient, trial, status, result) VALUES (?1, ?2, ?3, ?4, ?5) \
+                  ON CONFLICT (run, patient, trial) DO UPDATE SET status = excluded.status, result = excluded.result",
+            rows,
+        }])
     }
 
     /// The fact state an incremental export starts from: every patient's facts and the
     /// `transactionTime` of the export they are current to. None before the first full run.
     pub fn saved_facts(&self) -> Result<Option<(Vec<crate::facts::PatientFacts>, String)>, StateError> {
-        let since: Option<String> = self
-            .conn
-            .query_row(
-                "SELECT transaction_time FROM exports WHERE cohort_key = ?1",
-                params![self.cohort_key],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| self.db(e))?;
-        let Some(since) = since else { return Ok(None) };
-        let facts = self.json_rows("SELECT facts FROM facts WHERE cohort_key = ?1 ORDER BY patient", &self.cohort_key)?;
+        let since = self.db.query(
+            "SELECT transaction_time FROM exports WHERE cohort_key = ?1",
+            vec![Val::text(&self.cohort_key)],
+        )?;
+        let Some(since) = first(since).and_then(Val::into_text) else {
+            return Ok(None);
+        };
+        let key = Val::text(&self.cohort_key);
+        let facts = self.json_rows("SELECT facts FROM facts WHERE cohort_key = ?1 ORDER BY patient", key)?;
         Ok(Some((facts, since)))
     }
 
     /// Replaces the fact state with `facts`, current to the export of `transaction_time`.
     pub fn save_facts(&mut self, facts: &[crate::facts::PatientFacts], transaction_time: &str) -> Result<(), StateError> {
-        let key = self.cohort_key.clone();
-        let path = self.path.clone();
-        let db = |source| StateError::Db {
-            path: path.clone(),
-            source,
-        };
-        let tx = self.conn.transaction().map_err(db)?;
-        tx.execute("DELETE FROM facts WHERE cohort_key = ?1", params![key]).map_err(db)?;
-        {
-            let mut stmt = tx
-                .prepare_cached("INSERT INTO facts (cohort_key, patient, facts) VALUES (?1, ?2, ?3)")
-                .map_err(db)?;
-            for f in facts {
-                // Serializing plain structs of strings and numbers cannot fail.
-                stmt.execute(params![key, f.key, serde_json::to_string(f).unwrap_or_default()])
-                    .map_err(db)?;
-            }
-        }
-        tx.execute(
-            "INSERT OR REPLACE INTO exports (cohort_key, transaction_time) VALUES (?1, ?2)",
-            params![key, transaction_time],
-        )
-        .map_err(db)?;
-        tx.commit().map_err(db)
+        let key = Val::text(&self.cohort_key);
+        let rows = facts
+            .iter()
+            // Serializing plain structs of strings and numbers cannot fail.
+            .map(|f| {
+                vec![
+                    key.clone(),
+                    Val::text(&f.key),
+                    Val::Text(serde_json::to_string(f).unwrap_or_default()),
+                ]
+            })
+            .collect();
+        self.db.write(vec![
+            Step {
+                sql: "DELETE FROM facts WHERE cohort_key = ?1",
+                rows: vec![vec![key.clone()]],
+            },
+            Step {
+                sql: "INSERT INTO facts (cohort_key, patient, facts) VALUES (?1, ?2, ?3)",
+                rows,
+            },
+            Step {
+                sql: "INSERT INTO exports (cohort_key, transaction_time) VALUES (?1, ?2) \
+                      ON CONFLICT (cohort_key) DO UPDATE SET transaction_time = excluded.transaction_time",
+                rows: vec![vec![key, Val::text(transaction_time)]],
+            },
+        ])
     }
 
     /// Marks the run finished and compares it with the previous finished run of the cohort.
     pub fn finish(&mut self) -> Result<Changes, StateError> {
-        self.conn
-            .execute("UPDATE runs SET finished = ?1 WHERE id = ?2", params![now(), self.run])
-            .map_err(|e| self.db(e))?;
-        let previous: Option<(i64, String)> = self
-            .conn
-            .query_row(
-                "SELECT id, as_of FROM runs WHERE cohort_key = ?1 AND finished IS NOT NULL AND id < ?2 ORDER BY id DESC LIMIT 1",
-                params![self.cohort_key, self.run],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(|e| self.db(e))?;
-        let Some((prev, since)) = previous else {
+        self.db.write(vec![Step {
+            sql: "UPDATE runs SET finished = ?1 WHERE id = ?2",
+            rows: vec![vec![Val::Int(now()), Val::Int(self.run)]],
+        }])?;
+        let previous = self.db.query(
+            "SELECT id, as_of FROM runs WHERE cohort_key = ?1 AND finished IS NOT NULL AND id < ?2 ORDER BY id DESC LIMIT 1",
+            vec![Val::text(&self.cohort_key), Val::Int(self.run)],
+        )?;
+        let mut previous = previous.into_iter().next().unwrap_or_default().into_iter();
+        let (Some(prev), Some(since)) = (previous.next().and_then(Val::int), previous.next().and_then(Val::into_text)) else {
             return Ok(Changes::default());
         };
         let statuses = |run: i64| -> Result<BTreeMap<(String, String), String>, StateError> {
-            let mut stmt = self
-                .conn
-                .prepare("SELECT patient, trial, status FROM results WHERE run = ?1")
-                .map_err(|e| self.db(e))?;
-            let rows = stmt
-                .query_map(params![run], |r| Ok(((r.get(0)?, r.get(1)?), r.get(2)?)))
-                .map_err(|e| self.db(e))?;
-            rows.collect::<Result<_, _>>().map_err(|e| self.db(e))
+            let rows = self
+                .db
+                .query("SELECT patient, trial, status FROM results WHERE run = ?1", vec![Val::Int(run)])?;
+            Ok(rows
+                .into_iter()
+                .filter_map(|r| {
+                    let mut r = r.into_iter().map(Val::into_text);
+                    Some(((r.next()??, r.next()??), r.next()??))
+                })
+                .collect())
         };
         let (before, now) = (statuses(prev)?, statuses(self.run)?);
         let candidate = |s: &str| s == "eligible" || s == "potentially-eligible";
@@ -295,5 +356,306 @@ impl State {
             }
         }
         Ok(changes)
+    }
+}
+
+/// A value in or out of the few queries above: they hold only integers and text.
+#[derive(Debug, Clone, PartialEq)]
+enum Val {
+    Int(i64),
+    Text(String),
+    Null,
+}
+
+impl Val {
+    fn text(s: &str) -> Val {
+        Val::Text(s.to_string())
+    }
+    fn int(self) -> Option<i64> {
+        match self {
+            Val::Int(i) => Some(i),
+            _ => None,
+        }
+    }
+    fn into_text(self) -> Option<String> {
+        match self {
+            Val::Text(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// The first column of the first row, if any.
+fn first(rows: Vec<Vec<Val>>) -> Option<Val> {
+    rows.into_iter().next()?.into_iter().next()
+}
+
+/// One statement, run once per row of parameters; the steps of a `write` form one transaction.
+struct Step {
+    sql: &'static str,
+    rows: Vec<Vec<Val>>,
+}
+
+/// The database, with its location as shown in messages. Statements are written once in
+/// SQLite's `?N` placeholders and translated to PostgreSQL's `$N`.
+struct Backend {
+    kind: Kind,
+    shown: String,
+}
+
+enum Kind {
+    Lite(Connection),
+    Pg(Pg),
+}
+
+impl Backend {
+    fn open(location: &Location) -> Result<Backend, StateError> {
+        let shown = location.shown();
+        let kind = match location {
+            Location::File(path) => Kind::Lite(open_sqlite(path).map_err(|source| StateError::Db {
+                path: shown.clone(),
+                source,
+            })?),
+            Location::Postgres(url) => {
+                let pg = Pg::connect(url).map_err(|message| StateError::Postgres {
+                    path: shown.clone(),
+                    message,
+                })?;
+                pg.batch(postgres_schema()).map_err(|message| StateError::Postgres {
+                    path: shown.clone(),
+                    message,
+                })?;
+                Kind::Pg(pg)
+            }
+        };
+        Ok(Backend { kind, shown })
+    }
+
+    fn odd(&self, message: &str) -> StateError {
+        StateError::Postgres {
+            path: self.shown.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    fn lite(&self, source: rusqlite::Error) -> StateError {
+        StateError::Db {
+            path: self.shown.clone(),
+            source,
+        }
+    }
+
+    fn pg(&self, message: String) -> StateError {
+        StateError::Postgres {
+            path: self.shown.clone(),
+            message,
+        }
+    }
+
+    fn query(&self, sql: &str, params: Vec<Val>) -> Result<Vec<Vec<Val>>, StateError> {
+        match &self.kind {
+            Kind::Lite(conn) => lite_query(conn, sql, &params).map_err(|e| self.lite(e)),
+            Kind::Pg(pg) => {
+                let sql = sql.replace('?', "$");
+                pg.query(&sql, params).map_err(|e| self.pg(e))
+            }
+        }
+    }
+
+    fn write(&mut self, steps: Vec<Step>) -> Result<(), StateError> {
+        match &mut self.kind {
+            Kind::Lite(conn) => lite_write(conn, &steps).map_err(|e| self.lite(e)),
+            Kind::Pg(pg) => pg.write(steps).map_err(|e| self.pg(e)),
+        }
+    }
+}
+
+fn open_sqlite(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open(path)?;
+    // WAL with full sync: a commit survives a killed process and a power cut.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    conn.execute_batch(SCHEMA)?;
+    Ok(conn)
+}
+
+impl rusqlite::ToSql for Val {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, Value};
+        Ok(match self {
+            Val::Int(i) => ToSqlOutput::Owned(Value::Integer(*i)),
+            Val::Text(s) => ToSqlOutput::Borrowed(rusqlite::types::ValueRef::Text(s.as_bytes())),
+            Val::Null => ToSqlOutput::Owned(Value::Null),
+        })
+    }
+}
+
+fn lite_query(conn: &Connection, sql: &str, params: &[Val]) -> Result<Vec<Vec<Val>>, rusqlite::Error> {
+    use rusqlite::types::ValueRef;
+    let mut stmt = conn.prepare_cached(sql)?;
+    let columns = stmt.column_count();
+    let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        let mut vals = Vec::with_capacity(columns);
+        for i in 0..columns {
+            vals.push(match row.get_ref(i)? {
+                ValueRef::Integer(n) => Val::Int(n),
+                ValueRef::Text(t) => Val::Text(String::from_utf8_lossy(t).into_owned()),
+                _ => Val::Null,
+            });
+        }
+        out.push(vals);
+    }
+    Ok(out)
+}
+
+fn lite_write(conn: &mut Connection, steps: &[Step]) -> Result<(), rusqlite::Error> {
+    let tx = conn.transaction()?;
+    for step in steps {
+        let mut stmt = tx.prepare_cached(step.sql)?;
+        for row in &step.rows {
+            stmt.execute(rusqlite::params_from_iter(row))?;
+        }
+    }
+    tx.commit()
+}
+
+/// A PostgreSQL connection on a thread of its own. The `postgres` client drives an async
+/// runtime of its own and may not be called from inside another (sweeps run in tokio), so
+/// callers hand it work and wait for the answer; the connection, and the run's advisory
+/// lock with it, lasts until this is dropped.
+struct Pg {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+type Job = Box<dyn FnOnce(&mut postgres::Client) + Send>;
+
+fn pg_message(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        // "error connecting to server" alone does not say why: the cause is its source.
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    }
+}
+
+/// The URL's settings, with the password from `TRIALGATE_STATE_PASSWORD` when the URL has
+/// none: a URL in a config file need not hold a secret.
+fn pg_config(url: &str) -> Result<postgres::Config, postgres::Error> {
+    let mut config: postgres::Config = url.parse()?;
+    if config.get_password().is_none() {
+        if let Ok(p) = std::env::var("TRIALGATE_STATE_PASSWORD") {
+            config.password(p);
+        }
+    }
+    Ok(config)
+}
+
+impl Pg {
+    fn connect(url: &str) -> Result<Pg, String> {
+        let (jobs, inbox) = std::sync::mpsc::channel::<Job>();
+        let (ready, started) = std::sync::mpsc::channel::<Result<(), String>>();
+        let url = url.to_string();
+        std::thread::Builder::new()
+            .name("trialgate-state".into())
+            .spawn(move || match pg_config(&url).and_then(|c| c.connect(postgres::NoTls)) {
+                Ok(mut client) => {
+                    let _ = ready.send(Ok(()));
+                    for job in inbox {
+                        job(&mut client);
+                    }
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(format!("cannot connect: {}", pg_message(&e))));
+                }
+            })
+            .map_err(|e| format!("cannot start the database thread: {e}"))?;
+        started.recv().map_err(|_| "the database thread stopped".to_string())??;
+        Ok(Pg { jobs })
+    }
+
+    fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut postgres::Client) -> Result<T, postgres::Error> + Send + 'static,
+    ) -> Result<T, String> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.jobs
+            .send(Box::new(move |c| {
+                let _ = reply.send(work(c).map_err(|e| pg_message(&e)));
+            }))
+            .map_err(|_| "the database connection is closed".to_string())?;
+        answer.recv().map_err(|_| "the database connection is closed".to_string())?
+    }
+
+    fn batch(&self, sql: String) -> Result<(), String> {
+        self.run(move |c| c.batch_execute(&sql))
+    }
+
+    fn query(&self, sql: &str, params: Vec<Val>) -> Result<Vec<Vec<Val>>, String> {
+        let sql = sql.to_string();
+        self.run(move |c| {
+            let rows = c.query(sql.as_str(), &pg_params(&params))?;
+            rows.iter().map(pg_row).collect()
+        })
+    }
+
+    fn write(&self, steps: Vec<Step>) -> Result<(), String> {
+        self.run(move |c| {
+            let mut tx = c.transaction()?;
+            for step in &steps {
+                let stmt = tx.prepare(&step.sql.replace('?', "$"))?;
+                for row in &step.rows {
+                    tx.execute(&stmt, &pg_params(row))?;
+                }
+            }
+            tx.commit()
+        })
+    }
+}
+
+fn pg_params(params: &[Val]) -> Vec<&(dyn postgres::types::ToSql + Sync)> {
+    const NULL: Option<i64> = None;
+    params
+        .iter()
+        .map(|v| match v {
+            Val::Int(i) => i as &(dyn postgres::types::ToSql + Sync),
+            Val::Text(s) => s as &(dyn postgres::types::ToSql + Sync),
+            Val::Null => &NULL as &(dyn postgres::types::ToSql + Sync),
+        })
+        .collect()
+}
+
+fn pg_row(row: &postgres::Row) -> Result<Vec<Val>, postgres::Error> {
+    use postgres::types::Type;
+    let mut out = Vec::with_capacity(row.len());
+    for (i, col) in row.columns().iter().enumerate() {
+        let t = col.type_();
+        out.push(if *t == Type::INT8 {
+            row.try_get::<_, Option<i64>>(i)?.map_or(Val::Null, Val::Int)
+        } else if *t == Type::INT4 {
+            row.try_get::<_, Option<i32>>(i)?.map_or(Val::Null, |n| Val::Int(n.into()))
+        } else if *t == Type::BOOL {
+            row.try_get::<_, Option<bool>>(i)?.map_or(Val::Null, |b| Val::Int(b.into()))
+        } else {
+            row.try_get::<_, Option<String>>(i)?.map_or(Val::Null, Val::Text)
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_and_redaction() {
+        assert_eq!(Location::parse("state.db"), Location::File("state.db".into()));
+        let pg = Location::parse("postgres://sweeper:s3cret@db.example:5432/trialgate");
+        assert_eq!(pg.shown(), "postgres://sweeper:***@db.example:5432/trialgate");
+        assert_eq!(Location::parse("postgresql://db/x").shown(), "postgresql://db/x");
     }
 }

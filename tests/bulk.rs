@@ -5,7 +5,7 @@
 
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use trialgate::criteria::decisions::Decisions;
 use trialgate::fhir::client::{ClientOptions, FhirClient};
@@ -13,6 +13,8 @@ use trialgate::sweep::BulkOptions;
 use trialgate::time::Date;
 use wiremock::matchers::{header, method, path, query_param};
 use wiremock::{Mock, MockServer, ResponseTemplate};
+
+mod pg;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -269,6 +271,19 @@ async fn mount_job(server: &MockServer, job: &str, since: Option<&str>, time: &s
 /// stands, at the new date.
 #[tokio::test]
 async fn an_incremental_export_applied_to_stored_facts_equals_a_full_rescreen() {
+    let dir = temp("incremental");
+    let db = trialgate::state::Location::File(dir.join("state.sqlite"));
+    incremental(&dir, db).await;
+}
+
+/// The same with the fact state in PostgreSQL, as processes sharing a cohort keep it.
+#[tokio::test]
+async fn an_incremental_export_works_the_same_with_state_in_postgres() {
+    let db = trialgate::state::Location::parse(&pg::database("incremental"));
+    incremental(&temp("incremental-pg"), db).await;
+}
+
+async fn incremental(dir: &Path, db: trialgate::state::Location) {
     let server = MockServer::start().await;
     let (patients, observations, conditions) = (ndjson("Patient.ndjson"), ndjson("Observation.ndjson"), ndjson("Condition.ndjson"));
     let full = [
@@ -301,10 +316,8 @@ async fn an_incremental_export_applied_to_stored_facts_equals_a_full_rescreen() 
     .await;
 
     let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[]).unwrap();
-    let dir = temp("incremental");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let db = dir.join("state.sqlite");
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
     let opts = BulkOptions {
         group: None,
         since: None,
@@ -357,5 +370,5 @@ async fn an_incremental_export_applied_to_stored_facts_equals_a_full_rescreen() 
         let st = |p: &str, t: &str| s.results.iter().find(|r| r.patient == p && r.trial == t).map(|r| r.status.as_str());
         assert_eq!(st("Patient/bulk-0001", "NCT06406205"), Some("ineligible"));
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }

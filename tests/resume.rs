@@ -10,6 +10,8 @@ use std::time::Duration;
 use wiremock::matchers::{method, path, query_param};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
+mod pg;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -31,15 +33,34 @@ fn ids_of(req: &Request, param: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn screened_in_state(db: &Path) -> usize {
-    let Ok(conn) = rusqlite::Connection::open(db) else { return 0 };
-    conn.query_row("SELECT COUNT(DISTINCT patient) FROM results", [], |r| r.get::<_, i64>(0))
-        .map(|n| n as usize)
-        .unwrap_or(0)
+/// Where the sweep keeps its state: the argument of `--state`, and how to count who is done.
+enum Store {
+    File(PathBuf),
+    Postgres(String),
+}
+
+impl Store {
+    fn arg(&self) -> std::ffi::OsString {
+        match self {
+            Store::File(p) => p.clone().into_os_string(),
+            Store::Postgres(url) => url.into(),
+        }
+    }
+
+    fn screened(&self) -> usize {
+        let sql = "SELECT COUNT(DISTINCT patient) FROM results";
+        match self {
+            Store::File(db) => {
+                let Ok(conn) = rusqlite::Connection::open(db) else { return 0 };
+                conn.query_row(sql, [], |r| r.get::<_, i64>(0)).map(|n| n as usize).unwrap_or(0)
+            }
+            Store::Postgres(url) => pg::count(url, sql) as usize,
+        }
+    }
 }
 
 /// The sweep command; `as_of` None is how a schedule runs it (screening "today").
-fn command(server: &str, db: &Path, out: &Path, as_of: Option<&str>, changes: &Path) -> Command {
+fn command(server: &str, db: &Store, out: &Path, as_of: Option<&str>, changes: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_trialgate"));
     c.current_dir(root())
         .env("TRIALGATE_CONFIG", root().join("tests/data/no-such-gateway.toml"))
@@ -56,7 +77,7 @@ fn command(server: &str, db: &Path, out: &Path, as_of: Option<&str>, changes: &P
             "1",
         ])
         .args(["--format", "csv", "--state"])
-        .arg(db)
+        .arg(db.arg())
         .arg("--changes")
         .arg(changes)
         .arg("-o")
@@ -72,6 +93,18 @@ fn command(server: &str, db: &Path, out: &Path, as_of: Option<&str>, changes: &P
 
 #[tokio::test]
 async fn a_killed_sweep_resumes_without_repeating_or_missing_anyone() {
+    let dir = std::env::temp_dir().join(format!("trialgate-resume-{}", std::process::id()));
+    killed_and_resumed(&dir, Store::File(dir.join("state.sqlite"))).await;
+}
+
+/// The same, with the state in PostgreSQL: what processes sharing a cohort use.
+#[tokio::test]
+async fn a_killed_sweep_resumes_from_state_in_postgres() {
+    let dir = std::env::temp_dir().join(format!("trialgate-resume-pg-{}", std::process::id()));
+    killed_and_resumed(&dir, Store::Postgres(pg::database("resume"))).await;
+}
+
+async fn killed_and_resumed(dir: &Path, db: Store) {
     let server = MockServer::start().await;
     Mock::given(method("GET"))
         .and(path("/metadata"))
@@ -113,10 +146,9 @@ async fn a_killed_sweep_resumes_without_repeating_or_missing_anyone() {
             .await;
     }
 
-    let dir = std::env::temp_dir().join(format!("trialgate-resume-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let (db, out, changes) = (dir.join("state.sqlite"), dir.join("report.csv"), dir.join("changes.csv"));
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let (out, changes) = (dir.join("report.csv"), dir.join("changes.csv"));
 
     // First run: killed (SIGKILL) once three patients are checkpointed.
     let mut child = command(&server.uri(), &db, &out, Some("2026-06-01"), &changes)
@@ -125,7 +157,7 @@ async fn a_killed_sweep_resumes_without_repeating_or_missing_anyone() {
         .spawn()
         .unwrap();
     let mut waited = 0;
-    while screened_in_state(&db) < 3 {
+    while db.screened() < 3 {
         assert!(waited < 200, "the sweep never checkpointed three patients");
         assert!(child.try_wait().unwrap().is_none(), "the sweep ended before it could be killed");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -133,7 +165,7 @@ async fn a_killed_sweep_resumes_without_repeating_or_missing_anyone() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let saved = screened_in_state(&db);
+    let saved = db.screened();
     assert!((3..10).contains(&saved), "{saved} patients checkpointed");
     assert!(!out.exists(), "a killed run leaves no report under the final name");
     let before = server.received_requests().await.unwrap().len();
@@ -188,5 +220,5 @@ async fn a_killed_sweep_resumes_without_repeating_or_missing_anyone() {
         listed,
         "patient,trial,from,to\nPatient/p3,NCT06406205,potentially-eligible,ineligible\n"
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use trialgate::criteria::decisions::Decisions;
 use trialgate::time::Date;
 
+mod pg;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -187,7 +189,7 @@ async fn health_checks_the_fhir_server_and_the_database() {
         read_timeout: std::time::Duration::from_secs(2),
         ..Default::default()
     };
-    let check = |server: &str, state: Option<PathBuf>| {
+    let check = |server: &str, state: Option<trialgate::state::Location>| {
         let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[]).unwrap();
         let client = trialgate::fhir::client::FhirClient::new(server, quick.clone()).unwrap();
         trialgate::serve::App::checking(cfg, vec!["t".into()], 1 << 20, Some(client), state)
@@ -208,7 +210,7 @@ async fn health_checks_the_fhir_server_and_the_database() {
         .execute_batch("CREATE TABLE t (x)")
         .unwrap();
 
-    let (s, v) = health(check(&fhir.uri(), Some(db.clone()))).await;
+    let (s, v) = health(check(&fhir.uri(), Some(trialgate::state::Location::File(db.clone())))).await;
     assert_eq!(
         (s, v["fhir_server"].as_str(), v["database"].as_str()),
         (200, Some("ok"), Some("ok")),
@@ -219,9 +221,18 @@ async fn health_checks_the_fhir_server_and_the_database() {
         "http://127.0.0.1:{}",
         std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
     );
-    let (s, v) = health(check(&dead, Some(db))).await;
+    let (s, v) = health(check(&dead, Some(trialgate::state::Location::File(db)))).await;
     assert_eq!(s, 503, "{v}");
     assert_eq!(v["status"], "degraded");
     assert!(v["fhir_server"].as_str().is_some_and(|t| t.starts_with("not answering")), "{v}");
+    // State in PostgreSQL: up, then a server that does not answer (its password not shown).
+    let shared = trialgate::state::Location::parse(&pg::database("health"));
+    let (s, v) = health(check(&fhir.uri(), Some(shared))).await;
+    assert_eq!((s, v["database"].as_str()), (200, Some("ok")), "{v}");
+    let down = trialgate::state::Location::parse(&format!("postgres://u:secret@{}/x", dead.trim_start_matches("http://")));
+    let (s, v) = health(check(&fhir.uri(), Some(down))).await;
+    assert_eq!(s, 503, "{v}");
+    assert!(v["database"].as_str().is_some_and(|t| t.starts_with("not answering")), "{v}");
+    assert!(!v.to_string().contains("secret"), "{v}");
     let _ = std::fs::remove_dir_all(&dir);
 }
