@@ -12,6 +12,8 @@ pub mod criteria;
 pub mod facts;
 pub mod fhir;
 pub mod gateway;
+pub mod live;
+pub mod notify;
 pub mod pipeline;
 pub mod report;
 pub mod schedule;

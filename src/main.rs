@@ -267,6 +267,154 @@ struct SweepArgs {
     changes: Option<PathBuf>,
 }
 
+/// How the FHIR server is authenticated: flags merged over the gateway configuration.
+struct AuthArgs {
+    token_env: Option<String>,
+    token_file: Option<PathBuf>,
+    smart_client_id: Option<String>,
+    smart_key: Option<PathBuf>,
+    smart_alg: String,
+    smart_kid: Option<String>,
+    smart_scope: Option<String>,
+    smart_token_endpoint: Option<String>,
+}
+
+impl AuthArgs {
+    /// The `[auth]` section alone (for `serve` and `subscribe`, which take no auth flags).
+    fn from_config(g: &trialgate::gateway::Gateway) -> AuthArgs {
+        let nonempty = |s: &String| (!s.is_empty()).then(|| s.clone());
+        let (bearer, smart) = (g.auth.method == "bearer", g.auth.method == "smart");
+        AuthArgs {
+            token_env: nonempty(&g.auth.token_env).filter(|_| bearer),
+            token_file: nonempty(&g.auth.token_file).filter(|_| bearer).map(PathBuf::from),
+            smart_client_id: nonempty(&g.auth.smart_client_id).filter(|_| smart),
+            smart_key: nonempty(&g.auth.smart_key_file).filter(|_| smart).map(PathBuf::from),
+            smart_alg: g.auth.smart_alg.clone(),
+            smart_kid: nonempty(&g.auth.smart_kid),
+            smart_scope: nonempty(&g.auth.smart_scope),
+            smart_token_endpoint: nonempty(&g.auth.smart_token_endpoint),
+        }
+    }
+
+    /// The client options: the token read (never logged or echoed), the SMART key checked.
+    fn options(self, g: &trialgate::gateway::Gateway, timeout: u64, max_retries: u32, write_back: bool) -> anyhow::Result<ClientOptions> {
+        let AuthArgs {
+            token_env,
+            token_file,
+            smart_client_id,
+            smart_key,
+            smart_alg,
+            smart_kid,
+            smart_scope,
+            smart_token_endpoint,
+        } = self;
+        let bearer = match (token_env, token_file) {
+            (Some(var), _) => {
+                Some(std::env::var(&var).map_err(|_| bad(format!("--token-env: the environment variable {var} is not set")))?)
+            }
+            (None, Some(f)) => Some(
+                std::fs::read_to_string(&f)
+                    .map_err(|e| bad(format!("--token-file {}: {e}", f.display())))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        let smart = match (smart_client_id, smart_key) {
+            (Some(client_id), Some(key)) => {
+                let alg = trialgate::fhir::smart::Alg::parse(&smart_alg)
+                    .ok_or_else(|| bad(format!("--smart-alg `{smart_alg}`: use RS384 or ES384")))?;
+                let key_pem = std::fs::read_to_string(&key).map_err(|e| bad(format!("--smart-key {}: {e}", key.display())))?;
+                let scope = smart_scope.unwrap_or_else(|| {
+                    let read = "system/Patient.rs system/Observation.rs system/Condition.rs system/MedicationRequest.rs system/MedicationStatement.rs system/MedicationAdministration.rs system/Medication.rs system/Procedure.rs system/Immunization.rs system/AllergyIntolerance.rs system/DiagnosticReport.rs system/Group.rs";
+                    if write_back { format!("{read} system/ResearchStudy.cru system/ResearchSubject.cru") } else { read.to_string() }
+                });
+                let smart = trialgate::fhir::smart::SmartClient {
+                    client_id,
+                    key_pem,
+                    alg,
+                    kid: smart_kid,
+                    scope,
+                    token_endpoint: smart_token_endpoint,
+                };
+                // Fail now, not at the first request, if the key does not fit the algorithm.
+                smart.assertion("https://check.invalid/token").map_err(bad)?;
+                Some(smart)
+            }
+            _ => None,
+        };
+        Ok(ClientOptions {
+            read_timeout: std::time::Duration::from_secs(timeout.max(1)),
+            max_retries,
+            retry_budget: g.server.retry_budget,
+            bearer,
+            smart,
+            ..Default::default()
+        })
+    }
+}
+
+/// `trialgate daemon`: the configured sweep on its cron schedule, one run at a time (also
+/// run by `serve` beside the HTTP routes when a schedule is configured).
+fn daemon(mappings: &Path, trials_dir: &Path, config: &Path, once: bool) -> anyhow::Result<()> {
+    let g = trialgate::gateway::Gateway::load(config, &|k| std::env::var(k).ok()).map_err(bad)?;
+    let schedule = match (once, g.schedule.cron.as_str()) {
+        (true, _) => None,
+        (false, "") => {
+            return Err(bad(format!(
+                "no schedule: set [schedule] cron in {} (or TRIALGATE_SCHEDULE_CRON), or pass --once",
+                config.display()
+            )));
+        }
+        (false, cron) => Some(trialgate::schedule::Schedule::parse(cron).map_err(bad)?),
+    };
+    let reports = PathBuf::from(&g.schedule.reports);
+    std::fs::create_dir_all(&reports).with_context(|| format!("creating the reports folder {}", reports.display()))?;
+    loop {
+        if let Some(s) = &schedule {
+            let now = trialgate::time::Instant::now();
+            let Some(next) = s.next_after(now) else {
+                return Err(bad(format!("[schedule] cron `{s}` never fires")));
+            };
+            tracing::info!(schedule = %s, next = %next, "waiting for the next sweep");
+            eprintln!("daemon: next sweep at {next} (cron `{s}`)");
+            std::thread::sleep(std::time::Duration::from_secs((next.0 - now.0).max(0) as u64));
+        }
+        let stamp = {
+            let t = trialgate::time::Instant::now();
+            format!("{}T{:02}{:02}", t.date(), (t.0 / 3600).rem_euclid(24), (t.0 / 60).rem_euclid(60))
+        };
+        let report = reports.join(format!("{stamp}.json"));
+        let changes = reports.join(format!("{stamp}.changes.csv"));
+        // Exactly a `sweep` command line, so a scheduled run is what a person would run.
+        let mut argv: Vec<std::ffi::OsString> = vec!["trialgate".into(), "--mappings".into(), mappings.into()];
+        argv.extend(["--trials-dir".into(), trials_dir.into(), "sweep".into()]);
+        argv.extend(["--config".into(), config.into(), "--format".into(), "json".into()]);
+        argv.extend([
+            "-o".into(),
+            report.clone().into(),
+            "--state".into(),
+            g.schedule.state.clone().into(),
+        ]);
+        argv.extend(["--changes".into(), changes.into_os_string()]);
+        if g.schedule.bulk {
+            argv.push("--bulk".into());
+        }
+        let outcome = Cli::try_parse_from(&argv).map_err(anyhow::Error::from).and_then(run);
+        match (&outcome, once) {
+            (Ok(()), _) => eprintln!("daemon: run done; report {}", report.display()),
+            (Err(e), false) => {
+                tracing::error!("the scheduled sweep failed: {e:#}");
+                eprintln!("daemon: the run failed ({e:#}); waiting for the next");
+            }
+            (Err(_), true) => {}
+        }
+        if once {
+            return outcome;
+        }
+    }
+}
+
 fn parse_state(s: &str) -> Result<trialgate::state::Location, String> {
     if s.is_empty() {
         return Err("give a file path or a postgres:// URL".into());
@@ -715,50 +863,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut as_of = parse_as_of(as_of)?;
             let cfg = load_config(&cli.mappings, &cli.trials_dir, &trials)?;
             let loaded = load_decisions(&decisions, &cfg)?;
-            // The token is read here and handed to the client; it is never logged or echoed.
-            let bearer = match (token_env, token_file) {
-                (Some(var), _) => {
-                    Some(std::env::var(&var).map_err(|_| bad(format!("--token-env: the environment variable {var} is not set")))?)
-                }
-                (None, Some(f)) => Some(
-                    std::fs::read_to_string(&f)
-                        .map_err(|e| bad(format!("--token-file {}: {e}", f.display())))?
-                        .trim()
-                        .to_string(),
-                ),
-                (None, None) => None,
+            let auth = AuthArgs {
+                token_env,
+                token_file,
+                smart_client_id,
+                smart_key,
+                smart_alg,
+                smart_kid,
+                smart_scope,
+                smart_token_endpoint,
             };
-            let smart = match (smart_client_id, smart_key) {
-                (Some(client_id), Some(key)) => {
-                    let alg = trialgate::fhir::smart::Alg::parse(&smart_alg)
-                        .ok_or_else(|| bad(format!("--smart-alg `{smart_alg}`: use RS384 or ES384")))?;
-                    let key_pem = std::fs::read_to_string(&key).map_err(|e| bad(format!("--smart-key {}: {e}", key.display())))?;
-                    let scope = smart_scope.unwrap_or_else(|| {
-                        let read = "system/Patient.rs system/Observation.rs system/Condition.rs system/MedicationRequest.rs system/MedicationStatement.rs system/MedicationAdministration.rs system/Medication.rs system/Procedure.rs system/Immunization.rs system/AllergyIntolerance.rs system/DiagnosticReport.rs system/Group.rs";
-                        if write_back { format!("{read} system/ResearchStudy.cru system/ResearchSubject.cru") } else { read.to_string() }
-                    });
-                    let smart = trialgate::fhir::smart::SmartClient {
-                        client_id,
-                        key_pem,
-                        alg,
-                        kid: smart_kid,
-                        scope,
-                        token_endpoint: smart_token_endpoint,
-                    };
-                    // Fail now, not at the first request, if the key does not fit the algorithm.
-                    smart.assertion("https://check.invalid/token").map_err(bad)?;
-                    Some(smart)
-                }
-                _ => None,
-            };
-            let opts = ClientOptions {
-                read_timeout: std::time::Duration::from_secs(timeout.max(1)),
-                max_retries,
-                retry_budget: g.server.retry_budget,
-                bearer,
-                smart,
-                ..Default::default()
-            };
+            let opts = auth.options(&g, timeout, max_retries, write_back)?;
             let client = FhirClient::new(&server, opts.clone()).map_err(bad)?;
             let writer = match (&write_to, write_back) {
                 (Some(url), _) => Some(FhirClient::new(url, opts).map_err(bad)?),
@@ -958,64 +1073,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Daemon { config, once } => {
-            let g = trialgate::gateway::Gateway::load(&config, &|k| std::env::var(k).ok()).map_err(bad)?;
-            let schedule = match (once, g.schedule.cron.as_str()) {
-                (true, _) => None,
-                (false, "") => {
-                    return Err(bad(format!(
-                        "no schedule: set [schedule] cron in {} (or TRIALGATE_SCHEDULE_CRON), or pass --once",
-                        config.display()
-                    )));
-                }
-                (false, cron) => Some(trialgate::schedule::Schedule::parse(cron).map_err(bad)?),
-            };
-            let reports = PathBuf::from(&g.schedule.reports);
-            std::fs::create_dir_all(&reports).with_context(|| format!("creating the reports folder {}", reports.display()))?;
-            loop {
-                if let Some(s) = &schedule {
-                    let now = trialgate::time::Instant::now();
-                    let Some(next) = s.next_after(now) else {
-                        return Err(bad(format!("[schedule] cron `{s}` never fires")));
-                    };
-                    tracing::info!(schedule = %s, next = %next, "waiting for the next sweep");
-                    eprintln!("daemon: next sweep at {next} (cron `{s}`)");
-                    std::thread::sleep(std::time::Duration::from_secs((next.0 - now.0).max(0) as u64));
-                }
-                let stamp = {
-                    let t = trialgate::time::Instant::now();
-                    format!("{}T{:02}{:02}", t.date(), (t.0 / 3600).rem_euclid(24), (t.0 / 60).rem_euclid(60))
-                };
-                let report = reports.join(format!("{stamp}.json"));
-                let changes = reports.join(format!("{stamp}.changes.csv"));
-                // Exactly a `sweep` command line, so a scheduled run is what a person would run.
-                let mut argv: Vec<std::ffi::OsString> = vec!["trialgate".into(), "--mappings".into(), cli.mappings.clone().into()];
-                argv.extend(["--trials-dir".into(), cli.trials_dir.clone().into(), "sweep".into()]);
-                argv.extend(["--config".into(), config.clone().into(), "--format".into(), "json".into()]);
-                argv.extend([
-                    "-o".into(),
-                    report.clone().into(),
-                    "--state".into(),
-                    g.schedule.state.clone().into(),
-                ]);
-                argv.extend(["--changes".into(), changes.into_os_string()]);
-                if g.schedule.bulk {
-                    argv.push("--bulk".into());
-                }
-                let outcome = Cli::try_parse_from(&argv).map_err(anyhow::Error::from).and_then(run);
-                match (&outcome, once) {
-                    (Ok(()), _) => eprintln!("daemon: run done; report {}", report.display()),
-                    (Err(e), false) => {
-                        tracing::error!("the scheduled sweep failed: {e:#}");
-                        eprintln!("daemon: the run failed ({e:#}); waiting for the next");
-                    }
-                    (Err(_), true) => {}
-                }
-                if once {
-                    return outcome;
-                }
-            }
-        }
+        Command::Daemon { config, once } => daemon(&cli.mappings, &cli.trials_dir, &config, once),
         Command::Serve { config, listen, no_auth } => {
             let g = trialgate::gateway::Gateway::load(&config, &|k| std::env::var(k).ok()).map_err(bad)?;
             let listen = listen.unwrap_or_else(|| g.serve.listen.clone());
@@ -1053,13 +1111,56 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(FhirClient::new(&g.server.url, opts).map_err(bad)?)
             };
             let state = (!g.schedule.state.is_empty()).then(|| trialgate::state::Location::parse(&g.schedule.state));
-            let app = trialgate::serve::App::checking(
+            // `$screen`, `/notify` and write-back read (and write) the configured server with the
+            // sweep's authentication. A service runs for months: no run-wide retry budget.
+            let live = if g.server.url.is_empty() {
+                None
+            } else {
+                let mut opts = AuthArgs::from_config(&g).options(&g, g.server.timeout_secs, g.server.max_retries, g.write_back.enabled)?;
+                opts.retry_budget = u32::MAX;
+                let client = FhirClient::new(&g.server.url, opts.clone()).map_err(bad)?;
+                let writer = match (g.write_back.enabled, g.write_back.target_url.as_str()) {
+                    (false, _) => None,
+                    (true, "") => Some(client.counted_apart()),
+                    (true, url) => Some(FhirClient::new(url, opts).map_err(bad)?),
+                };
+                let ledger = match &state {
+                    Some(loc) => Some(trialgate::state::Ledger::open(loc).map_err(bad)?),
+                    None => None,
+                };
+                let wopts = WriteOptions {
+                    write_ineligible: g.write_back.write_ineligible,
+                    dry_run: false,
+                };
+                Some(std::sync::Arc::new(trialgate::live::Live::new(
+                    client,
+                    writer,
+                    wopts,
+                    g.sweep.code_filter,
+                    ledger,
+                )))
+            };
+            let app = trialgate::serve::App::live(
                 cfg,
                 if no_auth { Vec::new() } else { tokens },
                 (g.serve.max_body_mb as usize) << 20,
                 fhir,
                 state,
+                live,
             );
+            // The scheduled sweeps run in the same process, on a thread of their own (each is a
+            // `sweep` run with its own runtime); each batch is checkpointed as it is made.
+            if !g.schedule.cron.is_empty() {
+                let (mappings, trials_dir) = (cli.mappings.clone(), cli.trials_dir.clone());
+                std::thread::Builder::new()
+                    .name("trialgate-schedule".into())
+                    .spawn(move || {
+                        if let Err(e) = daemon(&mappings, &trials_dir, &config, false) {
+                            tracing::error!("the sweep schedule stopped: {e:#}");
+                        }
+                    })
+                    .context("starting the schedule")?;
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -1068,7 +1169,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("listening on {addr}"))?;
-                eprintln!("serving on http://{addr} (POST /screen, GET /trials, /health, /metrics, /openapi.json)");
+                eprintln!(
+                    "serving on http://{addr} (POST /screen, /notify, /fhir/Patient/{{id}}/$screen; GET /trials, /health, /metrics, /openapi.json)"
+                );
                 trialgate::serve::serve(listener, app).await.context("serving")
             })
         }

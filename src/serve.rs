@@ -44,6 +44,8 @@ pub struct App {
     /// What `/health` checks besides the service itself.
     fhir: Option<crate::fhir::client::FhirClient>,
     state: Option<crate::state::Location>,
+    /// The configured FHIR server, for `$screen`, `/notify` and write-back.
+    live: Option<Arc<crate::live::Live>>,
 }
 
 impl App {
@@ -60,6 +62,18 @@ impl App {
         fhir: Option<crate::fhir::client::FhirClient>,
         state: Option<crate::state::Location>,
     ) -> Arc<App> {
+        App::live(cfg, tokens, max_body, fhir, state, None)
+    }
+
+    /// As `checking`, and also serving `$screen` and `/notify` against `live`'s server.
+    pub fn live(
+        cfg: Config,
+        tokens: Vec<String>,
+        max_body: usize,
+        fhir: Option<crate::fhir::client::FhirClient>,
+        state: Option<crate::state::Location>,
+        live: Option<Arc<crate::live::Live>>,
+    ) -> Arc<App> {
         let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
         Arc::new(App {
             slots: tokio::sync::Semaphore::new(cores * 2),
@@ -70,6 +84,7 @@ impl App {
             next_id: AtomicU64::new(1),
             fhir,
             state,
+            live,
         })
     }
 }
@@ -125,8 +140,10 @@ async fn track(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
     let status = resp.status().as_u16();
     let secs = started.elapsed().as_secs_f64();
     // Routes are fixed strings: anything else is counted as one, so a scanner cannot grow the map.
-    let route = if ["/screen", "/trials", "/health", "/metrics", "/openapi.json"].contains(&path.as_str()) {
+    let route = if ["/screen", "/notify", "/trials", "/health", "/metrics", "/openapi.json"].contains(&path.as_str()) {
         path.clone()
+    } else if path.starts_with("/fhir/Patient/") && path.ends_with("/$screen") {
+        "/fhir/Patient/{id}/$screen".to_string()
     } else {
         "other".to_string()
     };
@@ -230,34 +247,23 @@ async fn openapi() -> Response {
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
-/// `POST /screen`: a Bundle, a single resource or NDJSON in; the JSON report of `screen` out,
-/// or with `format=bundle` a FHIR Bundle of ResearchStudy and ResearchSubject resources.
-async fn screen(State(app): State<Arc<App>>, Query(q): Query<HashMap<String, String>>, body: Body) -> Response {
-    // Waiting for a slot before reading the body keeps at most a few bodies in memory.
-    let Ok(_slot) = app.slots.acquire().await else {
-        return outcome(StatusCode::SERVICE_UNAVAILABLE, "transient", "the service is shutting down");
-    };
-    let Ok(bytes) = axum::body::to_bytes(body, app.max_body).await else {
-        return outcome(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too-long",
-            format!(
-                "the body is larger than {} bytes: post one patient's data, or raise [serve] max_body_mb",
-                app.max_body
-            ),
-        );
-    };
+/// What `/screen` and `$screen` take in their query string.
+struct ScreenQuery {
+    as_of: Date,
+    selected: Vec<String>,
+    as_bundle: bool,
+    write_back: bool,
+}
+
+fn screen_query(app: &App, q: &HashMap<String, String>) -> Result<ScreenQuery, Box<Response>> {
     let as_of = match q.get("as_of") {
-        Some(s) => match Date::parse(s) {
-            Some(d) => d,
-            None => {
-                return outcome(
-                    StatusCode::BAD_REQUEST,
-                    "value",
-                    format!("as_of `{s}` is not a date: write YYYY-MM-DD"),
-                );
-            }
-        },
+        Some(s) => Date::parse(s).ok_or_else(|| {
+            Box::new(outcome(
+                StatusCode::BAD_REQUEST,
+                "value",
+                format!("as_of `{s}` is not a date: write YYYY-MM-DD"),
+            ))
+        })?,
         None => Date::today_utc(),
     };
     let selected: Vec<String> = q
@@ -266,51 +272,136 @@ async fn screen(State(app): State<Arc<App>>, Query(q): Query<HashMap<String, Str
         .unwrap_or_default();
     if let Some(unknown) = selected.iter().find(|id| !app.cfg.trials.iter().any(|t| &t.id == *id)) {
         let known: Vec<&str> = app.cfg.trials.iter().map(|t| t.id.as_str()).collect();
-        return outcome(
+        return Err(Box::new(outcome(
             StatusCode::BAD_REQUEST,
             "not-found",
             format!(
                 "unknown trial `{unknown}`; the loaded trials are {} (GET /trials)",
                 known.join(", ")
             ),
-        );
+        )));
     }
     let as_bundle = match q.get("format").map(String::as_str) {
         None | Some("report") => false,
         Some("bundle") => true,
         Some(other) => {
-            return outcome(
+            return Err(Box::new(outcome(
                 StatusCode::BAD_REQUEST,
                 "value",
                 format!("format `{other}`: use report (the JSON report, the default) or bundle (FHIR ResearchSubjects)"),
-            );
+            )));
         }
+    };
+    let write_back = match q.get("write_back").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(Box::new(outcome(
+                StatusCode::BAD_REQUEST,
+                "value",
+                format!("write_back `{other}`: use true or false"),
+            )));
+        }
+    };
+    if write_back && app.live.as_ref().is_none_or(|l| l.writer.is_none()) {
+        return Err(Box::new(outcome(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not-supported",
+            "write_back=true needs a FHIR server to write to: set [server] url and [write_back] enabled = true in the gateway configuration",
+        )));
+    }
+    Ok(ScreenQuery {
+        as_of,
+        selected,
+        as_bundle,
+        write_back,
+    })
+}
+
+/// `POST /screen`: a Bundle, a single resource or NDJSON in; the JSON report of `screen` out,
+/// or with `format=bundle` a FHIR Bundle of ResearchStudy and ResearchSubject resources.
+/// With `write_back=true` the posted patient is found on the configured server by MRN and
+/// its ResearchSubjects written there.
+async fn screen(State(app): State<Arc<App>>, Query(q): Query<HashMap<String, String>>, body: Body) -> Response {
+    // Waiting for a slot before reading the body keeps at most a few bodies in memory.
+    let Ok(_slot) = app.slots.acquire().await else {
+        return outcome(StatusCode::SERVICE_UNAVAILABLE, "transient", "the service is shutting down");
+    };
+    let Ok(bytes) = axum::body::to_bytes(body, app.max_body).await else {
+        return too_large(&app);
+    };
+    let sq = match screen_query(&app, &q) {
+        Ok(sq) => sq,
+        Err(r) => return *r,
     };
     let work = {
         let app = app.clone();
-        move || screen_body(&app, &bytes, as_of, &selected, as_bundle)
+        let as_of = sq.as_of;
+        move || screen_body(&app, &bytes, as_of)
     };
-    match tokio::task::spawn_blocking(work).await {
-        Ok(r) => r,
-        Err(_) => outcome(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "exception",
-            "the screening failed; see the service log",
+    let (mut s, posted) = match tokio::task::spawn_blocking(work).await {
+        Ok(Ok(x)) => x,
+        Ok(Err(r)) => return *r,
+        Err(_) => {
+            return outcome(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "exception",
+                "the screening failed; see the service log",
+            );
+        }
+    };
+    if !sq.selected.is_empty() {
+        s.results.retain(|r| sq.selected.contains(&r.trial));
+    }
+    count_verdicts(&app, &s);
+    let mut written = None;
+    if sq.write_back {
+        match write_posted(&app, s, &posted, sq.as_of).await {
+            Ok((back, w)) => {
+                s = back;
+                written = w;
+            }
+            Err(r) => return *r,
+        }
+    }
+    respond(&app, &s, sq.as_of, sq.as_bundle, written.as_ref())
+}
+
+fn too_large(app: &App) -> Response {
+    outcome(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too-long",
+        format!(
+            "the body is larger than {} bytes: post one patient's data, or raise [serve] max_body_mb",
+            app.max_body
         ),
+    )
+}
+
+fn count_verdicts(app: &App, s: &crate::Screening) {
+    if let Ok(mut m) = app.metrics.verdicts.lock() {
+        for r in &s.results {
+            *m.entry((r.trial.clone(), r.status.as_str())).or_default() += 1;
+        }
     }
 }
 
-fn screen_body(app: &App, bytes: &[u8], as_of: Date, selected: &[String], as_bundle: bool) -> Response {
+/// Reads and screens a posted body; also returns its Patient resources (for write-back).
+fn screen_body(app: &App, bytes: &[u8], as_of: Date) -> Result<(crate::Screening, Vec<Value>), Box<Response>> {
     let Ok(text) = std::str::from_utf8(bytes) else {
-        return outcome(StatusCode::BAD_REQUEST, "structure", "the body is not UTF-8 text: post FHIR JSON");
+        return Err(Box::new(outcome(
+            StatusCode::BAD_REQUEST,
+            "structure",
+            "the body is not UTF-8 text: post FHIR JSON",
+        )));
     };
     let text = text.trim_start_matches('\u{feff}');
     if text.trim().is_empty() {
-        return outcome(
+        return Err(Box::new(outcome(
             StatusCode::BAD_REQUEST,
             "required",
             "the body is empty: post a FHIR Bundle (or NDJSON) holding a Patient",
-        );
+        )));
     }
     let mut read = crate::fhir::files::ReadOutput::default();
     crate::fhir::files::read_text("request body", text, false, crate::read_options(&app.cfg), &mut read);
@@ -320,18 +411,22 @@ fn screen_body(app: &App, bytes: &[u8], as_of: Date, selected: &[String], as_bun
             .first()
             .map(|i| format!("{}: {}", i.location, i.message))
             .unwrap_or_else(|| "it holds no resource trialgate reads".into());
-        return outcome(StatusCode::BAD_REQUEST, "structure", format!("the body cannot be screened: {why}"));
+        return Err(Box::new(outcome(
+            StatusCode::BAD_REQUEST,
+            "structure",
+            format!("the body cannot be screened: {why}"),
+        )));
     }
     if !read
         .resources
         .iter()
         .any(|p| matches!(p.resource, crate::fhir::Resource::Patient(_)))
     {
-        return outcome(
+        return Err(Box::new(outcome(
             StatusCode::UNPROCESSABLE_ENTITY,
             "required",
             "the posted data holds no Patient: include the Patient resource the other resources refer to",
-        );
+        )));
     }
     let input = SourceFile {
         kind: "request",
@@ -339,17 +434,116 @@ fn screen_body(app: &App, bytes: &[u8], as_of: Date, selected: &[String], as_bun
         sha256: None,
         bytes: Some(bytes.len() as u64),
     };
-    let mut s = crate::screen_read(read, vec![input], &app.cfg, as_of, &Decisions::default());
-    if !selected.is_empty() {
-        s.results.retain(|r| selected.contains(&r.trial));
+    let s = crate::screen_read(read, vec![input], &app.cfg, as_of, &Decisions::default());
+    Ok((s, crate::live::posted_patients(text)))
+}
+
+/// Finds the posted patient on the configured server by MRN, points the verdicts at that
+/// Patient, and writes them: never a ResearchSubject for a patient the server does not have.
+async fn write_posted(
+    app: &App,
+    mut s: crate::Screening,
+    posted: &[Value],
+    as_of: Date,
+) -> Result<(crate::Screening, Option<crate::writeback::WriteSummary>), Box<Response>> {
+    let Some(live) = &app.live else {
+        return Err(Box::new(outcome(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not-supported",
+            "no FHIR server is configured",
+        )));
+    };
+    let [patient] = posted else {
+        return Err(Box::new(outcome(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "processing",
+            format!(
+                "write_back=true takes one patient at a time; this body holds {} Patient resources",
+                posted.len()
+            ),
+        )));
+    };
+    let mrns = crate::live::mrns(patient);
+    if mrns.is_empty() {
+        return Err(Box::new(outcome(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "required",
+            "the posted Patient has no MRN (an identifier whose type is MR, http://terminology.hl7.org/CodeSystem/v2-0203), so it cannot be matched to the server's Patient: nothing was written",
+        )));
     }
-    if let Ok(mut m) = app.metrics.verdicts.lock() {
-        for r in &s.results {
-            *m.entry((r.trial.clone(), r.status.as_str())).or_default() += 1;
+    let mut found = None;
+    for (system, value) in &mrns {
+        match live.resolve_mrn(system.as_deref(), value).await {
+            Ok(crate::live::Resolved::One(id)) => {
+                found = Some(id);
+                break;
+            }
+            Ok(crate::live::Resolved::Many(n)) => {
+                return Err(Box::new(outcome(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "multiple-matches",
+                    format!(
+                        "{n} Patients on the server share the posted MRN (system {}): not written; merge or fix them first",
+                        system.as_deref().unwrap_or("not given")
+                    ),
+                )));
+            }
+            Ok(crate::live::Resolved::None) => {}
+            Err(e) => {
+                tracing::warn!("finding a posted patient by MRN failed: {}", crate::live::brief(&e));
+                return Err(Box::new(outcome(
+                    StatusCode::BAD_GATEWAY,
+                    "transient",
+                    format!("the FHIR server could not be searched by MRN: {}", crate::live::brief(&e)),
+                )));
+            }
         }
     }
+    let Some(id) = found else {
+        let systems: Vec<&str> = mrns.iter().map(|(s, _)| s.as_deref().unwrap_or("no system")).collect();
+        return Err(Box::new(outcome(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not-found",
+            format!(
+                "no Patient on the server has the posted MRN ({}): nothing was written, so no ResearchSubject points nowhere",
+                systems.join(", ")
+            ),
+        )));
+    };
+    let reference = format!("Patient/{id}");
+    for r in &mut s.results {
+        r.patient = reference.clone();
+    }
+    match live.record_and_write(&app.cfg, s, as_of, "screen", true).await {
+        Ok(r) => Ok((r.screening, r.written)),
+        Err(e) => {
+            tracing::warn!("write-back after POST /screen failed: {}", crate::live::brief(&e));
+            Err(Box::new(outcome(
+                StatusCode::BAD_GATEWAY,
+                "transient",
+                format!("the verdicts could not be written back: {}", crate::live::brief(&e)),
+            )))
+        }
+    }
+}
+
+/// The answer to a screening: the JSON report (with what write-back did), or a Bundle.
+fn respond(app: &App, s: &crate::Screening, as_of: Date, as_bundle: bool, written: Option<&crate::writeback::WriteSummary>) -> Response {
     if !as_bundle {
-        return fhir_json_report(crate::report::json(&s));
+        let report = crate::report::json(s);
+        let Some(w) = written else {
+            return fhir_json_report(report);
+        };
+        let mut v: Value = serde_json::from_str(&report).unwrap_or(Value::Null);
+        if let Some(o) = v.as_object_mut() {
+            o.insert(
+                "write_back".into(),
+                json!({"created": w.created, "updated": w.updated, "unchanged": w.unchanged,
+                    "left_alone": w.left_alone, "not_written": w.not_written,
+                    "refused": w.failed.iter().map(|(id, why)| json!({"subject": id, "reason": why})).collect::<Vec<_>>()}),
+            );
+        }
+        return fhir_json_report(v.to_string());
     }
     let mut entries = Vec::new();
     for t in app.cfg.trials.iter().filter(|t| s.results.iter().any(|r| r.trial == t.id)) {
@@ -370,6 +564,136 @@ fn screen_body(app: &App, bytes: &[u8], as_of: Date, selected: &[String], as_bun
     fhir_json(StatusCode::OK, bundle.to_string())
 }
 
+/// `POST /fhir/Patient/{id}/$screen`: reads the patient from the configured FHIR server and
+/// screens them, as a sweep of that one patient would; `write_back=true` writes the changed
+/// verdicts back.
+async fn screen_operation(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(live) = app.live.clone() else {
+        return outcome(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not-supported",
+            "$screen reads the patient from the FHIR server: set [server] url in the gateway configuration",
+        );
+    };
+    let sq = match screen_query(&app, &q) {
+        Ok(sq) => sq,
+        Err(r) => return *r,
+    };
+    let valid = !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if !valid {
+        return outcome(
+            StatusCode::BAD_REQUEST,
+            "value",
+            "a Patient id is 1 to 64 letters, digits, '-' and '.'",
+        );
+    }
+    let Ok(_slot) = app.slots.acquire().await else {
+        return outcome(StatusCode::SERVICE_UNAVAILABLE, "transient", "the service is shutting down");
+    };
+    match live.rescreen(&app.cfg, vec![id.clone()], sq.as_of, "$screen", sq.write_back).await {
+        Ok(r) => {
+            let mut s = r.screening;
+            if !s.results.is_empty() && s.results.iter().all(|r| r.status == crate::criteria::Status::Error) {
+                let why = s.results.first().and_then(|r| r.record.clone()).unwrap_or_default();
+                let (status, code) = if why.contains("no Patient resource") {
+                    (StatusCode::NOT_FOUND, "not-found")
+                } else {
+                    (StatusCode::BAD_GATEWAY, "transient")
+                };
+                return outcome(status, code, format!("Patient/{id} could not be screened: {why}"));
+            }
+            if !sq.selected.is_empty() {
+                s.results.retain(|r| sq.selected.contains(&r.trial));
+            }
+            count_verdicts(&app, &s);
+            respond(&app, &s, sq.as_of, sq.as_bundle, r.written.as_ref())
+        }
+        Err(e) => {
+            tracing::warn!("$screen failed: {}", crate::live::brief(&e));
+            outcome(
+                StatusCode::BAD_GATEWAY,
+                "transient",
+                format!("the patient could not be read or written: {}", crate::live::brief(&e)),
+            )
+        }
+    }
+}
+
+/// `POST /notify`: a FHIR Subscription rest-hook (R4 Backport, R4B or R5 shape). Handshakes
+/// and heartbeats are acknowledged; an event has its patients screened again in the
+/// background (the sender is answered at once), and a gap in the event numbers is repaired.
+async fn notify(State(app): State<Arc<App>>, body: Body) -> Response {
+    let received = std::time::Instant::now();
+    let Ok(bytes) = axum::body::to_bytes(body, app.max_body).await else {
+        return too_large(&app);
+    };
+    let n = match crate::notify::parse(&bytes) {
+        Ok(n) => n,
+        Err(e) => {
+            return outcome(
+                StatusCode::BAD_REQUEST,
+                "structure",
+                format!("not a subscription notification: {e}"),
+            );
+        }
+    };
+    use crate::notify::Kind;
+    let Some(live) = app.live.clone() else {
+        if matches!(n.kind, Kind::Handshake | Kind::Heartbeat | Kind::QueryStatus) {
+            return info(format!("{} acknowledged", n.kind.as_str()));
+        }
+        return outcome(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not-supported",
+            "notifications need the FHIR server the changed records are read from: set [server] url in the gateway configuration",
+        );
+    };
+    let gap = live.note(&n);
+    if matches!(n.kind, Kind::Handshake | Kind::QueryStatus) {
+        return info(format!("{} acknowledged", n.kind.as_str()));
+    }
+    let (events, kind) = (n.events.len(), n.kind);
+    let task_app = app.clone();
+    tokio::spawn(async move {
+        let cfg = &task_app.cfg;
+        let mut patients = std::collections::BTreeSet::new();
+        if let Some((sub, from, to)) = gap {
+            tracing::warn!(from, to, "notification events were missed: asking the server for them");
+            match live.repair(cfg, &sub, from, to).await {
+                Ok(p) => patients.extend(p),
+                Err(e) => tracing::warn!("repairing missed notifications failed: {}", crate::live::brief(&e)),
+            }
+        }
+        if matches!(n.kind, Kind::EventNotification | Kind::QueryEvent) {
+            match live.patients_of(cfg, &n).await {
+                Ok(p) => patients.extend(p),
+                Err(e) => tracing::warn!("reading what a notification names failed: {}", crate::live::brief(&e)),
+            }
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for p in patients {
+            let (live, app) = (live.clone(), task_app.clone());
+            tasks.spawn(async move { live.rescreen_serially(&app.cfg, p, received).await });
+        }
+        while tasks.join_next().await.is_some() {}
+    });
+    info(format!(
+        "{} accepted: {events} event(s); the patients are screened again now",
+        kind.as_str()
+    ))
+}
+
+/// A 200 with an informational OperationOutcome.
+fn info(message: String) -> Response {
+    let body = json!({"resourceType": "OperationOutcome",
+        "issue": [{"severity": "information", "code": "informational", "diagnostics": message}]});
+    fhir_json(StatusCode::OK, body.to_string())
+}
+
 fn fhir_json_report(body: String) -> Response {
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
@@ -386,7 +710,7 @@ async fn wrong_method() -> Response {
     outcome(
         StatusCode::METHOD_NOT_ALLOWED,
         "not-supported",
-        "wrong method for this route: POST /screen; GET /trials, /health, /metrics, /openapi.json",
+        "wrong method for this route: POST /screen, /notify, /fhir/Patient/{id}/$screen; GET /trials, /health, /metrics, /openapi.json",
     )
 }
 
@@ -394,6 +718,8 @@ async fn wrong_method() -> Response {
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/screen", post(screen))
+        .route("/fhir/Patient/{id}/$screen", post(screen_operation))
+        .route("/notify", post(notify))
         .route("/trials", get(trials))
         .route("/health", get(health))
         .route("/metrics", get(metrics))

@@ -149,6 +149,24 @@ CREATE TABLE IF NOT EXISTS results (
     result TEXT NOT NULL,
     PRIMARY KEY (run, patient, trial)
 );
+CREATE TABLE IF NOT EXISTS latest (
+    patient TEXT NOT NULL,
+    trial TEXT NOT NULL,
+    status TEXT NOT NULL,
+    result TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (patient, trial)
+);
+CREATE TABLE IF NOT EXISTS transitions (
+    id INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL,
+    patient TEXT NOT NULL,
+    trial TEXT NOT NULL,
+    from_status TEXT,
+    to_status TEXT NOT NULL,
+    source TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS transitions_by_patient ON transitions (patient, trial, at);
 ";
 
 /// PostgreSQL's form of `SCHEMA`: 64-bit integers, a sequence for run ids. Processes starting
@@ -310,10 +328,28 @@ impl State {
 
     /// Marks the run finished and compares it with the previous finished run of the cohort.
     pub fn finish(&mut self) -> Result<Changes, StateError> {
-        self.db.write(vec![Step {
-            sql: "UPDATE runs SET finished = ?1 WHERE id = ?2",
-            rows: vec![vec![Val::Int(now()), Val::Int(self.run)]],
-        }])?;
+        let (at, run) = (Val::Int(now()), Val::Int(self.run));
+        // The run's verdicts join the history every route shares (notifications, the page):
+        // a transition where the status differs from the latest known, then the latest.
+        self.db.write(vec![
+            Step {
+                sql: "UPDATE runs SET finished = ?1 WHERE id = ?2",
+                rows: vec![vec![at.clone(), run.clone()]],
+            },
+            Step {
+                sql: "INSERT INTO transitions (at, patient, trial, from_status, to_status, source) \
+                      SELECT ?1, r.patient, r.trial, l.status, r.status, 'sweep' FROM results r \
+                      LEFT JOIN latest l ON l.patient = r.patient AND l.trial = r.trial \
+                      WHERE r.run = ?2 AND (l.status IS NULL OR l.status <> r.status)",
+                rows: vec![vec![at.clone(), run.clone()]],
+            },
+            Step {
+                sql: "INSERT INTO latest (patient, trial, status, result, at) \
+                      SELECT patient, trial, status, result, ?1 FROM results WHERE run = ?2 \
+                      ON CONFLICT (patient, trial) DO UPDATE SET status = excluded.status, result = excluded.result, at = excluded.at",
+                rows: vec![vec![at, run]],
+            },
+        ])?;
         let previous = self.db.query(
             "SELECT id, as_of FROM runs WHERE cohort_key = ?1 AND finished IS NOT NULL AND id < ?2 ORDER BY id DESC LIMIT 1",
             vec![Val::text(&self.cohort_key), Val::Int(self.run)],
@@ -356,6 +392,152 @@ impl State {
             }
         }
         Ok(changes)
+    }
+}
+
+/// The verdict history outside sweeps: what `serve` records when a notification or a
+/// `$screen` screens a patient again. Each verdict is compared with the latest known one
+/// (from a sweep or an earlier event); a change is kept as a transition.
+pub struct Ledger {
+    db: Backend,
+}
+
+/// A status change of one patient for one trial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    /// Seconds since the epoch.
+    pub at: i64,
+    /// None: the first verdict known.
+    pub from: Option<String>,
+    pub to: String,
+    /// `sweep`, `notification`, `$screen` or `screen` (a posted patient written back).
+    pub source: String,
+}
+
+/// One verdict, as the history holds it.
+#[derive(Debug, Clone)]
+pub struct Latest {
+    pub result: TrialResult,
+    /// When it was decided (seconds since the epoch).
+    pub at: i64,
+    /// The status before the last change, if the history knows one.
+    pub previous: Option<String>,
+}
+
+impl Ledger {
+    pub fn open(location: &Location) -> Result<Ledger, StateError> {
+        Ok(Ledger {
+            db: Backend::open(location)?,
+        })
+    }
+
+    /// Records `results` as the latest verdicts, from `source` (`notification`, `$screen`);
+    /// returns those whose status changed (or that are new).
+    pub fn record(&mut self, results: &[TrialResult], source: &str) -> Result<Vec<Change>, StateError> {
+        let mut changes = Vec::new();
+        for r in results.iter().filter(|r| r.status != crate::criteria::Status::Error) {
+            let known = self.db.query(
+                "SELECT status FROM latest WHERE patient = ?1 AND trial = ?2",
+                vec![Val::text(&r.patient), Val::text(&r.trial)],
+            )?;
+            let from = first(known).and_then(Val::into_text);
+            if from.as_deref() != Some(r.status.as_str()) {
+                changes.push(Change {
+                    patient: r.patient.clone(),
+                    trial: r.trial.clone(),
+                    from,
+                    to: r.status.as_str().to_string(),
+                });
+            }
+        }
+        let at = Val::Int(now());
+        let rows = results
+            .iter()
+            .filter(|r| r.status != crate::criteria::Status::Error)
+            .map(|r| {
+                // Serializing plain structs of strings and numbers cannot fail.
+                let json = serde_json::to_string(r).unwrap_or_default();
+                vec![
+                    Val::text(&r.patient),
+                    Val::text(&r.trial),
+                    Val::text(r.status.as_str()),
+                    Val::Text(json),
+                    at.clone(),
+                ]
+            })
+            .collect();
+        let moved = changes
+            .iter()
+            .map(|c| {
+                let from = c.from.as_deref().map_or(Val::Null, Val::text);
+                vec![
+                    at.clone(),
+                    Val::text(&c.patient),
+                    Val::text(&c.trial),
+                    from,
+                    Val::text(&c.to),
+                    Val::text(source),
+                ]
+            })
+            .collect();
+        self.db.write(vec![
+            Step {
+                sql: "INSERT INTO transitions (at, patient, trial, from_status, to_status, source) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                rows: moved,
+            },
+            Step {
+                sql: "INSERT INTO latest (patient, trial, status, result, at) VALUES (?1, ?2, ?3, ?4, ?5) \
+                      ON CONFLICT (patient, trial) DO UPDATE SET status = excluded.status, result = excluded.result, at = excluded.at",
+                rows,
+            },
+        ])?;
+        Ok(changes)
+    }
+
+    /// Every patient's latest verdict per trial, with the status before its last change.
+    pub fn latest(&self) -> Result<Vec<Latest>, StateError> {
+        let rows = self.db.query(
+            "SELECT l.result, l.at, (SELECT t.from_status FROM transitions t WHERE t.patient = l.patient \
+             AND t.trial = l.trial ORDER BY t.id DESC LIMIT 1) FROM latest l ORDER BY l.patient, l.trial",
+            Vec::new(),
+        )?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut row = row.into_iter();
+            let (Some(Val::Text(json)), Some(Val::Int(at)), previous) = (row.next(), row.next(), row.next()) else {
+                continue;
+            };
+            let result = serde_json::from_str(&json).map_err(|source| StateError::Stored {
+                path: self.db.shown.clone(),
+                source,
+            })?;
+            out.push(Latest {
+                result,
+                at,
+                previous: previous.and_then(Val::into_text),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The transitions of one patient and trial, oldest first.
+    pub fn history(&self, patient: &str, trial: &str) -> Result<Vec<Transition>, StateError> {
+        let rows = self.db.query(
+            "SELECT at, from_status, to_status, source FROM transitions WHERE patient = ?1 AND trial = ?2 ORDER BY id",
+            vec![Val::text(patient), Val::text(trial)],
+        )?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                let mut r = r.into_iter();
+                Some(Transition {
+                    at: r.next()?.int()?,
+                    from: r.next()?.into_text(),
+                    to: r.next()?.into_text()?,
+                    source: r.next()?.into_text()?,
+                })
+            })
+            .collect())
     }
 }
 
@@ -618,7 +800,8 @@ impl Pg {
 }
 
 fn pg_params(params: &[Val]) -> Vec<&(dyn postgres::types::ToSql + Sync)> {
-    const NULL: Option<i64> = None;
+    // The only NULL written is a text column's (a transition's first `from`).
+    const NULL: Option<&str> = None;
     params
         .iter()
         .map(|v| match v {

@@ -162,3 +162,51 @@ fn an_unreachable_database_is_a_clear_error() {
     assert!(msg.contains("postgres://nobody:***@127.0.0.1:1/none"), "{msg}");
     assert!(!msg.contains("secret"), "{msg}");
 }
+
+#[test]
+fn the_verdict_history_keeps_transitions_in_postgres() {
+    let url = Location::parse(&pg::database("ledger"));
+    let cfg = trialgate::load_config(
+        &root().join("mappings"),
+        &root().join("config/trials"),
+        &["NCT06406205".to_string()],
+    )
+    .unwrap();
+    let as_of = trialgate::time::Date::parse("2026-06-01").unwrap();
+    let young = root().join("fixtures/bundles");
+    let screened = trialgate::screen(&young, &cfg, as_of, &trialgate::criteria::decisions::Decisions::default()).unwrap();
+    let mut ledger = trialgate::state::Ledger::open(&url).unwrap();
+    let first = ledger.record(&screened.results, "notification").unwrap();
+    let counted = screened
+        .results
+        .iter()
+        .filter(|r| r.status != trialgate::criteria::Status::Error)
+        .count();
+    assert_eq!(first.len(), counted, "every verdict is new");
+    assert!(
+        ledger.record(&screened.results, "notification").unwrap().is_empty(),
+        "the same verdicts again change nothing"
+    );
+    // One patient's status moves.
+    let mut moved = screened.results[0].clone();
+    let to = if moved.status == trialgate::criteria::Status::Ineligible {
+        trialgate::criteria::Status::PotentiallyEligible
+    } else {
+        trialgate::criteria::Status::Ineligible
+    };
+    let from = moved.status.as_str().to_string();
+    moved.status = to;
+    let changes = ledger.record(std::slice::from_ref(&moved), "$screen").unwrap();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].from.as_deref(), Some(from.as_str()));
+    let history = ledger.history(&moved.patient, &moved.trial).unwrap();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[1].source, "$screen");
+    let latest = ledger.latest().unwrap();
+    assert_eq!(latest.len(), counted);
+    let mine = latest
+        .iter()
+        .find(|l| l.result.patient == moved.patient && l.result.trial == moved.trial)
+        .unwrap();
+    assert_eq!((mine.result.status, mine.previous.as_deref()), (to, Some(from.as_str())));
+}
