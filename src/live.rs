@@ -401,6 +401,68 @@ impl Live {
     }
 }
 
+/// Registers `spec` on the server: updates the Subscription already posting to the same
+/// endpoint, else creates one (conditionally, so a retried create makes no duplicate).
+/// Returns its id and whether it was created.
+pub async fn subscribe(client: &FhirClient, spec: &crate::notify::SubscriptionSpec) -> Result<(String, bool), ClientError> {
+    let search = format!("Subscription?url={}", crate::fhir::query_encode(&spec.endpoint));
+    let mut existing = None;
+    for page in client.search(&search).await? {
+        let bundle: Value = serde_json::from_str(&page).map_err(|e| ClientError::Body {
+            url: client.url("Subscription"),
+            message: e.to_string(),
+        })?;
+        for e in bundle.get("entry").and_then(Value::as_array).into_iter().flatten() {
+            let r = e.get("resource");
+            // Servers that ignore the `url` parameter return every Subscription: check.
+            let same = r.and_then(|r| r.pointer("/channel/endpoint")).and_then(Value::as_str) == Some(spec.endpoint.as_str());
+            if let (true, Some(id)) = (same, r.and_then(|r| r.get("id")).and_then(Value::as_str)) {
+                existing = Some(id.to_string());
+            }
+        }
+    }
+    let (req, created) = match &existing {
+        Some(id) => (
+            crate::fhir::client::Request {
+                method: reqwest::Method::PUT,
+                url: client.url(&format!("Subscription/{id}")),
+                body: Some(spec.resource(Some(id)).to_string()),
+                headers: Vec::new(),
+                fhir: true,
+            },
+            false,
+        ),
+        None => (
+            crate::fhir::client::Request {
+                method: reqwest::Method::POST,
+                url: client.url("Subscription"),
+                body: Some(spec.resource(None).to_string()),
+                headers: vec![
+                    ("If-None-Exist", format!("url={}", crate::fhir::query_encode(&spec.endpoint))),
+                    ("Prefer", "return=representation".into()),
+                ],
+                fhir: true,
+            },
+            true,
+        ),
+    };
+    let resp = client.send(&req).await?;
+    let from_body = serde_json::from_str::<Value>(&resp.body)
+        .ok()
+        .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_string));
+    let from_location = resp
+        .location
+        .as_deref()
+        .and_then(|l| l.split("/_history/").next())
+        .and_then(|l| l.rsplit('/').next())
+        .map(str::to_string);
+    let id = existing.or(from_body).or(from_location).ok_or_else(|| ClientError::Body {
+        url: client.url("Subscription"),
+        message: "the server created the Subscription but returned neither its body nor a Location".into(),
+    })?;
+    Ok((id, created && resp.status == 201))
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Resolved {
     None,

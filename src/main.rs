@@ -115,6 +115,49 @@ enum Command {
         #[arg(long)]
         no_auth: bool,
     },
+    /// Register (or update) a FHIR Subscription on the server, so it posts changes to
+    /// trialgate's /notify and each changed patient is screened again at once.
+    #[command(after_help = "Examples:\n  \
+        TRIALGATE_API_TOKENS=s3cret trialgate subscribe --endpoint https://trialgate.example.org/notify \\\n    \
+        --topic http://example.org/SubscriptionTopic/lab-result --lab-codes\n  \
+        trialgate subscribe --endpoint https://trialgate.example.org/notify --topic URL --dry-run\n\n\
+        The Subscription is R4 with the Subscriptions R5 Backport profile (rest-hook, JSON, id-only \
+        payloads by default, so no clinical data travels in notifications). It carries \
+        `Authorization: Bearer <token>` with the first token of [serve] token_env (or --token-env), \
+        which the server sends back with every notification; the token is never printed. Run it \
+        again to update the same Subscription (found by its endpoint).")]
+    Subscribe {
+        /// The gateway configuration ([server], [auth], [serve] token_env).
+        #[arg(long, value_name = "FILE", env = "TRIALGATE_CONFIG", default_value = "config/gateway.toml")]
+        config: PathBuf,
+        /// The FHIR server to subscribe on (default: [server] url).
+        #[arg(long, value_name = "URL")]
+        server: Option<String>,
+        /// Where the server posts notifications: this service's /notify, as the server reaches it.
+        #[arg(long, value_name = "URL")]
+        endpoint: String,
+        /// The server's SubscriptionTopic canonical URL (servers publish the topics they support).
+        #[arg(long, value_name = "URL")]
+        topic: String,
+        /// A filter criterion the topic allows (e.g. 'Observation?category=laboratory'). Repeatable.
+        #[arg(long = "filter", value_name = "EXPR")]
+        filters: Vec<String>,
+        /// Add a filter on the lab codes the trials read (Observation?code=...).
+        #[arg(long)]
+        lab_codes: bool,
+        /// Payload content: id-only (default), full-resource or empty.
+        #[arg(long, value_name = "KIND", default_value = "id-only", value_parser = ["id-only", "full-resource", "empty"])]
+        content: String,
+        /// Seconds between heartbeats (a missed heartbeat tells the service the link is down).
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        heartbeat: u32,
+        /// The variable holding the token the server must send (default: [serve] token_env).
+        #[arg(long, value_name = "VAR")]
+        token_env: Option<String>,
+        /// Print the Subscription (token hidden) and send nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Validate every trial and mapping file, and lint criteria for suspect thresholds.
     #[command(
         after_help = "Examples:\n  trialgate check\n  trialgate check --trial config/bench/bench-ln.yaml\n  trialgate check --list\n\n\
@@ -1174,6 +1217,79 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 trialgate::serve::serve(listener, app).await.context("serving")
             })
+        }
+        Command::Subscribe {
+            config,
+            server,
+            endpoint,
+            topic,
+            mut filters,
+            lab_codes,
+            content,
+            heartbeat,
+            token_env,
+            dry_run,
+        } => {
+            let g = trialgate::gateway::Gateway::load(&config, &|k| std::env::var(k).ok()).map_err(bad)?;
+            let server = server
+                .or_else(|| (!g.server.url.is_empty()).then(|| g.server.url.clone()))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "no FHIR server: pass --server URL, or set [server] url in {}",
+                        config.display()
+                    ))
+                })?;
+            if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
+                return Err(bad(format!("--endpoint `{endpoint}` is not an http(s) URL")));
+            }
+            let var = token_env.unwrap_or_else(|| g.serve.token_env.clone());
+            let token = std::env::var(&var)
+                .ok()
+                .and_then(|v| v.split(',').map(str::trim).find(|t| !t.is_empty()).map(str::to_string))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "no token for the server to send: set {var} (the service's API tokens) or pass --token-env VAR"
+                    ))
+                })?;
+            if lab_codes {
+                let cfg = load_config(&cli.mappings, &cli.trials_dir, &g.sweep.trials)?;
+                let codes = trialgate::sweep::observation_codes(&cfg, false);
+                if !codes.is_empty() {
+                    filters.push(format!("Observation?code={}", codes.join(",")));
+                }
+            }
+            let spec = trialgate::notify::SubscriptionSpec {
+                topic,
+                endpoint: endpoint.clone(),
+                filters,
+                content,
+                heartbeat_secs: heartbeat,
+                authorization: Some(format!("Bearer {token}")),
+            };
+            if dry_run {
+                let shown = trialgate::notify::SubscriptionSpec {
+                    authorization: Some("Bearer <the token, not shown>".into()),
+                    ..spec
+                };
+                println!("{}", serde_json::to_string_pretty(&shown.resource(None)).unwrap_or_default());
+                return Ok(());
+            }
+            let opts = AuthArgs::from_config(&g).options(&g, g.server.timeout_secs, g.server.max_retries, true)?;
+            let client = FhirClient::new(&server, opts).map_err(bad)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let (id, created) = runtime
+                .block_on(trialgate::live::subscribe(&client, &spec))
+                .context("registering the Subscription")?;
+            println!(
+                "{} Subscription/{id}: topic {}, posting {} notifications to {endpoint}, heartbeat every {heartbeat} s",
+                if created { "created" } else { "updated" },
+                spec.topic,
+                spec.content
+            );
+            Ok(())
         }
         Command::Check { trials, list } => {
             let cfg = trialgate::load_config(&cli.mappings, &cli.trials_dir, &trials).map_err(bad)?;

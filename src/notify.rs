@@ -7,7 +7,7 @@
 //!
 //! Pure reading: no I/O. `serve` decides what to fetch and whom to screen again.
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -263,10 +263,68 @@ pub fn gap(last_seen: Option<u64>, n: &Notification) -> Option<(u64, u64)> {
     (next > last + 1).then_some((last + 1, next - 1))
 }
 
+/// The Subscriptions R5 Backport's extension base.
+const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition";
+
+/// What `trialgate subscribe` asks the server for: an R4 Subscription (Backport profile) to a
+/// topic, posting to trialgate's `/notify`.
+#[derive(Debug, Clone)]
+pub struct SubscriptionSpec {
+    /// The server's SubscriptionTopic canonical URL.
+    pub topic: String,
+    /// Where notifications are posted: trialgate's `/notify`.
+    pub endpoint: String,
+    /// Backport filter criteria, e.g. `Observation?code=http://loinc.org|98979-8`.
+    pub filters: Vec<String>,
+    /// `id-only` (the default: no clinical data in transit), `full-resource` or `empty`.
+    pub content: String,
+    /// Seconds between heartbeats when nothing happens.
+    pub heartbeat_secs: u32,
+    /// The `Authorization` header the server sends with each notification.
+    pub authorization: Option<String>,
+}
+
+impl SubscriptionSpec {
+    pub fn resource(&self, id: Option<&str>) -> Value {
+        let filters: Vec<Value> = self
+            .filters
+            .iter()
+            .map(|f| json!({"url": format!("{BACKPORT}/backport-filter-criteria"), "valueString": f}))
+            .collect();
+        let mut sub = json!({
+            "resourceType": "Subscription",
+            "meta": {"profile": [format!("{BACKPORT}/backport-subscription")]},
+            "status": "requested",
+            "reason": "trialgate: screen patients again for clinical trials when their records change",
+            "criteria": self.topic,
+            "channel": {
+                "extension": [
+                    {"url": format!("{BACKPORT}/backport-heartbeat-period"), "valueUnsignedInt": self.heartbeat_secs},
+                    {"url": format!("{BACKPORT}/backport-timeout"), "valueUnsignedInt": 30},
+                    {"url": format!("{BACKPORT}/backport-max-count"), "valuePositiveInt": 20}
+                ],
+                "type": "rest-hook",
+                "endpoint": self.endpoint,
+                "payload": "application/fhir+json",
+                "_payload": {"extension": [{"url": format!("{BACKPORT}/backport-payload-content"), "valueCode": self.content}]}
+            }
+        });
+        if !filters.is_empty() {
+            sub["_criteria"] = json!({"extension": filters});
+        }
+        if let Some(h) = &self.authorization {
+            sub["channel"]["header"] = json!([format!("Authorization: {h}")]);
+        }
+        if let Some(id) = id {
+            sub["id"] = json!(id);
+        }
+        sub
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn r4(kind: &str, events: &[(u64, &str)], extra: Vec<Value>) -> Vec<u8> {
         let mut params = vec![
@@ -363,6 +421,35 @@ mod tests {
             let e = parse(body).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
+    }
+
+    #[test]
+    fn a_subscription_request_in_the_backport_profile() {
+        let spec = SubscriptionSpec {
+            topic: "http://example.org/SubscriptionTopic/lab-result".into(),
+            endpoint: "https://trialgate.example/notify".into(),
+            filters: vec!["Observation?code=http://loinc.org|98979-8".into()],
+            content: "id-only".into(),
+            heartbeat_secs: 300,
+            authorization: Some("Bearer t".into()),
+        };
+        let s = spec.resource(Some("s1"));
+        assert_eq!(s["criteria"], "http://example.org/SubscriptionTopic/lab-result");
+        assert_eq!(s["channel"]["type"], "rest-hook");
+        assert_eq!(s["channel"]["header"][0], "Authorization: Bearer t");
+        assert_eq!(s["channel"]["_payload"]["extension"][0]["valueCode"], "id-only");
+        assert_eq!(
+            s["_criteria"]["extension"][0]["valueString"],
+            "Observation?code=http://loinc.org|98979-8"
+        );
+        assert_eq!(s["id"], "s1");
+        let bare = SubscriptionSpec {
+            filters: vec![],
+            authorization: None,
+            ..spec
+        }
+        .resource(None);
+        assert!(bare.get("_criteria").is_none() && bare["channel"].get("header").is_none() && bare.get("id").is_none());
     }
 
     #[test]

@@ -470,3 +470,77 @@ async fn bad_notifications_and_unknown_patients_get_clear_4xx() {
     assert_eq!(resp.status().as_u16(), 401);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn subscribe_registers_the_subscription_once_and_updates_it_after() {
+    let server = MockServer::start().await;
+    let created = Arc::new(Mutex::new(None::<Value>));
+    let kept = created.clone();
+    Mock::given(method("GET"))
+        .and(path("/Subscription"))
+        .respond_with(move |_: &Request| {
+            let found: Vec<Value> = kept.lock().unwrap().iter().cloned().collect();
+            fhir(searchset(found))
+        })
+        .mount(&server)
+        .await;
+    let kept = created.clone();
+    Mock::given(method("POST"))
+        .and(path("/Subscription"))
+        .respond_with(move |req: &Request| {
+            let mut sub: Value = serde_json::from_slice(&req.body).unwrap();
+            sub["id"] = json!("sub1");
+            *kept.lock().unwrap() = Some(sub.clone());
+            ResponseTemplate::new(201).set_body_raw(sub.to_string(), "application/fhir+json")
+        })
+        .mount(&server)
+        .await;
+    Mock::given(method("PUT"))
+        .and(path("/Subscription/sub1"))
+        .respond_with(|req: &Request| ResponseTemplate::new(200).set_body_raw(req.body.clone(), "application/fhir+json"))
+        .mount(&server)
+        .await;
+    let run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_trialgate"))
+            .current_dir(root())
+            .env("TRIALGATE_CONFIG", root().join("tests/data/no-such-gateway.toml"))
+            .env("TRIALGATE_API_TOKENS", "n0tify-s3cret")
+            .args([
+                "subscribe",
+                "--server",
+                &server.uri(),
+                "--endpoint",
+                "https://trialgate.example/notify",
+            ])
+            .args(["--topic", "http://example.org/SubscriptionTopic/lab-result", "--lab-codes"])
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    let (out, err) = (String::from_utf8_lossy(&first.stdout), String::from_utf8_lossy(&first.stderr));
+    assert!(first.status.success(), "{err}");
+    assert!(out.contains("created Subscription/sub1"), "{out}");
+    assert!(
+        !out.contains("n0tify-s3cret") && !err.contains("n0tify-s3cret"),
+        "the token is never printed"
+    );
+    let sub = created.lock().unwrap().clone().unwrap();
+    assert_eq!(sub["channel"]["endpoint"], "https://trialgate.example/notify");
+    assert_eq!(sub["channel"]["header"][0], "Authorization: Bearer n0tify-s3cret");
+    assert_eq!(sub["criteria"], "http://example.org/SubscriptionTopic/lab-result");
+    let filter = sub["_criteria"]["extension"][0]["valueString"].as_str().unwrap();
+    assert!(filter.starts_with("Observation?code=") && filter.contains("98979-8"), "{filter}");
+
+    let second = run();
+    let out = String::from_utf8_lossy(&second.stdout);
+    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+    assert!(out.contains("updated Subscription/sub1"), "{out}");
+    let posts = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.method.as_str() == "POST")
+        .count();
+    assert_eq!(posts, 1, "one Subscription, then updated in place");
+}
