@@ -240,7 +240,118 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             let _ = writeln!(out, "trialgate_verdicts_total{{trial=\"{trial}\",status=\"{status}\"}} {n}");
         }
     }
+    if let Some(live) = &app.live {
+        live_metrics(&mut out, live);
+    }
+    let p = &crate::pipeline::PROGRESS;
+    let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        let _ = writeln!(out, "{name} {v}");
+    };
+    gauge(
+        &mut out,
+        "trialgate_sweep_patients_done",
+        "Patients screened by the running (or last) sweep in this process.",
+        p.patients_done.load(Ordering::Relaxed),
+    );
+    gauge(
+        &mut out,
+        "trialgate_sweep_patients_total",
+        "Patients in the running (or last) sweep's cohort, when known.",
+        p.patients_total.load(Ordering::Relaxed),
+    );
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Notifications, re-screens, write-back and the FHIR server's calls, for `/metrics`.
+fn live_metrics(out: &mut String, live: &crate::live::Live) {
+    use std::fmt::Write;
+    let st = &live.stats;
+    let _ = writeln!(
+        out,
+        "# HELP trialgate_notifications_total Subscription notifications received, by type."
+    );
+    let _ = writeln!(out, "# TYPE trialgate_notifications_total counter");
+    if let Ok(m) = st.notifications.lock() {
+        for (kind, n) in m.iter() {
+            let _ = writeln!(out, "trialgate_notifications_total{{type=\"{kind}\"}} {n}");
+        }
+    }
+    let counters = [
+        (
+            "trialgate_rescreens_total",
+            "Patients screened again from the FHIR server.",
+            &st.rescreens,
+        ),
+        (
+            "trialgate_rescreen_failures_total",
+            "Re-screens that failed (server or database).",
+            &st.rescreen_failures,
+        ),
+        (
+            "trialgate_status_changes_total",
+            "Verdicts whose status changed on a re-screen.",
+            &st.status_changes,
+        ),
+        (
+            "trialgate_subjects_written_total",
+            "ResearchSubjects created or updated by the service.",
+            &st.written,
+        ),
+        (
+            "trialgate_notification_gaps_total",
+            "Gaps in a Subscription's event numbers, repaired.",
+            &st.gaps,
+        ),
+    ];
+    for (name, help, v) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+    }
+    let _ = writeln!(
+        out,
+        "# HELP trialgate_notify_to_written_seconds From a notification's arrival to its status change written back."
+    );
+    let _ = writeln!(out, "# TYPE trialgate_notify_to_written_seconds summary");
+    let _ = writeln!(
+        out,
+        "trialgate_notify_to_written_seconds_sum {}",
+        st.notify_to_written_us.load(Ordering::Relaxed) as f64 / 1e6
+    );
+    let _ = writeln!(
+        out,
+        "trialgate_notify_to_written_seconds_count {}",
+        st.notify_to_written_count.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP trialgate_fhir_requests_total Requests to the FHIR server, by use and outcome."
+    );
+    let _ = writeln!(out, "# TYPE trialgate_fhir_requests_total counter");
+    let mut clients = vec![("read", &live.client)];
+    if let Some(w) = &live.writer {
+        clients.push(("write", w));
+    }
+    for (role, c) in clients {
+        let s = &c.stats;
+        let _ = writeln!(
+            out,
+            "trialgate_fhir_requests_total{{use=\"{role}\",outcome=\"sent\"}} {}",
+            s.requests.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "trialgate_fhir_requests_total{{use=\"{role}\",outcome=\"retried\"}} {}",
+            s.retries.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "trialgate_fhir_requests_total{{use=\"{role}\",outcome=\"failed\"}} {}",
+            s.failures.load(Ordering::Relaxed)
+        );
+    }
 }
 
 async fn openapi() -> Response {

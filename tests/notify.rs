@@ -287,6 +287,30 @@ async fn a_new_lab_result_notified_id_only_changes_the_written_status() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(ehr.requests_to("/").await, before, "an unchanged verdict is not written again");
     assert_eq!(ledger.history("Patient/p1", TRIAL).unwrap().len(), 2);
+
+    // What happened shows in the metrics.
+    let metrics = reqwest::Client::new()
+        .get(format!("{base}/metrics"))
+        .bearer_auth("tok")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "trialgate_notifications_total{type=\"event-notification\"} 2",
+        "trialgate_notifications_total{type=\"handshake\"} 1",
+        "trialgate_status_changes_total 2",
+        "trialgate_subjects_written_total 2",
+        "trialgate_notify_to_written_seconds_count 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    assert!(
+        metrics.contains("trialgate_fhir_requests_total{use=\"write\",outcome=\"sent\"}"),
+        "{metrics}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
