@@ -149,6 +149,9 @@ pub struct ServeSection {
     /// The environment variable holding the accepted bearer tokens, comma-separated.
     pub token_env: String,
     pub max_body_mb: u64,
+    /// PEM certificate chain and private key: when both are set the service speaks HTTPS.
+    pub tls_cert: String,
+    pub tls_key: String,
 }
 
 impl Default for ServeSection {
@@ -157,6 +160,8 @@ impl Default for ServeSection {
             listen: "127.0.0.1:8080".into(),
             token_env: "TRIALGATE_API_TOKENS".into(),
             max_body_mb: 16,
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
     }
 }
@@ -194,7 +199,7 @@ const KEYS: &[(&str, &[&str])] = &[
     ("sweep", &["trials", "batch", "concurrency", "page_size", "code_filter"]),
     ("write_back", &["enabled", "write_ineligible", "target_url"]),
     ("schedule", &["cron", "bulk", "state", "reports"]),
-    ("serve", &["listen", "token_env", "max_body_mb"]),
+    ("serve", &["listen", "token_env", "max_body_mb", "tls_cert", "tls_key"]),
 ];
 
 pub fn env_name(section: &str, key: &str) -> String {

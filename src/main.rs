@@ -1208,14 +1208,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
+            let tls = match (g.serve.tls_cert.as_str(), g.serve.tls_key.as_str()) {
+                ("", "") => None,
+                ("", _) | (_, "") => return Err(bad("[serve] tls_cert and tls_key go together: set both for HTTPS, or neither")),
+                (cert, key) => Some(trialgate::serve::tls_config(Path::new(cert), Path::new(key)).map_err(bad)?),
+            };
             runtime.block_on(async {
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("listening on {addr}"))?;
                 eprintln!(
-                    "serving on http://{addr} (POST /screen, /notify, /fhir/Patient/{{id}}/$screen; GET /trials, /health, /metrics, /openapi.json)"
+                    "serving on {}://{addr} (POST /screen, /notify, /fhir/Patient/{{id}}/$screen; GET /trials, /health, /metrics, /openapi.json)",
+                    if tls.is_some() { "https" } else { "http" }
                 );
-                trialgate::serve::serve(listener, app).await.context("serving")
+                match tls {
+                    Some(tls) => trialgate::serve::serve_tls(listener, app, tls).await.context("serving"),
+                    None => trialgate::serve::serve(listener, app).await.context("serving"),
+                }
             })
         }
         Command::Subscribe {
