@@ -95,15 +95,19 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
-    /// Serve screening over HTTP for integration engines: POST /screen, GET /trials, /health,
-    /// /metrics, /openapi.json.
+    /// Serve screening over HTTP for integration engines: POST /screen, /notify (FHIR
+    /// Subscriptions), /fhir/Patient/{id}/$screen; GET /trials, /health, /metrics,
+    /// /openapi.json. Also runs the [schedule] sweeps when a cron is set.
     #[command(after_help = "Examples:\n  \
         TRIALGATE_API_TOKENS=s3cret trialgate serve\n  \
         curl -H 'Authorization: Bearer s3cret' --data-binary @fixtures/bundles/01-meilin-zhou.json \\\n    \
         'http://127.0.0.1:8080/screen?as_of=2026-06-01&trial=NCT06406205'\n\n\
         Every route but /health needs a bearer token from the variable [serve] token_env names \
         (comma-separated for several). Errors are FHIR OperationOutcomes. The routes are described \
-        in openapi.json. Ctrl-C or SIGTERM stop it after the requests in flight.")]
+        in openapi.json. With [server] url set, $screen and /notify read patients from that server \
+        and, with [write_back] enabled, write changed statuses back; register the Subscription with \
+        `trialgate subscribe`. [serve] tls_cert and tls_key turn on HTTPS. Ctrl-C or SIGTERM stop \
+        it after the requests in flight.")]
     Serve {
         /// The gateway configuration ([serve] listen, token_env, max_body_mb).
         #[arg(long, value_name = "FILE", env = "TRIALGATE_CONFIG", default_value = "config/gateway.toml")]

@@ -158,7 +158,15 @@ async fn health_is_open_and_the_rest_is_described() {
     assert_eq!(trials.as_array().unwrap().len(), 5);
     assert!(trials[0]["criteria"][0]["text"].as_str().is_some_and(|t| !t.is_empty()));
     let api = get_json("/openapi.json").await;
-    for route in ["/screen", "/trials", "/health", "/metrics", "/openapi.json"] {
+    for route in [
+        "/screen",
+        "/notify",
+        "/fhir/Patient/{id}/$screen",
+        "/trials",
+        "/health",
+        "/metrics",
+        "/openapi.json",
+    ] {
         assert!(api["paths"][route].is_object(), "{route} is described");
     }
     let missing = http.get(format!("{base}/nowhere")).bearer_auth("t0k3n").send().await.unwrap();
