@@ -30,6 +30,8 @@ const OWNED: [&str; 3] = ["potential-candidate", "eligible", "ineligible"];
 pub const PROGRESS_EXTENSION: &str = "http://hl7.org/fhir/5.0/StructureDefinition/extension-ResearchSubject.progress";
 /// Entries per batch Bundle.
 const BATCH: usize = 100;
+/// Up to this many patients, their existing subjects are searched by identifier.
+const FEW: usize = 20;
 
 #[derive(Debug, Clone, Default)]
 pub struct WriteOptions {
@@ -271,7 +273,17 @@ pub async fn write_back(
             continue;
         }
         let study = bind_study(client, trial).await?;
-        let have = existing(client, &study).await?;
+        // A few patients (a notification, one posted patient) are looked up by identifier;
+        // listing every subject of a study would cost pages per event at hospital scale.
+        let have = if mine.len() <= FEW {
+            let idents: Vec<String> = mine
+                .iter()
+                .map(|r| query_encode(&format!("{SUBJECT_SYSTEM}|{}:{}", trial.id, r.patient)))
+                .collect();
+            subjects(client, &format!("ResearchSubject?identifier={}", idents.join(","))).await?
+        } else {
+            existing(client, &study).await?
+        };
         for r in mine {
             let Some(status) = r4_status(r.status) else {
                 summary.not_written += 1;

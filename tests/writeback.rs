@@ -51,12 +51,28 @@ async fn server_with_state(existing: &[Value], study_status: u16) -> MockServer 
         .expect(1)
         .mount(&server)
         .await;
-    let page = json!({"resourceType": "Bundle", "type": "searchset",
-        "entry": existing.iter().map(|r| json!({"resource": r})).collect::<Vec<_>>()});
+    // A study's subjects, or (for a few patients) those with the identifiers asked for.
+    let existing = existing.to_vec();
     Mock::given(method("GET"))
         .and(path("/ResearchSubject"))
-        .and(query_param("study", "ResearchStudy/st1"))
-        .respond_with(ResponseTemplate::new(200).set_body_raw(page.to_string(), "application/fhir+json"))
+        .respond_with(move |req: &wiremock::Request| {
+            let query: Vec<(String, String)> = req.url.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+            let wanted: Option<Vec<&str>> = query.iter().find(|(k, _)| k == "identifier").map(|(_, v)| v.split(',').collect());
+            let by_study = query.iter().any(|(k, v)| k == "study" && v == "ResearchStudy/st1");
+            let found: Vec<&Value> = existing
+                .iter()
+                .filter(|r| match &wanted {
+                    Some(ids) => r["identifier"].as_array().into_iter().flatten().any(|i| {
+                        let token = format!("{}|{}", i["system"].as_str().unwrap_or(""), i["value"].as_str().unwrap_or(""));
+                        ids.contains(&token.as_str())
+                    }),
+                    None => by_study,
+                })
+                .collect();
+            let page = json!({"resourceType": "Bundle", "type": "searchset",
+                "entry": found.iter().map(|r| json!({"resource": r})).collect::<Vec<_>>()});
+            ResponseTemplate::new(200).set_body_raw(page.to_string(), "application/fhir+json")
+        })
         .mount(&server)
         .await;
     server
@@ -358,6 +374,7 @@ async fn a_412_is_read_again_not_overwritten() {
             .and(path("/ResearchSubject"))
             .and(query_param("identifier", format!("{SUBJECT_SYSTEM}|NCT06406205:Patient/{p}")))
             .respond_with(ResponseTemplate::new(200).set_body_raw(page.to_string(), "application/fhir+json"))
+            .with_priority(1)
             .expect(1)
             .mount(&server)
             .await;
@@ -387,4 +404,37 @@ async fn a_412_is_read_again_not_overwritten() {
         .filter(|r| r.method.as_str() == "POST" && r.url.path() == "/")
         .count();
     assert_eq!(posts, 1, "nothing is sent again blindly");
+}
+
+/// A few patients (a notification, one posted patient) have their subjects looked up by
+/// identifier; a whole sweep's worth lists the study's subjects instead of asking hundreds of
+/// identifiers.
+#[tokio::test]
+async fn existing_subjects_are_found_by_identifier_for_a_few_by_study_for_many() {
+    for (patients, by_identifier) in [(3usize, true), (25, false)] {
+        let server = server_with_state(&[], 201).await;
+        let created: Vec<&str> = vec!["201 Created"; patients];
+        Mock::given(method("POST"))
+            .and(path("/"))
+            .respond_with(batch_response(&created))
+            .mount(&server)
+            .await;
+        let names: Vec<String> = (0..patients).map(|i| format!("p{i}")).collect();
+        let results: Vec<TrialResult> = names.iter().map(|p| result(p, Status::Eligible)).collect();
+        let as_of = Date::parse("2026-06-01").unwrap();
+        let w = write_back(&client(&server), &[trial()], &results, as_of, &WriteOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(w.created, patients);
+        let searches: Vec<String> = server
+            .received_requests()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|r| r.url.path() == "/ResearchSubject")
+            .map(|r| r.url.query().unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(searches.len(), 1, "{searches:?}");
+        assert_eq!(searches[0].starts_with("identifier="), by_identifier, "{searches:?}");
+    }
 }
