@@ -114,6 +114,7 @@ impl Live {
             concurrency: 2,
             code_filter: self.code_filter,
             cohort: Cohort::Ids(patients),
+            report_progress: false,
             ..Default::default()
         };
         self.stats.rescreens.fetch_add(1, Ordering::Relaxed);

@@ -941,6 +941,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 concurrency,
                 page_size,
                 code_filter: !all_observations && g.sweep.code_filter,
+                report_progress: true,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -49,6 +49,9 @@ pub struct SweepOptions {
     pub code_filter: bool,
     /// Screen only this shard's patients (the cohort is read whole, then split).
     pub shard: Option<crate::Shard>,
+    /// Report progress in the process-wide counters (the progress line, `/metrics`). Off for
+    /// the one-patient re-screens of `serve`, which would overwrite a running sweep's.
+    pub report_progress: bool,
 }
 
 impl Default for SweepOptions {
@@ -60,6 +63,7 @@ impl Default for SweepOptions {
             page_size: 200,
             code_filter: true,
             shard: None,
+            report_progress: true,
         }
     }
 }
@@ -428,7 +432,13 @@ pub async fn sweep(
     let mut batch_issues: BTreeMap<usize, Vec<InputIssue>> = BTreeMap::new();
     let mut unmapped = crate::facts::Unmapped::default();
     let mut screened = done.len();
-    let progress = &crate::pipeline::PROGRESS;
+    let mine = crate::pipeline::Progress {
+        bytes_total: Default::default(),
+        bytes_read: Default::default(),
+        patients_total: Default::default(),
+        patients_done: Default::default(),
+    };
+    let progress = if opts.report_progress { &crate::pipeline::PROGRESS } else { &mine };
     progress.bytes_total.store(0, Ordering::Relaxed);
     progress.patients_total.store(unique.len() as u64, Ordering::Relaxed);
     progress.patients_done.store(done.len() as u64, Ordering::Relaxed);
