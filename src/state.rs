@@ -258,18 +258,14 @@ impl State {
     /// Commits a batch of verdicts: the checkpoint a resumed run starts from. Results in
     /// `error` are not kept, so a resumed run tries those patients again.
     pub fn save(&mut self, results: &[TrialResult]) -> Result<(), StateError> {
-        let rows = results
-            .iter()
-            .filter(|r| r.status != crate::criteria::Status::Error)
-            .map(|r| {
-                // Serializing plain structs of strings and numbers cannot fail.
-                let json = serde_json::to_string(r).unwrap_or_default();
+        let rows = kept(results)
+            .map(|(r, json)| {
                 vec![
                     Val::Int(self.run),
                     Val::text(&r.patient),
                     Val::text(&r.trial),
                     Val::text(r.status.as_str()),
-                    Val::Text(json),
+                    json,
                 ]
             })
             .collect();
@@ -451,17 +447,13 @@ impl Ledger {
             }
         }
         let at = Val::Int(now());
-        let rows = results
-            .iter()
-            .filter(|r| r.status != crate::criteria::Status::Error)
-            .map(|r| {
-                // Serializing plain structs of strings and numbers cannot fail.
-                let json = serde_json::to_string(r).unwrap_or_default();
+        let rows = kept(results)
+            .map(|(r, json)| {
                 vec![
                     Val::text(&r.patient),
                     Val::text(&r.trial),
                     Val::text(r.status.as_str()),
-                    Val::Text(json),
+                    json,
                     at.clone(),
                 ]
             })
@@ -565,6 +557,15 @@ impl Val {
             _ => None,
         }
     }
+}
+
+/// The verdicts worth keeping (not `error`: those patients are tried again), with their JSON.
+fn kept(results: &[TrialResult]) -> impl Iterator<Item = (&TrialResult, Val)> {
+    results
+        .iter()
+        .filter(|r| r.status != crate::criteria::Status::Error)
+        // Serializing plain structs of strings and numbers cannot fail.
+        .map(|r| (r, Val::Text(serde_json::to_string(r).unwrap_or_default())))
 }
 
 /// The first column of the first row, if any.
