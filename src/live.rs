@@ -66,7 +66,18 @@ pub struct Live {
     inflight: Mutex<HashMap<String, bool>>,
     /// Re-screens at once.
     slots: tokio::sync::Semaphore,
+    /// Notifications still being worked on in the background (for a graceful shutdown).
+    working: Arc<std::sync::atomic::AtomicUsize>,
     pub stats: LiveStats,
+}
+
+/// Counts one piece of background work for as long as it lives.
+pub struct Working(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Working {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// What one re-screen did.
@@ -93,6 +104,7 @@ impl Live {
             seen: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
             slots: tokio::sync::Semaphore::new(4),
+            working: Arc::default(),
             stats: LiveStats::default(),
         }
     }
@@ -193,6 +205,22 @@ impl Live {
             .lock()
             .map_err(|_| LiveError::Internal("the history lock is poisoned".into()))?;
         l.latest().map_err(LiveError::State)
+    }
+
+    /// Marks background work begun; it ends when the returned value is dropped.
+    pub fn begin(&self) -> Working {
+        self.working.fetch_add(1, Ordering::SeqCst);
+        Working(self.working.clone())
+    }
+
+    /// Waits (up to `limit`) for the background work to finish: on shutdown, a notification
+    /// already accepted is screened and written rather than dropped.
+    pub async fn drain(&self, limit: std::time::Duration) -> usize {
+        let started = std::time::Instant::now();
+        while self.working.load(Ordering::SeqCst) > 0 && started.elapsed() < limit {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        self.working.load(Ordering::SeqCst)
     }
 
     /// Takes a notification: notes its event numbers, and returns the gap to repair, if any.

@@ -769,7 +769,9 @@ async fn notify(State(app): State<Arc<App>>, body: Body) -> Response {
     }
     let (events, kind) = (n.events.len(), n.kind);
     let task_app = app.clone();
+    let working = live.begin();
     tokio::spawn(async move {
+        let _working = working;
         let cfg = &task_app.cfg;
         let mut patients = std::collections::BTreeSet::new();
         if let Some((sub, from, to)) = gap {
@@ -843,9 +845,25 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-/// Serves until Ctrl-C or SIGTERM, then lets requests in flight finish.
+/// Serves until Ctrl-C or SIGTERM, then lets requests in flight finish, and the
+/// notifications already accepted be screened and written (up to 30 s).
 pub async fn serve(listener: tokio::net::TcpListener, app: Arc<App>) -> std::io::Result<()> {
-    axum::serve(listener, router(app)).with_graceful_shutdown(shutdown()).await
+    let live = app.live.clone();
+    axum::serve(listener, router(app)).with_graceful_shutdown(shutdown()).await?;
+    drain(live).await;
+    Ok(())
+}
+
+async fn drain(live: Option<Arc<crate::live::Live>>) {
+    if let Some(live) = live {
+        let left = live.drain(std::time::Duration::from_secs(30)).await;
+        if left > 0 {
+            tracing::warn!(
+                left,
+                "stopping with notifications still being worked on; a sweep will catch them up"
+            );
+        }
+    }
 }
 
 /// The server's certificate chain and key (PEM files), for HTTPS.
@@ -928,9 +946,12 @@ pub async fn serve_tls(
             });
         }
     });
+    let live = app.live.clone();
     axum::serve(TlsListener { ready, local }, router(app))
         .with_graceful_shutdown(shutdown())
-        .await
+        .await?;
+    drain(live).await;
+    Ok(())
 }
 
 async fn shutdown() {
