@@ -112,7 +112,7 @@ impl Live {
     /// Reads `patients` from the server and screens them as a sweep would; records the
     /// verdicts in the history (when a state database is configured) and writes the changed
     /// ones back (when write-back is configured). Verdicts in `error` are reported, never
-    /// recorded or written.
+    /// recorded or written. `trials` limits it to those trials (empty: all).
     pub async fn rescreen(
         &self,
         cfg: &Config,
@@ -120,6 +120,7 @@ impl Live {
         as_of: Date,
         source: &'static str,
         write: bool,
+        trials: &[String],
     ) -> Result<Rescreen, LiveError> {
         let opts = SweepOptions {
             batch: patients.len().max(1),
@@ -130,12 +131,15 @@ impl Live {
             ..Default::default()
         };
         self.stats.rescreens.fetch_add(1, Ordering::Relaxed);
-        let (screening, _) = crate::sweep::sweep(&self.client, cfg, as_of, &Decisions::default(), &opts, None)
+        let (mut screening, _) = crate::sweep::sweep(&self.client, cfg, as_of, &Decisions::default(), &opts, None)
             .await
             .map_err(|e| match e {
                 crate::sweep::SweepError::Cohort(c) => LiveError::Server(c),
                 crate::sweep::SweepError::State(s) => LiveError::State(s),
             })?;
+        if !trials.is_empty() {
+            screening.results.retain(|r| trials.contains(&r.trial));
+        }
         self.record_and_write(cfg, screening, as_of, source, write).await
     }
 
@@ -149,6 +153,15 @@ impl Live {
         source: &'static str,
         write: bool,
     ) -> Result<Rescreen, LiveError> {
+        // The history holds today's verdicts: a what-if at another date, not written back,
+        // leaves it alone.
+        if as_of != Date::today_utc() && !write {
+            return Ok(Rescreen {
+                screening,
+                changes: Vec::new(),
+                written: None,
+            });
+        }
         let changes = self.record(&screening.results, source).await?;
         self.stats.status_changes.fetch_add(changes.len() as u64, Ordering::Relaxed);
         let mut written = None;
@@ -360,7 +373,7 @@ impl Live {
         loop {
             let outcome = match self.slots.acquire().await {
                 Ok(_slot) => {
-                    self.rescreen(cfg, vec![patient.clone()], Date::today_utc(), "notification", true)
+                    self.rescreen(cfg, vec![patient.clone()], Date::today_utc(), "notification", true, &[])
                         .await
                 }
                 Err(_) => return,

@@ -705,7 +705,10 @@ async fn screen_operation(
     let Ok(_slot) = app.slots.acquire().await else {
         return outcome(StatusCode::SERVICE_UNAVAILABLE, "transient", "the service is shutting down");
     };
-    match live.rescreen(&app.cfg, vec![id.clone()], sq.as_of, "$screen", sq.write_back).await {
+    match live
+        .rescreen(&app.cfg, vec![id.clone()], sq.as_of, "$screen", sq.write_back, &sq.selected)
+        .await
+    {
         Ok(r) => {
             let mut s = r.screening;
             if !s.results.is_empty() && s.results.iter().all(|r| r.status == crate::criteria::Status::Error) {

@@ -159,7 +159,12 @@ impl Ehr {
 
 /// The service against `ehr`, with write-back and a history in `db`.
 async fn serve(ehr: &Ehr, db: &std::path::Path, write: bool) -> String {
-    let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[TRIAL.to_string()]).unwrap();
+    serve_trials(ehr, db, write, &[TRIAL]).await
+}
+
+async fn serve_trials(ehr: &Ehr, db: &std::path::Path, write: bool, trials: &[&str]) -> String {
+    let trials: Vec<String> = trials.iter().map(|t| t.to_string()).collect();
+    let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &trials).unwrap();
     let opts = ClientOptions {
         max_retries: 1,
         ..Default::default()
@@ -567,4 +572,23 @@ async fn subscribe_registers_the_subscription_once_and_updates_it_after() {
         .filter(|r| r.method.as_str() == "POST")
         .count();
     assert_eq!(posts, 1, "one Subscription, then updated in place");
+}
+
+#[tokio::test]
+async fn screen_operation_writes_only_the_trials_asked_for_and_what_ifs_leave_the_history() {
+    let ehr = Ehr::start().await;
+    let dir = temp("trials");
+    let db = dir.join("state.sqlite");
+    let base = serve_trials(&ehr, &db, true, &[TRIAL, "NCT06535412"]).await;
+    let (status, report) = post(&format!("{base}/fhir/Patient/p1/$screen?write_back=true&trial={TRIAL}"), json!({})).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["results"].as_array().unwrap().len(), 1, "{report}");
+    assert_eq!(report["write_back"]["created"], 1, "only the trial asked for is written: {report}");
+    // Another date, without write-back: a what-if, not recorded as the patient's verdict.
+    let (status, report) = post(&format!("{base}/fhir/Patient/p1/$screen?as_of=2020-01-01"), json!({})).await;
+    assert_eq!(status, 200, "{report}");
+    let ledger = trialgate::state::Ledger::open(&trialgate::state::Location::File(db)).unwrap();
+    let latest = ledger.latest().unwrap();
+    assert_eq!(latest.len(), 1, "{:?}", latest.iter().map(|l| &l.result.trial).collect::<Vec<_>>());
+    let _ = std::fs::remove_dir_all(&dir);
 }
