@@ -473,6 +473,7 @@ pub async fn sweep(
         for t in &cfg.trials {
             results.push(TrialResult {
                 patient: format!("Patient/{id}"),
+                person: None,
                 trial: t.id.clone(),
                 status: Status::Error,
                 record: Some(reason.clone()),

@@ -227,6 +227,43 @@ fn demo_screening_gives_every_patient_a_result_for_every_loaded_trial() {
     assert_eq!(results(report).len(), patients.len() * trials.len());
 }
 
+/// `person` carries the official name and the MRN (an identifier typed MR in v2-0203) for
+/// staff; it is absent when the Patient has neither, and nothing is guessed.
+#[test]
+fn results_name_the_person_with_the_official_name_and_the_mrn() {
+    let r = r000("Patient/meilin-zhou");
+    assert_eq!(r["person"], serde_json::json!({"name": "Mei Lin Zhou", "mrn": "SH-204417"}));
+    let r = r000("Patient/bulk-0001");
+    assert_eq!(r["person"], serde_json::json!({"name": "Ka Yan Wong", "mrn": "HK-000231"}));
+    // Synthea's MRN is typed MR too; the name drops the prefix.
+    let r = r000("urn:uuid:8c5d4e1a-3f7b-4a52-9d0e-6b1f2a7c9e31");
+    assert_eq!(r["person"]["name"], "Marisol467 Reyes693");
+    for r in results(demo()) {
+        assert!(
+            r["person"]["name"].is_string(),
+            "{}: every fixture patient has a name",
+            r["patient"]
+        );
+    }
+    // A Patient without a name or a typed MRN has no `person`.
+    let dir = temp_dir("person");
+    let bundle = serde_json::json!({"resourceType": "Bundle", "type": "collection", "entry": [{"resource":
+        {"resourceType": "Patient", "id": "anon", "gender": "female", "birthDate": "1990-01-01",
+         "identifier": [{"system": "urn:oid:1.2.3", "value": "12345"}]}}]});
+    let file = write(&dir, "anon.json", &bundle.to_string());
+    let report = json_of(&trialgate(&[
+        "screen",
+        "--bundle",
+        file.to_str().unwrap(),
+        "--as-of",
+        AS_OF,
+        "--format",
+        "json",
+    ]));
+    assert!(results(&report).iter().all(|r| r.get("person").is_none()), "{report}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn nct06406205_status_and_deciding_criteria_of_each_fixture_patient() {
     let listing: BTreeMap<&str, &str> = [("inc-2", TEXT_INC_2), ("inc-4b", TEXT_INC_4B), ("exc-1", TEXT_EXC_1)].into();

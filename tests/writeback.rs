@@ -22,6 +22,7 @@ fn trial() -> trialgate::criteria::trial::Trial {
 fn result(patient: &str, status: Status) -> TrialResult {
     TrialResult {
         patient: format!("Patient/{patient}"),
+        person: None,
         trial: "NCT06406205".into(),
         status,
         record: None,

@@ -1184,6 +1184,9 @@ pub struct Decider {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrialResult {
     pub patient: String,
+    /// Name and MRN when the Patient carries them (for staff; never logged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub person: Option<crate::facts::Person>,
     pub trial: String,
     pub status: Status,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1257,6 +1260,7 @@ pub fn evaluate(trial: &Trial, facts: &PatientFacts, m: &Mappings, as_of: Date, 
     };
     TrialResult {
         patient: facts.key.clone(),
+        person: d.person.clone(),
         trial: trial.id.clone(),
         status,
         record,

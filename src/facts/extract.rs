@@ -103,6 +103,7 @@ pub fn demographics(p: &Patient) -> Demographics {
         deceased,
         inactive: p.active == Some(false),
         replaced_by,
+        person: super::person::person(p),
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod derive;
 pub mod extract;
 pub mod mappings;
+pub mod person;
 pub mod store;
 
 use crate::time::{Date, Instant};
@@ -141,6 +142,20 @@ pub struct Demographics {
     pub deceased: Option<Deceased>,
     pub inactive: bool,
     pub replaced_by: Option<String>,
+    /// Name and MRN for the coordinator's page; read by no rule. (Default: fact states
+    /// stored before it existed.)
+    #[serde(default)]
+    pub person: Option<Person>,
+}
+
+/// Who the patient is, for authorised staff: shown in reports and on the coordinator's page,
+/// never logged.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Person {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mrn: Option<String>,
 }
 
 /// Which kinds of record the patient has at all: a rule about a kind the feed never sent

@@ -94,6 +94,48 @@ pub struct Patient {
     pub deceased_date_time: Option<String>,
     #[serde(default)]
     pub link: Vec<PatientLink>,
+    /// Shown to staff on the coordinator's page only (see `facts::person`).
+    #[serde(default)]
+    pub name: Lenient<Vec<HumanName>>,
+    #[serde(default)]
+    pub identifier: Lenient<Vec<Identifier>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct HumanName {
+    #[serde(rename = "use")]
+    pub use_: Option<String>,
+    pub text: Option<String>,
+    pub family: Option<String>,
+    #[serde(default)]
+    pub given: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Identifier {
+    #[serde(rename = "type")]
+    pub kind: Option<CodeableConcept>,
+    pub value: Option<String>,
+}
+
+/// A field read for display only: when it is malformed it is dropped, never the resource, so
+/// a badly written name cannot keep a patient from being screened.
+#[derive(Debug, Clone, Default)]
+pub struct Lenient<T>(pub Option<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Lenient<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either<T> {
+            Read(T),
+            Other(serde::de::IgnoredAny),
+        }
+        Ok(match Either::<T>::deserialize(d)? {
+            Either::Read(t) => Lenient(Some(t)),
+            Either::Other(_) => Lenient(None),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
