@@ -1004,9 +1004,10 @@ fn a_report_file_appears_whole_and_stderr_summarizes_the_run() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `--format html` is the coordinator's page: per trial, every patient with the status, the
-/// deciding criteria and what is unknown, candidates first, ineligible ones hidden until asked
-/// for, and text from the data escaped.
+/// `--format html` is the coordinator's page: per trial, every patient by name and MRN with
+/// the status, the deciding criteria and what is unknown, candidates first, ineligible ones
+/// hidden until asked for, and text from the data escaped. `screen` has no history: nobody is
+/// marked newly eligible.
 #[test]
 fn the_html_page_lists_every_patient_per_trial_with_the_reasons() {
     let o = trialgate(&[
@@ -1039,15 +1040,22 @@ fn the_html_page_lists_every_patient_per_trial_with_the_reasons() {
         let last_cand = section.rfind("class=\"potentially-eligible\"").unwrap_or(0);
         assert!(last_cand < first_inel, "{trial}: candidates first");
     }
-    // Rosa Delgado is excluded from NCT06406205 by exc-1, and the page says why.
+    // Rosa Delgado is excluded from NCT06406205 by exc-1, and the page says why, with the
+    // Observation that shows it.
     let rosa = page
         .split("<section id=\"trial-NCT06406205\">")
         .nth(1)
-        .and_then(|s| s.split("<td>Patient/rosa-delgado</td>").nth(1))
+        .and_then(|s| s.split("<b>Rosa María Delgado</b><br><small>Patient/rosa-delgado</small>").nth(1))
         .and_then(|s| s.split("</tr>").next())
-        .expect("Rosa's row");
-    assert!(rosa.contains("<b>exc-1</b>"), "{rosa}");
+        .expect("Rosa's row, by name");
+    assert!(rosa.contains("<td>TX-880153</td>"), "her MRN: {rosa}");
+    assert!(rosa.contains("<b>exc-1</b> egfr 38"), "{rosa}");
+    assert!(rosa.contains("[Observation/rosa-egfr-20260505]"), "{rosa}");
+    assert!(
+        !page.contains("newly eligible</mark>") && !page.contains("<a href"),
+        "no history, no server"
+    );
     // Reasons quote units such as mL/min/{1.73_m2}; nothing from the data is left unescaped.
     assert!(!page.contains("<b>exc-1</b> <"), "escaped");
-    assert!(page.contains("data-status=\"ineligible\" hidden"));
+    assert!(page.contains("data-filter=\"ineligible\" hidden"));
 }

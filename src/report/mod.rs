@@ -1,5 +1,8 @@
 //! Report writers: the JSON report (a stable contract, documented in the README), a text
-//! summary for a person, and CSV with one row per patient and trial.
+//! summary for a person, CSV with one row per patient and trial, and the coordinator's page
+//! (`page`).
+
+pub mod page;
 
 use crate::Screening;
 use crate::criteria::eval::TrialResult;
@@ -56,17 +59,6 @@ pub enum Format {
     Html,
 }
 
-/// What the HTML page shows of one result: small, so a page can be built for a whole run.
-struct HtmlRow {
-    patient: String,
-    trial: String,
-    status: Status,
-    deciding: Vec<(String, String)>,
-    unknown: Vec<(String, String)>,
-    manual: Vec<String>,
-    evidence: Vec<String>,
-}
-
 /// Writes a report as the results come, so that a cohort of any size is reported without
 /// holding its results: the JSON contract puts `results` first and everything that needs
 /// the whole run (provenance with its inputs, unmapped codes, input issues, the summary) after.
@@ -77,16 +69,25 @@ pub struct Writer<W: std::io::Write> {
     trials: Vec<TrialSummary>,
     current: String,
     error: Option<std::io::Error>,
-    rows: Vec<HtmlRow>,
+    rows: Vec<page::PageRow>,
     as_of: crate::time::Date,
     version: String,
     link_base: Option<String>,
+    previous: std::collections::HashMap<(String, String), Status>,
 }
 
 impl<W: std::io::Write> Writer<W> {
     /// Links each evidence item of the HTML page to its resource on this FHIR server.
     pub fn link_to(mut self, base: &str) -> Self {
         self.link_base = Some(base.trim_end_matches('/').to_string());
+        self
+    }
+
+    /// Tells the HTML page each (patient, trial) whose status was different before, and what
+    /// it was: those rows are marked newly eligible or newly ineligible and show the previous
+    /// status; the newly eligible come first. `screen` has no history and marks none.
+    pub fn changes(mut self, previous: std::collections::HashMap<(String, String), Status>) -> Self {
+        self.previous = previous;
         self
     }
 
@@ -103,6 +104,7 @@ impl<W: std::io::Write> Writer<W> {
             as_of,
             version: version.to_string(),
             link_base: None,
+            previous: std::collections::HashMap::new(),
         };
         let head = match format {
             Format::Json => format!("{{\n  \"as_of\": \"{as_of}\",\n  \"results\": ["),
@@ -132,36 +134,7 @@ impl<W: std::io::Write> Writer<W> {
             }
             Format::Csv => csv_row(r),
             Format::Html => {
-                let pick = |o: Outcome| -> Vec<(String, String)> {
-                    r.criteria
-                        .iter()
-                        .filter(|c| c.outcome == o)
-                        .map(|c| (c.id.clone(), c.reason.clone()))
-                        .collect()
-                };
-                let deciding = r
-                    .criteria
-                    .iter()
-                    .filter(|c| r.decided_by.iter().any(|d| d.id == c.id))
-                    .map(|c| (c.id.clone(), c.reason.clone()))
-                    .chain(r.record.iter().map(|rec| ("record".to_string(), rec.clone())))
-                    .collect();
-                let mut evidence: Vec<String> = r
-                    .criteria
-                    .iter()
-                    .flat_map(|c| c.evidence.iter().map(|e| e.resource.clone()))
-                    .collect();
-                evidence.sort();
-                evidence.dedup();
-                self.rows.push(HtmlRow {
-                    patient: r.patient.clone(),
-                    trial: r.trial.clone(),
-                    status: r.status,
-                    deciding,
-                    unknown: pick(Outcome::Unknown),
-                    manual: pick(Outcome::Manual).into_iter().map(|(id, _)| id).collect(),
-                    evidence,
-                });
+                self.rows.push(page::PageRow::of(r));
                 String::new()
             }
             Format::Text => {
@@ -213,8 +186,29 @@ impl<W: std::io::Write> Writer<W> {
                 self.put(text.as_bytes());
             }
             Format::Html => {
-                let page = html_page(&self.rows, &summary, t, self.as_of, &self.version, self.link_base.as_deref());
-                self.put(page.as_bytes());
+                for r in &mut self.rows {
+                    r.previous = self.previous.get(&(r.patient.clone(), r.trial.clone())).copied();
+                }
+                let intro = format!(
+                    "{} patient(s) screened by trialgate {} (configuration {}). {} input problem(s), {} unmapped code(s): see the JSON report.",
+                    t.patients,
+                    self.version,
+                    t.provenance.config_hash.get(..12).unwrap_or_default(),
+                    t.issues.len(),
+                    t.unmapped.counts.len()
+                );
+                let trials: Vec<String> = summary.trials.iter().map(|t| t.trial.clone()).collect();
+                let rows: Vec<&page::PageRow> = self.rows.iter().collect();
+                let html = page::page(&page::PageView {
+                    title: &format!("Trial candidates as of {}", self.as_of),
+                    intro: &intro,
+                    trials: &trials,
+                    rows: &rows,
+                    link_base: self.link_base.as_deref(),
+                    account: None,
+                    sign_out: false,
+                });
+                self.put(html.as_bytes());
             }
         }
         if self.error.is_none() {
@@ -383,143 +377,4 @@ fn text_tail(sum: &Summary, t: &Totals) -> String {
         );
     }
     out
-}
-
-fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// Sorting and filtering, in plain script: no build step, nothing fetched.
-const PAGE_SCRIPT: &str = r#"
-function filterRows() {
-  const q = document.getElementById('q').value.toLowerCase();
-  const shown = new Set([...document.querySelectorAll('input.status:checked')].map(b => b.value));
-  document.querySelectorAll('tbody tr').forEach(tr => {
-    tr.hidden = !(shown.has(tr.dataset.status) && tr.textContent.toLowerCase().includes(q));
-  });
-}
-function sortBy(th) {
-  const table = th.closest('table'), body = table.tBodies[0], i = th.cellIndex;
-  const asc = th.dataset.asc !== 'true'; th.dataset.asc = asc;
-  [...body.rows].sort((a, b) => (a.cells[i].dataset.key || a.cells[i].textContent)
-      .localeCompare(b.cells[i].dataset.key || b.cells[i].textContent) * (asc ? 1 : -1))
-    .forEach(r => body.appendChild(r));
-}
-"#;
-
-const PAGE_STYLE: &str = "body{font-family:system-ui,sans-serif;margin:1.5rem;color:#222}\
-table{border-collapse:collapse;width:100%;margin-bottom:2rem}th,td{border:1px solid #ccc;padding:.3rem .5rem;vertical-align:top;text-align:left}\
-th{background:#f3f3f3;cursor:pointer}tr.eligible td:nth-child(2){color:#0a6d2c;font-weight:600}\
-tr.potentially-eligible td:nth-child(2){color:#8a5a00;font-weight:600}tr.ineligible td:nth-child(2){color:#777}\
-tr.error td:nth-child(2){color:#b00020;font-weight:600}ul{margin:0;padding-left:1.1rem}small{color:#555}";
-
-fn html_page(rows: &[HtmlRow], summary: &Summary, t: &Totals, as_of: crate::time::Date, version: &str, link_base: Option<&str>) -> String {
-    let rank = |s: Status| match s {
-        Status::Eligible => 0,
-        Status::PotentiallyEligible => 1,
-        Status::Error => 2,
-        Status::Ineligible => 3,
-    };
-    let list = |items: &[(String, String)]| -> String {
-        if items.is_empty() {
-            return String::new();
-        }
-        let li: String = items
-            .iter()
-            .map(|(id, why)| format!("<li><b>{}</b> {}</li>", esc(id), esc(why)))
-            .collect();
-        format!("<ul>{li}</ul>")
-    };
-    let mut out = String::new();
-    let _ = write!(
-        out,
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>trialgate: screening as of {as_of}</title>\
-         <style>{PAGE_STYLE}</style><script>{PAGE_SCRIPT}</script></head><body>\n\
-         <h1>Trial candidates as of {as_of}</h1>\n<p>{} patient(s) screened by trialgate {} (configuration {}). \
-         {} input problem(s), {} unmapped code(s): see the JSON report.</p>\n\
-         <p><label>Find <input id=\"q\" oninput=\"filterRows()\" placeholder=\"patient, criterion, reason\"></label> ",
-        t.patients,
-        esc(version),
-        esc(t.provenance.config_hash.get(..12).unwrap_or_default()),
-        t.issues.len(),
-        t.unmapped.counts.len()
-    );
-    for (value, label, on) in [
-        ("eligible", "eligible", true),
-        ("potentially-eligible", "potentially eligible", true),
-        ("error", "error", true),
-        ("ineligible", "ineligible", false),
-    ] {
-        let _ = write!(
-            out,
-            "<label><input type=\"checkbox\" class=\"status\" value=\"{value}\"{} onchange=\"filterRows()\"> {label}</label> ",
-            if on { " checked" } else { "" }
-        );
-    }
-    out.push_str("</p>\n");
-    for trial in &summary.trials {
-        let _ = write!(
-            out,
-            "<section id=\"trial-{id}\"><h2>{id}</h2><p>{} eligible, {} potentially eligible, {} ineligible, {} error</p>\n\
-             <table><thead><tr><th onclick=\"sortBy(this)\">Patient</th><th onclick=\"sortBy(this)\">Status</th>\
-             <th>Deciding</th><th>Unknown</th><th>Needs review</th><th>Evidence</th></tr></thead><tbody>\n",
-            trial.eligible,
-            trial.potentially_eligible,
-            trial.ineligible,
-            trial.error,
-            id = esc(&trial.trial)
-        );
-        let mut mine: Vec<&HtmlRow> = rows.iter().filter(|r| r.trial == trial.trial).collect();
-        mine.sort_by(|a, b| rank(a.status).cmp(&rank(b.status)).then_with(|| a.patient.cmp(&b.patient)));
-        for r in mine {
-            let evidence: String = r
-                .evidence
-                .iter()
-                .map(|e| match link_base {
-                    Some(base) => format!("<a href=\"{}/{}\">{}</a> ", esc(base), esc(e), esc(e)),
-                    None => format!("{} ", esc(e)),
-                })
-                .collect();
-            let status = r.status.as_str();
-            let _ = writeln!(
-                out,
-                "<tr class=\"{status}\" data-status=\"{status}\"{}><td>{}</td><td data-key=\"{}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td><small>{}</small></td></tr>",
-                if status == "ineligible" { " hidden" } else { "" },
-                esc(&r.patient),
-                rank(r.status),
-                status.replace('-', " "),
-                list(&r.deciding),
-                list(&r.unknown),
-                esc(&r.manual.join(", ")),
-                evidence.trim_end()
-            );
-        }
-        out.push_str("</tbody></table></section>\n");
-    }
-    out.push_str("</body></html>\n");
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::esc;
-
-    #[test]
-    fn page_text_is_escaped() {
-        assert_eq!(
-            esc("UPCR <0.2 & \"x\" 'y' >1"),
-            "UPCR &lt;0.2 &amp; &quot;x&quot; &#39;y&#39; &gt;1"
-        );
-    }
 }
