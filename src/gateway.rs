@@ -141,7 +141,8 @@ impl Default for ScheduleSection {
     }
 }
 
-/// `trialgate serve`: where to listen, which tokens to accept, how large a body may be.
+/// `trialgate serve`: where to listen, which tokens to accept, how large a body may be, and
+/// how the coordinator's page signs people in.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServeSection {
@@ -152,6 +153,12 @@ pub struct ServeSection {
     /// PEM certificate chain and private key: when both are set the service speaks HTTPS.
     pub tls_cert: String,
     pub tls_key: String,
+    /// How long a sign-in to the page lasts.
+    pub session_hours: u64,
+    /// A header set by an authenticating reverse proxy to the signed-in user; empty: none.
+    pub trusted_user_header: String,
+    /// Rows (patient x trial) the page's board keeps in memory at most.
+    pub board_rows: u64,
 }
 
 impl Default for ServeSection {
@@ -162,6 +169,9 @@ impl Default for ServeSection {
             max_body_mb: 16,
             tls_cert: String::new(),
             tls_key: String::new(),
+            session_hours: 8,
+            trusted_user_header: String::new(),
+            board_rows: 20_000,
         }
     }
 }
@@ -199,7 +209,19 @@ const KEYS: &[(&str, &[&str])] = &[
     ("sweep", &["trials", "batch", "concurrency", "page_size", "code_filter"]),
     ("write_back", &["enabled", "write_ineligible", "target_url"]),
     ("schedule", &["cron", "bulk", "state", "reports"]),
-    ("serve", &["listen", "token_env", "max_body_mb", "tls_cert", "tls_key"]),
+    (
+        "serve",
+        &[
+            "listen",
+            "token_env",
+            "max_body_mb",
+            "tls_cert",
+            "tls_key",
+            "session_hours",
+            "trusted_user_header",
+            "board_rows",
+        ],
+    ),
 ];
 
 pub fn env_name(section: &str, key: &str) -> String {
@@ -344,6 +366,23 @@ impl Gateway {
         if self.serve.max_body_mb == 0 {
             err("serve", "max_body_mb", "must be at least 1".into());
         }
+        if self.serve.session_hours == 0 || self.serve.session_hours > 24 * 30 {
+            err("serve", "session_hours", "must be from 1 to 720 (30 days)".into());
+        }
+        if self.serve.board_rows == 0 {
+            err("serve", "board_rows", "must be at least 1".into());
+        }
+        let header = self.serve.trusted_user_header.trim();
+        if !header.is_empty() {
+            let reserved = ["authorization", "cookie", "host", "content-type", "content-length"];
+            if axum::http::HeaderName::from_bytes(header.as_bytes()).is_err() || reserved.contains(&header.to_ascii_lowercase().as_str()) {
+                err(
+                    "serve",
+                    "trusted_user_header",
+                    format!("`{header}` is not a header a proxy sets for its user, such as X-Forwarded-User"),
+                );
+            }
+        }
         if !self.schedule.cron.is_empty() {
             if let Err(why) = crate::schedule::Schedule::parse(&self.schedule.cron) {
                 err("schedule", "cron", why);
@@ -414,6 +453,10 @@ mod tests {
         assert!(e.contains("unknown field `urll`"), "{e}");
         let e = load("[server\n", &[]).unwrap_err();
         assert!(e.contains("gateway.toml:1"), "{e}");
+        let e = load("[serve]\ntrusted_user_header = \"X User\"\n", &[]).unwrap_err();
+        assert!(e.contains("[serve] trusted_user_header: `X User`"), "{e}");
+        let e = load("", &[("TRIALGATE_SERVE_SESSION_HOURS", "0")]).unwrap_err();
+        assert!(e.contains("[serve] session_hours (from TRIALGATE_SERVE_SESSION_HOURS)"), "{e}");
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! writes the results. [`screen`] wires them together for files on disk; every other way in
 //! reuses the same pieces.
 
+pub mod board;
 pub mod bulk;
 pub mod config;
+pub mod console;
 pub mod criteria;
 pub mod facts;
 pub mod fhir;

@@ -97,13 +97,16 @@ enum Command {
     },
     /// Serve screening over HTTP for integration engines: POST /screen, /notify (FHIR
     /// Subscriptions), /fhir/Patient/{id}/$screen; GET /trials, /health, /metrics,
-    /// /openapi.json. Also runs the [schedule] sweeps when a cron is set.
+    /// /openapi.json; and the coordinator's page (GET /, with sign-in). Also runs the
+    /// [schedule] sweeps when a cron is set.
     #[command(after_help = "Examples:\n  \
         TRIALGATE_API_TOKENS=s3cret trialgate serve\n  \
         curl -H 'Authorization: Bearer s3cret' --data-binary @fixtures/bundles/01-meilin-zhou.json \\\n    \
         'http://127.0.0.1:8080/screen?as_of=2026-06-01&trial=NCT06406205'\n\n\
-        Every route but /health needs a bearer token from the variable [serve] token_env names \
-        (comma-separated for several). Errors are FHIR OperationOutcomes. The routes are described \
+        Every API route but /health needs a bearer token from the variable [serve] token_env names \
+        (comma-separated for several). Errors are FHIR OperationOutcomes. The page at / signs in with \
+        one of those tokens (for a session cookie), or through a proxy's [serve] trusted_user_header. \
+        The routes are described \
         in openapi.json. With [server] url set, $screen and /notify read patients from that server \
         and, with [write_back] enabled, write changed statuses back; register the Subscription with \
         `trialgate subscribe`. [serve] tls_cert and tls_key turn on HTTPS. Ctrl-C or SIGTERM stop \
@@ -1188,13 +1191,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ledger,
                 )))
             };
-            let app = trialgate::serve::App::live(
+            let tls = match (g.serve.tls_cert.as_str(), g.serve.tls_key.as_str()) {
+                ("", "") => None,
+                ("", _) | (_, "") => return Err(bad("[serve] tls_cert and tls_key go together: set both for HTTPS, or neither")),
+                (cert, key) => Some(trialgate::serve::tls_config(Path::new(cert), Path::new(key)).map_err(bad)?),
+            };
+            let header = g.serve.trusted_user_header.trim();
+            let page = trialgate::console::PageOptions {
+                session_ttl: std::time::Duration::from_secs(g.serve.session_hours * 3600),
+                // Checked when the configuration was loaded.
+                trusted_user_header: (!header.is_empty())
+                    .then(|| axum::http::HeaderName::from_bytes(header.as_bytes()).ok())
+                    .flatten(),
+                // Over HTTPS the session cookie is never sent in clear.
+                secure_cookies: tls.is_some(),
+                link_base: (!g.server.url.is_empty()).then(|| g.server.url.clone()),
+                board_rows: g.serve.board_rows as usize,
+            };
+            let app = trialgate::serve::App::with_page(
                 cfg,
                 if no_auth { Vec::new() } else { tokens },
                 (g.serve.max_body_mb as usize) << 20,
                 fhir,
                 state,
                 live,
+                page,
             );
             // The scheduled sweeps run in the same process, on a thread of their own (each is a
             // `sweep` run with its own runtime); each batch is checkpointed as it is made.
@@ -1213,17 +1234,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            let tls = match (g.serve.tls_cert.as_str(), g.serve.tls_key.as_str()) {
-                ("", "") => None,
-                ("", _) | (_, "") => return Err(bad("[serve] tls_cert and tls_key go together: set both for HTTPS, or neither")),
-                (cert, key) => Some(trialgate::serve::tls_config(Path::new(cert), Path::new(key)).map_err(bad)?),
-            };
             runtime.block_on(async {
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("listening on {addr}"))?;
                 eprintln!(
-                    "serving on {}://{addr} (POST /screen, /notify, /fhir/Patient/{{id}}/$screen; GET /trials, /health, /metrics, /openapi.json)",
+                    "serving on {}://{addr} (the coordinator's page at /; POST /screen, /notify, /fhir/Patient/{{id}}/$screen; GET /trials, /health, /metrics, /openapi.json)",
                     if tls.is_some() { "https" } else { "http" }
                 );
                 match tls {

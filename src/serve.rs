@@ -2,9 +2,10 @@
 //! patient at a time. Same configuration, same path (`screen_read`) and same report as `screen`.
 //!
 //! Every error is a FHIR OperationOutcome with a code and a message that says what to fix.
-//! Every route but `/health` needs `Authorization: Bearer <token>` (compared in constant
-//! time). Logs carry a request id, the route, the status and the time taken: never a name, a
-//! birth date, a value or an id from the body.
+//! Every API route (all but `/health` and the page's, `console::PAGE_ROUTES`) needs
+//! `Authorization: Bearer <token>` (compared in constant time); the page signs in on its own.
+//! Logs carry a request id, the route, the status and the time taken: never a name, a birth
+//! date, a value or an id from the body.
 
 use crate::criteria::decisions::Decisions;
 use crate::time::Date;
@@ -46,6 +47,8 @@ pub struct App {
     state: Option<crate::state::Location>,
     /// The configured FHIR server, for `$screen`, `/notify` and write-back.
     live: Option<Arc<crate::live::Live>>,
+    /// The coordinator's page: its board of latest verdicts, sessions and options.
+    console: crate::console::Console,
 }
 
 impl App {
@@ -74,6 +77,20 @@ impl App {
         state: Option<crate::state::Location>,
         live: Option<Arc<crate::live::Live>>,
     ) -> Arc<App> {
+        App::with_page(cfg, tokens, max_body, fhir, state, live, crate::console::PageOptions::default())
+    }
+
+    /// As `live`, with the coordinator's page served as `page` says.
+    pub fn with_page(
+        cfg: Config,
+        tokens: Vec<String>,
+        max_body: usize,
+        fhir: Option<crate::fhir::client::FhirClient>,
+        state: Option<crate::state::Location>,
+        live: Option<Arc<crate::live::Live>>,
+        page: crate::console::PageOptions,
+    ) -> Arc<App> {
+        let trial_ids = cfg.trials.iter().map(|t| t.id.clone()).collect();
         let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
         Arc::new(App {
             slots: tokio::sync::Semaphore::new(cores * 2),
@@ -85,7 +102,23 @@ impl App {
             fhir,
             state,
             live,
+            console: crate::console::Console::new(page, trial_ids),
         })
+    }
+
+    /// The page's board, sessions and options (the board is seeded through it).
+    pub fn console(&self) -> &crate::console::Console {
+        &self.console
+    }
+
+    /// Whether `token` is one of the accepted API tokens.
+    pub(crate) fn accepts(&self, token: &str) -> bool {
+        self.tokens.iter().any(|k| same(k.as_bytes(), token.trim().as_bytes()))
+    }
+
+    /// Started with authentication off (`--no-auth`).
+    pub(crate) fn open_access(&self) -> bool {
+        self.tokens.is_empty()
     }
 }
 
@@ -117,15 +150,18 @@ async fn track(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
     let id = app.next_id.fetch_add(1, Ordering::Relaxed);
     let started = std::time::Instant::now();
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
-    let open = path == "/health";
+    // The page's routes sign in on their own (a session cookie, a proxy's header) and answer
+    // HTML; a session never opens an API route.
+    let page = crate::console::PAGE_ROUTES.contains(&path.as_str());
+    let open = path == "/health" || page;
     let authorized = open
-        || app.tokens.is_empty()
+        || app.open_access()
         || req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| app.tokens.iter().any(|k| same(k.as_bytes(), t.trim().as_bytes())));
+            .is_some_and(|t| app.accepts(t));
     let mut resp = if authorized {
         next.run(req).await
     } else {
@@ -140,7 +176,7 @@ async fn track(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
     let status = resp.status().as_u16();
     let secs = started.elapsed().as_secs_f64();
     // Routes are fixed strings: anything else is counted as one, so a scanner cannot grow the map.
-    let route = if ["/screen", "/notify", "/trials", "/health", "/metrics", "/openapi.json"].contains(&path.as_str()) {
+    let route = if ["/screen", "/notify", "/trials", "/health", "/metrics", "/openapi.json"].contains(&path.as_str()) || page {
         path.clone()
     } else if path.starts_with("/fhir/Patient/") && path.ends_with("/$screen") {
         "/fhir/Patient/{id}/$screen".to_string()
@@ -475,6 +511,7 @@ async fn screen(State(app): State<Arc<App>>, Query(q): Query<HashMap<String, Str
             Err(r) => return *r,
         }
     }
+    on_board(&app, &s);
     respond(&app, &s, sq.as_of, sq.as_bundle, written.as_ref())
 }
 
@@ -487,6 +524,11 @@ fn too_large(app: &App) -> Response {
             app.max_body
         ),
     )
+}
+
+/// Puts the verdicts on the page's board, as of the date they were screened.
+fn on_board(app: &App, s: &crate::Screening) {
+    app.console.board.record(&s.results, s.as_of, crate::time::Instant::now());
 }
 
 fn count_verdicts(app: &App, s: &crate::Screening) {
@@ -724,6 +766,7 @@ async fn screen_operation(
                 s.results.retain(|r| sq.selected.contains(&r.trial));
             }
             count_verdicts(&app, &s);
+            on_board(&app, &s);
             respond(&app, &s, sq.as_of, sq.as_bundle, r.written.as_ref())
         }
         Err(e) => {
@@ -818,7 +861,7 @@ async fn not_found() -> Response {
     outcome(
         StatusCode::NOT_FOUND,
         "not-found",
-        "no such route: POST /screen, GET /trials, /health, /metrics, /openapi.json",
+        "no such route: POST /screen, GET /trials, /health, /metrics, /openapi.json, / (the coordinator's page)",
     )
 }
 
@@ -840,6 +883,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
+        .route("/", get(crate::console::index))
+        .route("/login", get(crate::console::login_form).post(crate::console::login))
+        .route("/logout", post(crate::console::logout))
         .fallback(not_found)
         .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(app.clone(), track))

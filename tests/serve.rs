@@ -166,6 +166,9 @@ async fn health_is_open_and_the_rest_is_described() {
         "/health",
         "/metrics",
         "/openapi.json",
+        "/",
+        "/login",
+        "/logout",
     ] {
         assert!(api["paths"][route].is_object(), "{route} is described");
     }
@@ -243,4 +246,193 @@ async fn health_checks_the_fhir_server_and_the_database() {
     assert!(v["database"].as_str().is_some_and(|t| t.starts_with("not answering")), "{v}");
     assert!(!v.to_string().contains("secret"), "{v}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The coordinator's page at `/`: a sign-in form and nothing about anyone without a session;
+/// a token posted in a form (never a URL) for an HttpOnly, SameSite=Strict session cookie that
+/// opens the page but not the API; sign-out ends it.
+#[tokio::test]
+async fn the_page_signs_in_with_a_token_for_a_session_that_opens_only_the_page() {
+    let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[]).unwrap();
+    let page = trialgate::console::PageOptions {
+        link_base: Some("https://fhir.example.org/r4/".into()),
+        ..Default::default()
+    };
+    let app = trialgate::serve::App::with_page(cfg, vec!["t0k3n".into()], 16 << 20, None, None, None, page);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(trialgate::serve::serve(listener, app.clone()));
+    let file = root().join("fixtures/bundles/02-rosa-delgado.json");
+    let (s, _) = post(&base, "?as_of=2026-06-01", std::fs::read(&file).unwrap(), Some("t0k3n")).await;
+    assert_eq!(s, 200);
+    assert_eq!(app.console().board.len(), 5, "one row per trial on the board");
+
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let get_page = |cookie: Option<String>| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let mut req = http.get(format!("{base}/"));
+            if let Some(c) = cookie {
+                req = req.header("cookie", c);
+            }
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            assert!(
+                r.headers()["content-type"].to_str().unwrap().starts_with("text/html"),
+                "the page answers HTML"
+            );
+            assert_eq!(r.headers()["cache-control"], "no-store");
+            (status, r.text().await.unwrap())
+        }
+    };
+    let no_patient_data = |html: &str| {
+        for secret in ["Delgado", "TX-880153", "rosa", "exc-1"] {
+            assert!(!html.contains(secret), "`{secret}` before sign-in:\n{html}");
+        }
+    };
+    let (s, html) = get_page(None).await;
+    assert_eq!(s, 200);
+    assert!(html.contains("<form method=\"post\" action=\"/login\">"), "{html}");
+    no_patient_data(&html);
+
+    let login = |body: &'static str, query: &'static str| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            http.post(format!("{base}/login{query}"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // Wrong, empty, or in the URL: refused with a plain message, and no cookie.
+    for (body, query) in [("token=wrong", ""), ("token=t0k3n-but-longer", ""), ("", "?token=t0k3n")] {
+        let r = login(body, query).await;
+        assert_eq!(r.status().as_u16(), 401, "{body} {query}");
+        assert!(r.headers().get("set-cookie").is_none());
+        let html = r.text().await.unwrap();
+        assert!(html.contains("not accepted") || html.contains("Enter an access token"), "{html}");
+        no_patient_data(&html);
+    }
+    let r = login("token=t0k3n", "").await;
+    assert_eq!(r.status().as_u16(), 303);
+    assert_eq!(r.headers()["location"], "/");
+    let set = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(set.starts_with("trialgate_session="), "{set}");
+    for part in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=28800"] {
+        assert!(set.contains(part), "{part}: {set}");
+    }
+    assert!(!set.contains("Secure"), "no Secure without TLS: {set}");
+    let cookie = set.split(';').next().unwrap().to_string();
+    let id = cookie.trim_start_matches("trialgate_session=");
+    assert_eq!(id.len(), 64);
+    assert!(!id.contains("t0k3n"));
+
+    // Signed in: Rosa by name and MRN, why she is out, her eGFR linked to the server.
+    let (s, html) = get_page(Some(cookie.clone())).await;
+    assert_eq!(s, 200);
+    assert!(
+        html.contains("<b>Rosa María Delgado</b>") && html.contains("<td>TX-880153</td>"),
+        "{html}"
+    );
+    assert!(html.contains("<b>exc-1</b> egfr 38"), "{html}");
+    assert!(html.contains("href=\"https://fhir.example.org/r4/Observation/rosa-egfr-20260505\""));
+    assert!(html.contains("Sign out"));
+
+    // The session cookie opens no API route: those keep their bearer tokens.
+    for (method, route) in [("GET", "/trials"), ("POST", "/screen"), ("GET", "/metrics")] {
+        let r = http
+            .request(method.parse().unwrap(), format!("{base}{route}"))
+            .header("cookie", cookie.clone())
+            .body(std::fs::read(&file).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{method} {route} with a session cookie");
+        let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        assert!(diagnostics(&v).contains("Bearer"));
+    }
+    // A forged session id is no session.
+    let (_, html) = get_page(Some(format!("trialgate_session={}", "0".repeat(64)))).await;
+    no_patient_data(&html);
+
+    // Signing out ends the session and clears the cookie.
+    let r = http
+        .post(format!("{base}/logout"))
+        .header("cookie", cookie.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 303);
+    assert!(r.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
+    let (_, html) = get_page(Some(cookie)).await;
+    assert!(html.contains("action=\"/login\""));
+    no_patient_data(&html);
+}
+
+/// Behind an authenticating proxy, the configured header signs a request in to the page as
+/// its user; without the setting the same header means nothing. TLS marks the cookie Secure.
+#[tokio::test]
+async fn a_trusted_proxy_header_signs_in_only_when_configured() {
+    let serve_with = |page: trialgate::console::PageOptions| async move {
+        let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[]).unwrap();
+        let app = trialgate::serve::App::with_page(cfg, vec!["t0k3n".into()], 16 << 20, None, None, None, page);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(trialgate::serve::serve(listener, app));
+        let file = root().join("fixtures/bundles/01-meilin-zhou.json");
+        let (s, _) = post(&base, "?as_of=2026-06-01", std::fs::read(&file).unwrap(), Some("t0k3n")).await;
+        assert_eq!(s, 200);
+        base
+    };
+    let page_as = |base: String, user: Option<&'static str>| async move {
+        let mut req = reqwest::Client::new().get(format!("{base}/"));
+        if let Some(u) = user {
+            req = req.header("x-forwarded-user", u);
+        }
+        req.send().await.unwrap().text().await.unwrap()
+    };
+    let proxied = serve_with(trialgate::console::PageOptions {
+        trusted_user_header: Some(axum::http::HeaderName::from_static("x-forwarded-user")),
+        ..Default::default()
+    })
+    .await;
+    let html = page_as(proxied.clone(), Some("j.cobb@example.org")).await;
+    assert!(
+        html.contains("Signed in: j.cobb@example.org") && html.contains("Mei Lin Zhou"),
+        "{html}"
+    );
+    assert!(!html.contains("Sign out"), "the proxy signs out, not the page");
+    let html = page_as(proxied.clone(), None).await;
+    assert!(html.contains("action=\"/login\"") && !html.contains("Zhou"), "{html}");
+    // The header opens no API route.
+    let r = reqwest::Client::new()
+        .get(format!("{proxied}/trials"))
+        .header("x-forwarded-user", "j.cobb")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+
+    let plain = serve_with(trialgate::console::PageOptions {
+        secure_cookies: true,
+        ..Default::default()
+    })
+    .await;
+    let html = page_as(plain.clone(), Some("j.cobb")).await;
+    assert!(html.contains("action=\"/login\"") && !html.contains("Zhou"), "{html}");
+    let r = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .post(format!("{plain}/login"))
+        .body("token=t0k3n")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers()["set-cookie"].to_str().unwrap().ends_with("; Secure"));
 }
