@@ -110,6 +110,20 @@ impl Browser {
             .to_string()
     }
 
+    /// The visible text once it shows `marker` (a form posted navigates while WebDriver
+    /// answers), or as it is after ten seconds, for the check that follows to report.
+    async fn text_showing(&self, marker: &str) -> String {
+        let mut text = String::new();
+        for _ in 0..100 {
+            text = self.visible_text().await;
+            if text.contains(marker) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        text
+    }
+
     async fn element(&self, css: &str) -> String {
         let v = self
             .call(
@@ -317,7 +331,7 @@ async fn drive(b: &Browser, base: &str) -> Result<(), String> {
 
     // Before sign-in: the form, and nothing about anyone.
     b.open(&format!("{base}/")).await;
-    let text = b.visible_text().await;
+    let text = b.text_showing("Sign in").await;
     check(text.contains("Sign in"), format!("no sign-in form: {text}"))?;
     check(
         !text.contains("Zhou") && !text.contains("SH-204417"),
@@ -327,18 +341,18 @@ async fn drive(b: &Browser, base: &str) -> Result<(), String> {
     // A wrong token is refused with a plain message; the right one signs in.
     b.type_into("#token", "not-the-token").await;
     b.click("button[type=submit]").await;
-    let text = b.visible_text().await;
+    let text = b.text_showing("That token is not accepted").await;
     check(text.contains("That token is not accepted"), format!("no refusal: {text}"))?;
     check(!text.contains("Zhou"), format!("patient data after a refused sign-in: {text}"))?;
     b.type_into("#token", TOKEN).await;
     b.click("button[type=submit]").await;
+    let text = b.text_showing("Signed in").await;
+    check(text.contains("Signed in"), format!("not signed in: {text}"))?;
     let url = b.call(reqwest::Method::GET, "/url", None).await;
     check(
         url.as_str().is_some_and(|u| !u.contains(TOKEN)),
         format!("the token is in the URL: {url}"),
     )?;
-    let text = b.visible_text().await;
-    check(text.contains("Signed in"), format!("not signed in: {text}"))?;
     let cookie_js = b.js("return document.cookie;").await;
     check(
         cookie_js == json!(""),
@@ -451,7 +465,7 @@ async fn drive(b: &Browser, base: &str) -> Result<(), String> {
 
     // Signing out ends the session: the form again, and nothing about anyone.
     b.click("header form button[type=submit]").await;
-    let text = b.visible_text().await;
+    let text = b.text_showing("Sign in to see").await;
     check(
         text.contains("Sign in") && !text.contains("Zhou"),
         format!("after signing out: {text}"),
