@@ -655,10 +655,11 @@ fn finish(
     format: Format,
     output: Option<PathBuf>,
     server: &str,
+    previous: std::collections::HashMap<(String, String), trialgate::criteria::Status>,
 ) -> anyhow::Result<()> {
     note_inputs(&mut s.provenance, &s.issues, decisions)?;
     let sink = ReportSink::open(output.as_deref())?;
-    let text = trialgate::report::render_linked(s, format.into(), Some(server));
+    let text = trialgate::report::render_marked(s, format.into(), Some(server), previous);
     let mut w = sink.writer();
     let written = w.write_all(text.as_bytes()).and_then(|()| w.flush()).map(|()| w);
     sink.close(written)
@@ -1059,8 +1060,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // A run whose every patient was fetched is finished; one with patients that could not
             // be fetched stays open, to be resumed, and those patients tried again. (An id the
             // server has no Patient for is a definite answer: it does not hold the run open.)
+            // Statuses before this run, of those that changed: the page marks them.
+            let mut previous = std::collections::HashMap::new();
             if let (Some(st), 0) = (state.as_mut(), unfetched) {
                 let c = st.finish()?;
+                for ch in c.newly_eligible.iter().chain(&c.newly_ineligible) {
+                    let was = ch
+                        .from
+                        .as_ref()
+                        .and_then(|f| serde_json::from_value(serde_json::Value::String(f.clone())).ok());
+                    if let Some(was) = was {
+                        previous.insert((ch.patient.clone(), ch.trial.clone()), was);
+                    }
+                }
                 match &c.since {
                     Some(since) => eprintln!(
                         "changes since the run as of {since}: {} newly eligible or potentially eligible, {} newly ineligible",
@@ -1109,14 +1121,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     return Ok(());
                 }
                 if !w.failed.is_empty() {
-                    finish(&mut s, &decisions, format, output, &server)?;
+                    finish(&mut s, &decisions, format, output, &server, previous)?;
                     anyhow::bail!(
                         "{} ResearchSubject write(s) were refused by the server (see the warnings above)",
                         w.failed.len()
                     );
                 }
             }
-            finish(&mut s, &decisions, format, output, &server)?;
+            finish(&mut s, &decisions, format, output, &server, previous)?;
             // The report is written either way; the exit status tells a scheduler that some
             // patients could not be screened.
             if errors > 0 {

@@ -61,6 +61,10 @@ impl Store {
 
 /// The sweep command; `as_of` None is how a schedule runs it (screening "today").
 fn command(server: &str, db: &Store, out: &Path, as_of: Option<&str>, changes: &Path) -> Command {
+    command_as(server, db, out, as_of, changes, "csv")
+}
+
+fn command_as(server: &str, db: &Store, out: &Path, as_of: Option<&str>, changes: &Path, format: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_trialgate"));
     c.current_dir(root())
         .env("TRIALGATE_CONFIG", root().join("tests/data/no-such-gateway.toml"))
@@ -76,7 +80,7 @@ fn command(server: &str, db: &Store, out: &Path, as_of: Option<&str>, changes: &
             "--concurrency",
             "1",
         ])
-        .args(["--format", "csv", "--state"])
+        .args(["--format", format, "--state"])
         .arg(db.arg())
         .arg("--changes")
         .arg(changes)
@@ -207,7 +211,10 @@ async fn killed_and_resumed(dir: &Path, db: Store) {
         .with_priority(1)
         .mount(&server)
         .await;
-    let third = command(&server.uri(), &db, &out, Some("2026-06-02"), &changes).output().unwrap();
+    let page = dir.join("page.html");
+    let third = command_as(&server.uri(), &db, &page, Some("2026-06-02"), &changes, "html")
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&third.stderr);
     assert!(third.status.success(), "{err}");
     assert!(!err.contains("resuming"), "a new date is a new run: {err}");
@@ -220,5 +227,17 @@ async fn killed_and_resumed(dir: &Path, db: Store) {
         listed,
         "patient,trial,from,to\nPatient/p3,NCT06406205,potentially-eligible,ineligible\n"
     );
+    // The sweep's page marks the same change, with the status before.
+    let page = std::fs::read_to_string(&page).unwrap();
+    let p3 = page
+        .split("<td data-key=\"Patient/p3\">Patient/p3</td>")
+        .nth(1)
+        .and_then(|r| r.split("</tr>").next())
+        .unwrap_or_default();
+    assert!(
+        p3.contains("<mark class=\"newly-ineligible\">newly ineligible</mark><br><small>was potentially eligible</small>"),
+        "{p3}"
+    );
+    assert_eq!(page.matches("<mark class=").count(), 1, "nobody else changed");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -253,7 +253,18 @@ pub fn render(s: &Screening, format: Format) -> String {
 
 /// [`render`], the HTML page linking evidence to its resources on the FHIR server at `base`.
 pub fn render_linked(s: &Screening, format: Format, base: Option<&str>) -> String {
-    let mut w = Writer::new(Vec::new(), format, s.as_of, &s.provenance.version, s.patients);
+    render_marked(s, format, base, std::collections::HashMap::new())
+}
+
+/// [`render_linked`], the HTML page also marking the (patient, trial)s whose status was
+/// `previous` before (see [`Writer::changes`]): a sweep's changes since its last run.
+pub fn render_marked(
+    s: &Screening,
+    format: Format,
+    base: Option<&str>,
+    previous: std::collections::HashMap<(String, String), Status>,
+) -> String {
+    let mut w = Writer::new(Vec::new(), format, s.as_of, &s.provenance.version, s.patients).changes(previous);
     if let Some(b) = base {
         w = w.link_to(b);
     }
