@@ -315,6 +315,16 @@ pub async fn logout(State(app): State<Arc<App>>, headers: HeaderMap) -> Response
     r
 }
 
+/// A page route asked with a method it does not take: HTML, like the page.
+pub async fn wrong_method() -> Response {
+    let mut r = html(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "<!DOCTYPE html>\n<p>Not here: the page is GET /; sign in with POST /login, out with POST /logout.</p>\n".into(),
+    );
+    r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -883,9 +883,14 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
-        .route("/", get(crate::console::index))
-        .route("/login", get(crate::console::login_form).post(crate::console::login))
-        .route("/logout", post(crate::console::logout))
+        .route("/", get(crate::console::index).fallback(crate::console::wrong_method))
+        .route(
+            "/login",
+            get(crate::console::login_form)
+                .post(crate::console::login)
+                .fallback(crate::console::wrong_method),
+        )
+        .route("/logout", post(crate::console::logout).fallback(crate::console::wrong_method))
         .fallback(not_found)
         .method_not_allowed_fallback(wrong_method)
         .layer(axum::middleware::from_fn_with_state(app.clone(), track))

@@ -372,6 +372,13 @@ async fn the_page_signs_in_with_a_token_for_a_session_that_opens_only_the_page()
     let (_, html) = get_page(Some(cookie)).await;
     assert!(html.contains("action=\"/login\""));
     no_patient_data(&html);
+    // The page's routes answer HTML even to a wrong method; the API's, an OperationOutcome.
+    let r = http.get(format!("{base}/logout")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    let r = http.get(format!("{base}/screen")).bearer_auth("t0k3n").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    assert_eq!(r.headers()["content-type"], "application/fhir+json");
 }
 
 /// Behind an authenticating proxy, the configured header signs a request in to the page as
