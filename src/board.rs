@@ -1,6 +1,8 @@
 //! The service's board: the latest verdict per (patient, trial), with the person, the status
 //! before it changed and when it changed, for the coordinator's page (`GET /`). Every
-//! `POST /screen` records its results here; `seed` fills it at start from stored sweeps.
+//! `POST /screen` and `$screen` records its results here; `merge` brings in the verdict
+//! history's newer ones (the re-screens `/notify` starts, those of earlier runs of the
+//! service); `seed` fills it at start from stored sweeps.
 //!
 //! In memory only, and bounded: at most `max_rows` rows (a row is the page's short form of a
 //! result, about 1 to 3 KB: reasons and references, not the criteria's texts or the facts);
@@ -19,6 +21,8 @@ struct Entry {
     row: PageRow,
     /// When the row was last written: the order rows are dropped in when the board is full.
     seq: u64,
+    /// When its verdict was made, to tell whether the history holds a newer one.
+    made: Instant,
     /// When the status last changed, if the board saw it change.
     changed: Option<Instant>,
 }
@@ -56,7 +60,8 @@ impl Board {
                 Some(old) => (old.row.previous, old.changed),
                 None => (None, None),
             };
-            rows.put(key, PageRow::of(r), previous, as_of, changed, self.max_rows);
+            let when = format!("screened as of {as_of}");
+            rows.put(key, PageRow::of(r), previous, when, now, changed, self.max_rows);
         }
     }
 
@@ -73,7 +78,29 @@ impl Board {
                 continue;
             }
             let was = previous.get(&key).copied().filter(|p| *p != r.status);
-            rows.put(key, PageRow::of(&r), was, as_of, None, self.max_rows);
+            let when = format!("screened as of {as_of}");
+            rows.put(key, PageRow::of(&r), was, when, Instant(0), None, self.max_rows);
+        }
+    }
+
+    /// Brings in verdicts from the verdict history, each made at `made`, with the status
+    /// before its last change when the history knows it: those newer than the board's row.
+    pub fn merge(&self, latest: Vec<(TrialResult, Instant, Option<Status>)>) {
+        let Ok(mut rows) = self.rows.lock() else {
+            return;
+        };
+        for (r, made, before) in latest {
+            let key = (r.patient.clone(), r.trial.clone());
+            let (previous, changed) = match rows.by_key.get(&key) {
+                // Times are in seconds: within the same second, a different status from the
+                // history is taken as the later one (the history records every re-screen).
+                Some(old) if old.made > made || (old.made == made && old.row.status == r.status) => continue,
+                Some(old) if old.row.status != r.status => (Some(old.row.status), Some(made)),
+                Some(old) => (old.row.previous, old.changed),
+                None => (before.filter(|b| *b != r.status), None),
+            };
+            let when = format!("screened {made}");
+            rows.put(key, PageRow::of(&r), previous, when, made, changed, self.max_rows);
         }
     }
 
@@ -122,15 +149,25 @@ impl Board {
 }
 
 impl Rows {
-    fn put(&mut self, key: Key, mut row: PageRow, previous: Option<Status>, as_of: Date, changed: Option<Instant>, max: usize) {
+    #[allow(clippy::too_many_arguments)]
+    fn put(
+        &mut self,
+        key: Key,
+        mut row: PageRow,
+        previous: Option<Status>,
+        when: String,
+        made: Instant,
+        changed: Option<Instant>,
+        max: usize,
+    ) {
         row.previous = previous;
         row.when = Some(match changed {
-            Some(t) => format!("screened as of {as_of}; changed {t}"),
-            None => format!("screened as of {as_of}"),
+            Some(t) => format!("{when}; changed {t}"),
+            None => when,
         });
         let seq = self.next;
         self.next += 1;
-        if let Some(old) = self.by_key.insert(key.clone(), Entry { row, seq, changed }) {
+        if let Some(old) = self.by_key.insert(key.clone(), Entry { row, seq, made, changed }) {
             self.by_age.remove(&old.seq);
         }
         self.by_age.insert(seq, key);
@@ -205,6 +242,44 @@ mod tests {
         assert_eq!(
             b.status("Patient/b", "T"),
             Some((Status::Ineligible, Some(Status::PotentiallyEligible)))
+        );
+    }
+
+    #[test]
+    fn the_history_brings_newer_verdicts_only() {
+        let b = Board::new(100);
+        b.record(&[result("Patient/a", "T", Status::PotentiallyEligible)], day(), Instant(500));
+        b.merge(vec![
+            // Older than the board's row: ignored.
+            (result("Patient/a", "T", Status::Eligible), Instant(400), None),
+            // New to the board, with the status before its last change.
+            (
+                result("Patient/b", "T", Status::PotentiallyEligible),
+                Instant(450),
+                Some(Status::Ineligible),
+            ),
+        ]);
+        assert_eq!(b.status("Patient/a", "T"), Some((Status::PotentiallyEligible, None)));
+        assert_eq!(
+            b.status("Patient/b", "T"),
+            Some((Status::PotentiallyEligible, Some(Status::Ineligible)))
+        );
+        // A re-screen in the same second that changed the status counts as the later one.
+        b.merge(vec![(result("Patient/b", "T", Status::Eligible), Instant(450), None)]);
+        assert_eq!(
+            b.status("Patient/b", "T"),
+            Some((Status::Eligible, Some(Status::PotentiallyEligible)))
+        );
+        // A newer re-screen that changed the status.
+        b.merge(vec![(result("Patient/a", "T", Status::Ineligible), Instant(600), None)]);
+        assert_eq!(
+            b.status("Patient/a", "T"),
+            Some((Status::Ineligible, Some(Status::PotentiallyEligible)))
+        );
+        let html = b.render(&["T".into()], None, None, false);
+        assert!(
+            html.contains("screened 1970-01-01T00:10:00Z; changed 1970-01-01T00:10:00Z"),
+            "{html}"
         );
     }
 

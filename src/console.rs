@@ -236,6 +236,22 @@ pub async fn index(State(app): State<Arc<App>>, headers: HeaderMap) -> Response 
     };
     let work = move || {
         let c = app.console();
+        // Verdicts made without a request here (re-screens after notifications, earlier runs
+        // of the service) are in the verdict history, when there is one.
+        if let Some(live) = app.live_server() {
+            match live.latest() {
+                Ok(latest) => c.board.merge(
+                    latest
+                        .into_iter()
+                        .map(|l| {
+                            let before = l.previous.and_then(|p| serde_json::from_value(serde_json::Value::String(p)).ok());
+                            (l.result, crate::time::Instant(l.at), before)
+                        })
+                        .collect(),
+                ),
+                Err(e) => tracing::warn!("the page could not read the verdict history: {}", crate::live::brief(&e)),
+            }
+        }
         c.board.render(&c.trials, c.options.link_base.as_deref(), Some(&user), sign_out)
     };
     match tokio::task::spawn_blocking(work).await {

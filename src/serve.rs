@@ -111,6 +111,11 @@ impl App {
         &self.console
     }
 
+    /// The configured FHIR server's side of the service, whose verdict history the page reads.
+    pub(crate) fn live_server(&self) -> Option<&Arc<crate::live::Live>> {
+        self.live.as_ref()
+    }
+
     /// Whether `token` is one of the accepted API tokens.
     pub(crate) fn accepts(&self, token: &str) -> bool {
         self.tokens.iter().any(|k| same(k.as_bytes(), token.trim().as_bytes()))

@@ -281,6 +281,27 @@ async fn a_new_lab_result_notified_id_only_changes_the_written_status() {
         ]
     );
 
+    // The coordinator's page shows the change the notification made, with the status before.
+    let page = reqwest::Client::new()
+        .get(format!("{base}/"))
+        .bearer_auth("tok")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let row = page
+        .split("<tr class=\"ineligible\"")
+        .nth(1)
+        .and_then(|r| r.split("</tr>").next())
+        .unwrap_or_default();
+    assert!(row.contains("Patient/p1"), "{page}");
+    assert!(
+        row.contains("<mark class=\"newly-ineligible\">newly ineligible</mark><br><small>was potentially eligible</small>"),
+        "{row}"
+    );
+
     // The same event again (a redelivery): nothing changes, nothing more is written.
     let before = ehr.requests_to("/").await;
     let (status, _) = post(
