@@ -132,8 +132,8 @@ impl Board {
             p.len()
         };
         let intro = format!(
-            "The latest verdict for each of {patients} patient(s) screened through this service (at most {} rows are kept; \
-             a restart starts afresh unless the service is seeded from its sweeps). Each row gives its screening date.",
+            "The latest verdict for each of {patients} patient(s) screened through this service or recorded in its verdict \
+             history (at most {} rows are kept). Each row gives its screening date.",
             self.max_rows
         );
         page::page(&PageView {
