@@ -1,12 +1,13 @@
 //! The service's board: the latest verdict per (patient, trial), with the person, the status
 //! before it changed and when it changed, for the coordinator's page (`GET /`). Every
 //! `POST /screen` and `$screen` records its results here; `merge` brings in the verdict
-//! history's newer ones (the re-screens `/notify` starts, those of earlier runs of the
-//! service); `seed` fills it at start from stored sweeps.
+//! history's newer ones (finished sweeps, the re-screens `/notify` starts, earlier runs of
+//! the service) at each view.
 //!
 //! In memory only, and bounded: at most `max_rows` rows (a row is the page's short form of a
 //! result, about 1 to 3 KB: reasons and references, not the criteria's texts or the facts);
-//! past that, the row screened longest ago is dropped. A restart empties it unless seeded.
+//! past that, the row screened longest ago is dropped. A restart empties it; the verdict
+//! history (when configured) refills it at the next view.
 
 use crate::criteria::Status;
 use crate::criteria::eval::TrialResult;
@@ -62,24 +63,6 @@ impl Board {
             };
             let when = format!("screened as of {as_of}");
             rows.put(key, PageRow::of(r), previous, when, now, changed, self.max_rows);
-        }
-    }
-
-    /// Fills the board from stored verdicts (the last sweep's), with each (patient, trial)'s
-    /// status in the run before, where it differed. A row already on the board is newer and
-    /// is kept.
-    pub fn seed(&self, results: Vec<TrialResult>, previous: &HashMap<Key, Status>, as_of: Date) {
-        let Ok(mut rows) = self.rows.lock() else {
-            return;
-        };
-        for r in results {
-            let key = (r.patient.clone(), r.trial.clone());
-            if rows.by_key.contains_key(&key) {
-                continue;
-            }
-            let was = previous.get(&key).copied().filter(|p| *p != r.status);
-            let when = format!("screened as of {as_of}");
-            rows.put(key, PageRow::of(&r), was, when, Instant(0), None, self.max_rows);
         }
     }
 
@@ -220,29 +203,6 @@ mod tests {
         let html = b.render(&["T".into()], None, None, false);
         assert!(html.contains("newly eligible"), "{html}");
         assert!(html.contains("changed 1970-01-01T00:03:20Z"), "{html}");
-    }
-
-    #[test]
-    fn seeded_rows_carry_their_previous_status_and_newer_rows_win() {
-        let b = Board::new(100);
-        b.record(&[result("Patient/a", "T", Status::Eligible)], day(), Instant(1));
-        let previous = HashMap::from([
-            (("Patient/b".to_string(), "T".to_string()), Status::PotentiallyEligible),
-            (("Patient/a".to_string(), "T".to_string()), Status::Ineligible),
-        ]);
-        b.seed(
-            vec![
-                result("Patient/a", "T", Status::Ineligible),
-                result("Patient/b", "T", Status::Ineligible),
-            ],
-            &previous,
-            day(),
-        );
-        assert_eq!(b.status("Patient/a", "T"), Some((Status::Eligible, None)));
-        assert_eq!(
-            b.status("Patient/b", "T"),
-            Some((Status::Ineligible, Some(Status::PotentiallyEligible)))
-        );
     }
 
     #[test]

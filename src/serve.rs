@@ -106,7 +106,7 @@ impl App {
         })
     }
 
-    /// The page's board, sessions and options (the board is seeded through it).
+    /// The page's board, sessions and options.
     pub fn console(&self) -> &crate::console::Console {
         &self.console
     }
