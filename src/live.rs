@@ -214,7 +214,7 @@ impl Live {
         let Some(ledger) = &self.ledger else {
             return Ok(Vec::new());
         };
-        let l = ledger
+        let mut l = ledger
             .lock()
             .map_err(|_| LiveError::Internal("the history lock is poisoned".into()))?;
         l.latest().map_err(LiveError::State)

@@ -396,6 +396,7 @@ impl State {
 /// (from a sweep or an earlier event); a change is kept as a transition.
 pub struct Ledger {
     db: Backend,
+    location: Location,
 }
 
 /// A status change of one patient for one trial.
@@ -424,12 +425,24 @@ impl Ledger {
     pub fn open(location: &Location) -> Result<Ledger, StateError> {
         Ok(Ledger {
             db: Backend::open(location)?,
+            location: location.clone(),
         })
     }
 
     /// Records `results` as the latest verdicts, from `source` (`notification`, `$screen`);
-    /// returns those whose status changed (or that are new).
+    /// returns those whose status changed (or that are new). A service outlives database
+    /// restarts: a PostgreSQL connection that fails is opened again once before giving up.
     pub fn record(&mut self, results: &[TrialResult], source: &str) -> Result<Vec<Change>, StateError> {
+        match self.record_once(results, source) {
+            Err(StateError::Postgres { .. }) => {
+                self.db = Backend::open(&self.location)?;
+                self.record_once(results, source)
+            }
+            other => other,
+        }
+    }
+
+    fn record_once(&mut self, results: &[TrialResult], source: &str) -> Result<Vec<Change>, StateError> {
         let mut changes = Vec::new();
         for r in results.iter().filter(|r| r.status != crate::criteria::Status::Error) {
             let known = self.db.query(
@@ -487,7 +500,17 @@ impl Ledger {
     }
 
     /// Every patient's latest verdict per trial, with the status before its last change.
-    pub fn latest(&self) -> Result<Vec<Latest>, StateError> {
+    pub fn latest(&mut self) -> Result<Vec<Latest>, StateError> {
+        match self.latest_once() {
+            Err(StateError::Postgres { .. }) => {
+                self.db = Backend::open(&self.location)?;
+                self.latest_once()
+            }
+            other => other,
+        }
+    }
+
+    fn latest_once(&self) -> Result<Vec<Latest>, StateError> {
         let rows = self.db.query(
             "SELECT l.result, l.at, (SELECT t.from_status FROM transitions t WHERE t.patient = l.patient \
              AND t.trial = l.trial ORDER BY t.id DESC LIMIT 1) FROM latest l ORDER BY l.patient, l.trial",

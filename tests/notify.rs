@@ -608,7 +608,7 @@ async fn screen_operation_writes_only_the_trials_asked_for_and_what_ifs_leave_th
     // Another date, without write-back: a what-if, not recorded as the patient's verdict.
     let (status, report) = post(&format!("{base}/fhir/Patient/p1/$screen?as_of=2020-01-01"), json!({})).await;
     assert_eq!(status, 200, "{report}");
-    let ledger = trialgate::state::Ledger::open(&trialgate::state::Location::File(db)).unwrap();
+    let mut ledger = trialgate::state::Ledger::open(&trialgate::state::Location::File(db)).unwrap();
     let latest = ledger.latest().unwrap();
     assert_eq!(latest.len(), 1, "{:?}", latest.iter().map(|l| &l.result.trial).collect::<Vec<_>>());
     let _ = std::fs::remove_dir_all(&dir);

@@ -202,8 +202,18 @@ fn the_verdict_history_keeps_transitions_in_postgres() {
     let history = ledger.history(&moved.patient, &moved.trial).unwrap();
     assert_eq!(history.len(), 2);
     assert_eq!(history[1].source, "$screen");
+    // The database drops the connection (a restart, a failover): the history reconnects.
+    pg::drop_connections(match &url {
+        Location::Postgres(u) => u,
+        Location::File(_) => unreachable!(),
+    });
     let latest = ledger.latest().unwrap();
     assert_eq!(latest.len(), counted);
+    pg::drop_connections(match &url {
+        Location::Postgres(u) => u,
+        Location::File(_) => unreachable!(),
+    });
+    assert!(ledger.record(std::slice::from_ref(&moved), "$screen").unwrap().is_empty());
     let mine = latest
         .iter()
         .find(|l| l.result.patient == moved.patient && l.result.trial == moved.trial)

@@ -39,3 +39,15 @@ pub fn count(url: &str, sql: &'static str) -> i64 {
         c.query_one(sql, &[]).map(|r| r.get::<_, i64>(0)).unwrap_or(0)
     })
 }
+
+/// Ends every other connection to the database of `url`, as a server restart would.
+pub fn drop_connections(url: &str) {
+    let db = url.rsplit('/').next().unwrap_or_default().to_string();
+    on_thread(admin(), move |c| {
+        c.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&db],
+        )
+        .unwrap();
+    });
+}
