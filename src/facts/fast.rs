@@ -1,0 +1,582 @@
+//! The fast way through an Observation line: [`crate::fhir::scan`] checks the whole line and
+//! takes, borrowed, the few fields that decide whether the Observation can give a lab value
+//! (status, time, codes, subject, the unit for the unmapped-codes count). Most Observations
+//! in an export cannot (another test, an invalid status, outside every rule's window): for
+//! those nothing is built at all. One that can is built from the same fields (the rarer
+//! parts, such as referenceRange, through serde from their own text) and reduced by
+//! `extract::observation`, the very code the full parse goes to; anything the scanner is not
+//! sure of goes to the full parse. The rules are therefore the same on both ways.
+
+use super::extract::observation;
+use super::mappings::Mappings;
+use super::{Demographics, LabValue, Unmapped};
+use crate::fhir::model::*;
+use crate::fhir::scan::{self, Bail, R, Scanner, Ty};
+use crate::time::{Instant, Window, parse_fhir_instant};
+use std::collections::HashMap;
+
+const MAX_CODES: usize = 8;
+const OBS_VALID: &[&str] = &["final", "amended", "corrected"];
+
+/// The codings of a CodeableConcept: (system, code), in order.
+#[derive(Default, Clone, Copy)]
+pub struct Codes<'a> {
+    n: usize,
+    c: [(Option<&'a str>, Option<&'a str>); MAX_CODES],
+    text: Option<&'a str>,
+}
+
+impl<'a> Codes<'a> {
+    fn iter(&self) -> impl Iterator<Item = (Option<&'a str>, Option<&'a str>)> + '_ {
+        self.c[..self.n].iter().copied()
+    }
+
+    /// Reads a CodeableConcept (`code`), as `fhir::model::CodeableConcept` declares it.
+    fn read(s: &mut Scanner<'a>) -> R<Codes<'a>> {
+        let mut out = Codes::default();
+        if s.null()? {
+            return Ok(out);
+        }
+        let mut seen = 0u8;
+        s.object(|s, k| match k {
+            "coding" => {
+                once(&mut seen, 1)?;
+                s.array(|s| {
+                    let (mut system, mut code) = (None, None);
+                    let mut seen = 0u8;
+                    s.object(|s, k| match k {
+                        "system" => {
+                            once(&mut seen, 1)?;
+                            system = opt_str(s)?;
+                            Ok(())
+                        }
+                        "code" => {
+                            once(&mut seen, 2)?;
+                            code = opt_str(s)?;
+                            Ok(())
+                        }
+                        "display" => {
+                            once(&mut seen, 4)?;
+                            s.typed(Ty::Str, false)
+                        }
+                        _ => s.skip(),
+                    })?;
+                    if out.n == MAX_CODES {
+                        return Err(Bail);
+                    }
+                    out.c[out.n] = (system, code);
+                    out.n += 1;
+                    Ok(())
+                })
+            }
+            "text" => {
+                once(&mut seen, 2)?;
+                out.text = opt_str(s)?;
+                Ok(())
+            }
+            _ => s.skip(),
+        })?;
+        Ok(out)
+    }
+
+    /// `Some` unless absent or null.
+    fn read_opt(s: &mut Scanner<'a>) -> R<Option<Codes<'a>>> {
+        if s.null()? { Ok(None) } else { Codes::read(s).map(Some) }
+    }
+
+    /// The CodeableConcept, owned (displays are not kept: no Observation or Condition rule
+    /// reads them).
+    fn owned(&self) -> CodeableConcept {
+        CodeableConcept {
+            coding: self
+                .iter()
+                .map(|(system, code)| Coding {
+                    system: system.map(str::to_string),
+                    code: code.map(str::to_string),
+                    display: None,
+                })
+                .collect(),
+            text: self.text.map(str::to_string),
+        }
+    }
+}
+
+/// A Period: `Some((start, end))` unless absent or null.
+fn period<'a>(s: &mut Scanner<'a>) -> R<Option<(Option<&'a str>, Option<&'a str>)>> {
+    if s.null()? {
+        return Ok(None);
+    }
+    let (mut start, mut end) = (None, None);
+    let mut seen = 0u8;
+    s.object(|s, k| match k {
+        "start" => {
+            once(&mut seen, 1)?;
+            start = opt_str(s)?;
+            Ok(())
+        }
+        "end" => {
+            once(&mut seen, 2)?;
+            end = opt_str(s)?;
+            Ok(())
+        }
+        _ => s.skip(),
+    })?;
+    Ok(Some((start, end)))
+}
+
+/// A Reference's `reference` (None when absent or null).
+fn reference<'a>(s: &mut Scanner<'a>) -> R<Option<&'a str>> {
+    let mut out = None;
+    if !s.null()? {
+        let mut seen = 0u8;
+        s.object(|s, k| match k {
+            "reference" => {
+                once(&mut seen, 1)?;
+                out = opt_str(s)?;
+                Ok(())
+            }
+            _ => s.skip(),
+        })?;
+    }
+    Ok(out)
+}
+
+/// The Condition fields `extract::condition` reads, borrowed from the line.
+#[derive(Default)]
+pub struct ConditionLine<'a> {
+    pub id: Option<&'a str>,
+    pub subject: Option<&'a str>,
+    clinical: Option<Codes<'a>>,
+    verification: Option<Codes<'a>>,
+    code: Option<Codes<'a>>,
+    onset_date_time: Option<&'a str>,
+    onset_period: Option<(Option<&'a str>, Option<&'a str>)>,
+    abatement_date_time: Option<&'a str>,
+    abatement_period: Option<(Option<&'a str>, Option<&'a str>)>,
+    abatement_boolean: Option<bool>,
+    recorded_date: Option<&'a str>,
+}
+
+/// Scans one Condition line (trimmed). Bails on anything not plainly readable.
+pub fn scan_condition(line: &str) -> R<ConditionLine<'_>> {
+    let mut c = ConditionLine::default();
+    let mut s = Scanner::new(line);
+    let mut seen = 0u32;
+    s.object(|s, k| {
+        match k {
+            "id" => {
+                once32(&mut seen, 1)?;
+                c.id = opt_str(s)?;
+            }
+            "clinicalStatus" => {
+                once32(&mut seen, 2)?;
+                c.clinical = Codes::read_opt(s)?;
+            }
+            "verificationStatus" => {
+                once32(&mut seen, 4)?;
+                c.verification = Codes::read_opt(s)?;
+            }
+            "code" => {
+                once32(&mut seen, 8)?;
+                c.code = Codes::read_opt(s)?;
+            }
+            "subject" => {
+                once32(&mut seen, 16)?;
+                c.subject = reference(s)?;
+            }
+            "onsetDateTime" => {
+                once32(&mut seen, 32)?;
+                c.onset_date_time = opt_str(s)?;
+            }
+            "onsetPeriod" => {
+                once32(&mut seen, 64)?;
+                c.onset_period = period(s)?;
+            }
+            "abatementDateTime" => {
+                once32(&mut seen, 128)?;
+                c.abatement_date_time = opt_str(s)?;
+            }
+            "abatementPeriod" => {
+                once32(&mut seen, 256)?;
+                c.abatement_period = period(s)?;
+            }
+            "abatementBoolean" => {
+                once32(&mut seen, 512)?;
+                c.abatement_boolean = match s.null()? {
+                    true => None,
+                    false => Some(s.boolean()?),
+                };
+            }
+            "recordedDate" => {
+                once32(&mut seen, 1024)?;
+                c.recorded_date = opt_str(s)?;
+            }
+            _ => s.skip()?,
+        }
+        Ok(())
+    })?;
+    s.end()?;
+    Ok(c)
+}
+
+impl ConditionLine<'_> {
+    /// The Condition as `fhir::model` holds it (subject left out: it is resolved already).
+    pub fn owned(&self) -> Condition {
+        let owned = |s: Option<&str>| s.map(str::to_string);
+        let period = |p: Option<(Option<&str>, Option<&str>)>| {
+            p.map(|(start, end)| Period {
+                start: owned(start),
+                end: owned(end),
+            })
+        };
+        Condition {
+            id: owned(self.id),
+            clinical_status: self.clinical.as_ref().map(Codes::owned),
+            verification_status: self.verification.as_ref().map(Codes::owned),
+            code: self.code.as_ref().map(Codes::owned),
+            subject: None,
+            onset_date_time: owned(self.onset_date_time),
+            onset_period: period(self.onset_period),
+            abatement_date_time: owned(self.abatement_date_time),
+            abatement_period: period(self.abatement_period),
+            abatement_boolean: self.abatement_boolean,
+            recorded_date: owned(self.recorded_date),
+        }
+    }
+}
+
+/// A declared field may appear once (serde: "duplicate field").
+#[inline]
+fn once(seen: &mut u8, bit: u8) -> R<()> {
+    if *seen & bit != 0 {
+        return Err(Bail);
+    }
+    *seen |= bit;
+    Ok(())
+}
+
+#[inline]
+fn once32(seen: &mut u32, bit: u32) -> R<()> {
+    if *seen & bit != 0 {
+        return Err(Bail);
+    }
+    *seen |= bit;
+    Ok(())
+}
+
+/// `Option<String>`: a string, or null.
+#[inline]
+fn opt_str<'a>(s: &mut Scanner<'a>) -> R<Option<&'a str>> {
+    if s.null()? { Ok(None) } else { s.string().map(Some) }
+}
+
+/// The Observation fields the fast way reads, borrowed from the line.
+#[derive(Default)]
+pub struct ObsLine<'a> {
+    pub id: Option<&'a str>,
+    pub status: Option<&'a str>,
+    pub has_code: bool,
+    pub codes: Codes<'a>,
+    pub subject: Option<&'a str>,
+    pub effective_date_time: Option<&'a str>,
+    /// `Some(start)` when effectivePeriod is present (not null).
+    pub effective_period: Option<Option<&'a str>>,
+    pub effective_instant: Option<&'a str>,
+    /// valueQuantity's text (None when absent or null) and its unit fields.
+    pub quantity: Option<&'a str>,
+    pub q_unit: Option<&'a str>,
+    pub q_system: Option<&'a str>,
+    pub q_code: Option<&'a str>,
+    pub value_string: Option<&'a str>,
+    pub value_integer: Option<&'a str>,
+    pub value_concept: Option<&'a str>,
+    pub reference_range: Option<&'a str>,
+    /// Codes of every component, flattened, with the component each belongs to.
+    pub component_codes: Codes<'a>,
+    pub component_of: [u8; MAX_CODES],
+    pub components: usize,
+}
+
+/// Scans one Observation line (trimmed). Bails on anything not plainly readable.
+pub fn scan_observation(line: &str) -> R<ObsLine<'_>> {
+    let mut o = ObsLine::default();
+    let mut s = Scanner::new(line);
+    let mut seen = 0u32;
+    s.object(|s, k| {
+        match k {
+            "id" => {
+                once32(&mut seen, 1)?;
+                o.id = opt_str(s)?;
+            }
+            "status" => {
+                once32(&mut seen, 2)?;
+                o.status = opt_str(s)?;
+            }
+            "code" => {
+                once32(&mut seen, 4)?;
+                o.has_code = s.peek_is_object();
+                o.codes = Codes::read(s)?;
+            }
+            "subject" => {
+                once32(&mut seen, 8)?;
+                o.subject = reference(s)?;
+            }
+            "effectiveDateTime" => {
+                once32(&mut seen, 16)?;
+                o.effective_date_time = opt_str(s)?;
+            }
+            "effectivePeriod" => {
+                once32(&mut seen, 32)?;
+                if !s.null()? {
+                    let mut start = None;
+                    let mut seen = 0u8;
+                    s.object(|s, k| match k {
+                        "start" => {
+                            once(&mut seen, 1)?;
+                            start = opt_str(s)?;
+                            Ok(())
+                        }
+                        "end" => {
+                            once(&mut seen, 2)?;
+                            s.typed(Ty::Str, false)
+                        }
+                        _ => s.skip(),
+                    })?;
+                    o.effective_period = Some(start);
+                }
+            }
+            "effectiveInstant" => {
+                once32(&mut seen, 64)?;
+                o.effective_instant = opt_str(s)?;
+            }
+            "valueQuantity" => {
+                once32(&mut seen, 128)?;
+                if !s.null()? {
+                    let start = s.i;
+                    let mut seen = 0u8;
+                    s.object(|s, k| {
+                        match k {
+                            "value" => {
+                                once(&mut seen, 1)?;
+                                if !s.null()? {
+                                    s.f64_text()?;
+                                }
+                            }
+                            "comparator" => {
+                                once(&mut seen, 2)?;
+                                s.typed(Ty::Str, false)?;
+                            }
+                            "unit" => {
+                                once(&mut seen, 4)?;
+                                o.q_unit = opt_str(s)?;
+                            }
+                            "system" => {
+                                once(&mut seen, 8)?;
+                                o.q_system = opt_str(s)?;
+                            }
+                            "code" => {
+                                once(&mut seen, 16)?;
+                                o.q_code = opt_str(s)?;
+                            }
+                            _ => s.skip()?,
+                        }
+                        Ok(())
+                    })?;
+                    o.quantity = Some(s.since(start));
+                }
+            }
+            "valueString" => {
+                once32(&mut seen, 256)?;
+                o.value_string = Some(s.raw_typed(Ty::Str, false)?);
+            }
+            "valueInteger" => {
+                once32(&mut seen, 512)?;
+                o.value_integer = Some(s.raw_typed(Ty::I64, false)?);
+            }
+            "valueCodeableConcept" => {
+                once32(&mut seen, 1024)?;
+                o.value_concept = Some(s.raw_typed(Ty::Obj(scan::CODEABLE_CONCEPT), false)?);
+            }
+            "referenceRange" => {
+                once32(&mut seen, 2048)?;
+                o.reference_range = Some(s.raw_typed(Ty::Obj(scan::REFERENCE_RANGE), true)?);
+            }
+            "component" => {
+                once32(&mut seen, 4096)?;
+                s.array(|s| {
+                    o.components += 1;
+                    let mut seen = 0u8;
+                    s.object(|s, k| match k {
+                        "code" => {
+                            once(&mut seen, 1)?;
+                            let c = Codes::read(s)?;
+                            for x in c.iter() {
+                                let n = o.component_codes.n;
+                                if n == MAX_CODES || o.components > 255 {
+                                    return Err(Bail);
+                                }
+                                o.component_codes.c[n] = x;
+                                o.component_of[n] = (o.components - 1) as u8;
+                                o.component_codes.n += 1;
+                            }
+                            Ok(())
+                        }
+                        _ => match scan::COMPONENT.iter().position(|f| f.name == k) {
+                            Some(n) => {
+                                once(&mut seen, 2 << n)?;
+                                s.typed(scan::COMPONENT[n].ty, scan::COMPONENT[n].vec)
+                            }
+                            None => s.skip(),
+                        },
+                    })
+                })?;
+            }
+            _ => s.skip()?,
+        }
+        Ok(())
+    })?;
+    s.end()?;
+    Ok(o)
+}
+
+/// What the fast way did with a line.
+pub enum Outcome {
+    /// Fully accounted for (nothing, an unmapped code, or lab values pushed).
+    Done,
+    /// Take the full parse.
+    Full,
+}
+
+/// The unit key, as `extract::unit_key` reads it from a Quantity.
+fn unit_key<'a>(o: &ObsLine<'a>) -> Option<&'a str> {
+    let ucum = o.q_system.is_none_or(|s| s.trim() == "http://unitsofmeasure.org");
+    let code = o.q_code.filter(|_| ucum);
+    code.or(o.q_unit).map(str::trim)
+}
+
+/// Reduces a scanned Observation of a known patient, exactly as `extract::observation`
+/// would: returns `Full` when the line must be parsed in full after all.
+#[allow(clippy::too_many_arguments)]
+pub fn reduce_observation(
+    o: &ObsLine,
+    demo: &Demographics,
+    m: &Mappings,
+    spans: Option<&[Option<Window>]>,
+    unmapped_key: &mut String,
+    unmapped: &mut HashMap<String, usize>,
+    slow_unmapped: &mut Unmapped,
+    labs: &mut HashMap<usize, Vec<LabValue>>,
+) -> Outcome {
+    if !o.status.is_some_and(|s| OBS_VALID.contains(&s)) {
+        return Outcome::Done;
+    }
+    let time: Instant = match o.effective_date_time {
+        Some(t) => match parse_fhir_instant(t) {
+            Some(t) => t,
+            None => return Outcome::Done,
+        },
+        None => match o.effective_period.flatten() {
+            Some(start) => match parse_fhir_instant(start) {
+                Some(t) => t,
+                None => return Outcome::Done,
+            },
+            None => match o.effective_instant.and_then(parse_fhir_instant) {
+                Some(t) => t,
+                None => return Outcome::Done,
+            },
+        },
+    };
+    let wanted = |lab: usize| spans.is_none_or(|sp| sp.get(lab).copied().flatten().is_some_and(|w| w.contains(time)));
+    let lab_of = |codes: &Codes| {
+        codes
+            .iter()
+            .find_map(|(sys, code)| m.lab_for_str(m.system_key_str(sys), code?.trim()))
+    };
+    let top = lab_of(&o.codes);
+    // Each component's first lab code counts (blood pressure's systolic and diastolic): one
+    // that a rule wants now takes the full way; one that none wants still makes the
+    // Observation a mapped one.
+    let mut comp_lab = false;
+    let mut last = usize::MAX;
+    for (k, (sys, code)) in o.component_codes.iter().enumerate() {
+        let comp = usize::from(o.component_of[k]);
+        if comp == last {
+            continue; // this component's lab is found already
+        }
+        if let Some(lab) = code.and_then(|c| m.lab_for_str(m.system_key_str(sys), c.trim())) {
+            last = comp;
+            comp_lab = true;
+            if wanted(lab) {
+                return Outcome::Full;
+            }
+        }
+    }
+    match top {
+        None if comp_lab => Outcome::Done,
+        Some(lab) if !wanted(lab) => Outcome::Done,
+        Some(_) if comp_lab => Outcome::Full,
+        Some(_) => build(o, demo, m, spans, slow_unmapped, labs),
+        None => {
+            // Unmapped: the first coding that has a code, with the value's unit.
+            if let Some((sys, code)) = o.codes.iter().find_map(|(s, c)| Some((s, c?))) {
+                let unit = unit_key(o).unwrap_or("");
+                unmapped_key.clear();
+                unmapped_key.push_str(m.system_key_str(sys));
+                unmapped_key.push('\0');
+                unmapped_key.push_str(code.trim());
+                unmapped_key.push('\0');
+                unmapped_key.push_str(unit);
+                match unmapped.get_mut(unmapped_key.as_str()) {
+                    Some(n) => *n += 1,
+                    None => {
+                        unmapped.insert(unmapped_key.clone(), 1);
+                    }
+                }
+            }
+            Outcome::Done
+        }
+    }
+}
+
+/// Builds the Observation (only what `extract::observation` reads) and reduces it there.
+fn build(
+    o: &ObsLine,
+    demo: &Demographics,
+    m: &Mappings,
+    spans: Option<&[Option<Window>]>,
+    unmapped: &mut Unmapped,
+    labs: &mut HashMap<usize, Vec<LabValue>>,
+) -> Outcome {
+    fn parse<T: serde::de::DeserializeOwned + Default>(raw: Option<&str>) -> Result<T, ()> {
+        match raw {
+            Some(r) => serde_json::from_str(r).map_err(drop),
+            None => Ok(T::default()),
+        }
+    }
+    let owned = |s: Option<&str>| s.map(str::to_string);
+    let Some(id) = o.id else { return Outcome::Full };
+    let built = (|| -> Result<Observation, ()> {
+        Ok(Observation {
+            id: Some(id.to_string()),
+            status: owned(o.status),
+            code: o.has_code.then(|| o.codes.owned()),
+            subject: None,
+            effective_date_time: owned(o.effective_date_time),
+            effective_period: o.effective_period.map(|start| Period {
+                start: owned(start),
+                end: None,
+            }),
+            effective_instant: owned(o.effective_instant),
+            value_quantity: parse(o.quantity)?,
+            value_string: parse(o.value_string)?,
+            value_integer: parse(o.value_integer)?,
+            value_codeable_concept: parse(o.value_concept)?,
+            reference_range: parse(o.reference_range)?,
+            component: Vec::new(),
+        })
+    })();
+    let Ok(obs) = built else { return Outcome::Full };
+    let reference = format!("Observation/{id}");
+    observation(&reference, &obs, None, demo, m, spans, unmapped, labs);
+    Outcome::Done
+}
