@@ -129,7 +129,14 @@ fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings
     // One check for the whole block: a line that is not UTF-8 is the rare case.
     let all_utf8 = std::str::from_utf8(text).is_ok();
     let mut lines = 0;
-    for (i, line) in text.split(|&c| c == b'\n').enumerate() {
+    let mut from = 0;
+    for i in 0.. {
+        if from > text.len() {
+            break;
+        }
+        let to = memchr::memchr(b'\n', &text[from..]).map_or(text.len(), |n| from + n);
+        let line = &text[from..to];
+        from = to + 1;
         lines = i + 1;
         let loc = || LINE_MARK.to_string();
         let text = if all_utf8 {
@@ -281,42 +288,42 @@ fn block_lines(file: &std::fs::File, k: u64, len: u64, buf: &mut Vec<u8>) -> std
     let end = (start + BLOCK as u64).min(len);
     // One byte before the block tells whether a line starts right at it.
     let from = start.saturating_sub(1);
-    buf.clear();
-    buf.resize((end - from) as usize, 0);
-    read_exact_at(file, buf, from)?;
-    let mut first = if k == 0 {
-        if buf.starts_with(b"\xef\xbb\xbf") { 3 } else { 0 }
+    // `buf` is reused from block to block: grown (zeroed) only when too short, never cleared,
+    // so the file is not preceded by a memset of every byte.
+    let mut used = (end - from) as usize;
+    if buf.len() < used {
+        buf.resize(used, 0);
+    }
+    read_exact_at(file, &mut buf[..used], from)?;
+    let first = if k == 0 {
+        if buf[..used].starts_with(b"\xef\xbb\xbf") { 3 } else { 0 }
     } else {
-        match buf.iter().position(|&c| c == b'\n') {
+        match memchr::memchr(b'\n', &buf[..used]) {
             Some(i) => i + 1,
             None => return Ok(0..0), // inside one long line that began earlier
         }
     };
-    // The block's own part starts at `start`: a newline found in the byte before it means a
-    // line starts exactly at `start`.
-    let own = (start - from) as usize;
-    if first < own {
-        first = own;
-    }
-    if first >= buf.len() {
+    if first >= used {
         return Ok(0..0);
     }
     // Read on to the end of the last line.
-    if buf.last() != Some(&b'\n') {
+    if buf[used - 1] != b'\n' {
         let mut at = end;
         while at < len {
             let n = (BLOCK as u64 / 16).min(len - at) as usize;
-            let old = buf.len();
-            buf.resize(old + n, 0);
-            read_exact_at(file, &mut buf[old..], at)?;
+            if buf.len() < used + n {
+                buf.resize(used + n, 0);
+            }
+            read_exact_at(file, &mut buf[used..used + n], at)?;
             at += n as u64;
-            if let Some(i) = buf[old..].iter().position(|&c| c == b'\n') {
-                buf.truncate(old + i + 1);
+            if let Some(i) = memchr::memchr(b'\n', &buf[used..used + n]) {
+                used += i + 1;
                 break;
             }
+            used += n;
         }
     }
-    Ok(first..buf.len())
+    Ok(first..used)
 }
 
 #[cfg(unix)]

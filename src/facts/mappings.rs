@@ -167,17 +167,20 @@ pub struct Set {
     pub file: PathBuf,
 }
 
+type Quick = std::hash::BuildHasherDefault<super::store::Words>;
+
 /// All mapping files, merged and compiled.
 #[derive(Debug, Default)]
 pub struct Mappings {
     pub files: Vec<PathBuf>,
-    system_keys: HashMap<String, String>,
+    /// Looked up for every coding read: a fast hasher (the keys come from the mapping files).
+    system_keys: HashMap<String, String, Quick>,
     unit_aliases: HashMap<String, String>,
     pub labs: Vec<Lab>,
     lab_by_name: HashMap<String, usize>,
     lab_codes: HashMap<(String, String), usize>,
     /// `lab_codes` by system key then code, for lookups with borrowed strings.
-    lab_codes_by: HashMap<String, HashMap<String, usize>>,
+    lab_codes_by: HashMap<String, HashMap<String, usize, Quick>, Quick>,
     pub sets: Vec<Set>,
     set_by_name: HashMap<String, usize>,
     set_codes: HashMap<String, SystemCodes>,

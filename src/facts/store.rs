@@ -110,12 +110,86 @@ impl std::hash::Hasher for Words {
     }
 }
 
-type FastHash = std::hash::BuildHasherDefault<Words>;
+/// Names (`Patient/<id>`, `fullUrl`s) to patient numbers, looked up once per resource read:
+/// open addressing over one array of 8-byte slots (a 32-bit tag of the hash and the entry),
+/// the names themselves in one buffer. A lookup touches one slot and one name, where a map of
+/// `String`s touches a control group, a bucket and the name's own allocation.
+#[derive(Debug, Default, Clone)]
+struct Names {
+    /// `tag << 32 | entry + 1`; 0 is empty.
+    slots: Vec<u64>,
+    /// Per entry: where its name ends in `text` (it starts where the one before ends), and
+    /// the number it maps to.
+    ends: Vec<(u32, u32)>,
+    text: String,
+}
+
+impl Names {
+    fn hash(name: &str) -> u64 {
+        use std::hash::Hasher;
+        let mut h = Words::default();
+        h.write(name.as_bytes());
+        h.finish()
+    }
+
+    fn name(&self, entry: usize) -> &str {
+        let start = if entry == 0 { 0 } else { self.ends[entry - 1].0 as usize };
+        &self.text[start..self.ends[entry].0 as usize]
+    }
+
+    /// The slot holding `name`, or the empty slot where it would go.
+    #[inline]
+    fn find(&self, name: &str, h: u64) -> usize {
+        let mask = self.slots.len() - 1;
+        let tag = h >> 32;
+        let mut i = h as usize & mask;
+        loop {
+            let slot = self.slots[i];
+            if slot == 0 || (slot >> 32 == tag && self.name((slot as u32 - 1) as usize) == name) {
+                return i;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    #[inline]
+    fn get(&self, name: &str) -> Option<usize> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let slot = self.slots[self.find(name, Self::hash(name))];
+        (slot != 0).then(|| self.ends[(slot as u32 - 1) as usize].1 as usize)
+    }
+
+    fn insert(&mut self, name: String, value: usize) {
+        if (self.ends.len() + 1) * 2 > self.slots.len() {
+            let mut bigger = Names {
+                slots: vec![0; (self.slots.len() * 2).max(1024)],
+                ends: Vec::with_capacity(self.ends.len() * 2),
+                text: String::with_capacity(self.text.len() * 2),
+            };
+            for e in 0..self.ends.len() {
+                bigger.insert(self.name(e).to_string(), self.ends[e].1 as usize);
+            }
+            *self = bigger;
+        }
+        let h = Self::hash(&name);
+        let i = self.find(&name, h);
+        if self.slots[i] != 0 {
+            let e = (self.slots[i] as u32 - 1) as usize;
+            self.ends[e].1 = value as u32;
+            return;
+        }
+        self.text.push_str(&name);
+        self.ends.push((self.text.len() as u32, value as u32));
+        self.slots[i] = (h >> 32) << 32 | self.ends.len() as u64;
+    }
+}
 
 /// The patients and Medications known at some point of the input.
 #[derive(Debug, Default, Clone)]
 pub struct Registry {
-    alias: HashMap<String, usize, FastHash>,
+    alias: Names,
     demographics: Vec<Demographics>,
     /// Per patient, whether this process screens it (see [`Shard`]).
     mine: Vec<bool>,
@@ -128,8 +202,7 @@ impl Registry {
     fn patient_of(&self, target: &str) -> Option<usize> {
         self.alias
             .get(target)
-            .copied()
-            .or_else(|| normalize_reference(target).and_then(|n| self.alias.get(&n).copied()))
+            .or_else(|| normalize_reference(target).and_then(|n| self.alias.get(&n)))
     }
 }
 
@@ -300,7 +373,7 @@ impl FactStore {
                     (None, Some(url)) => url.clone(),
                     (None, None) => format!("Patient#{i}"),
                 };
-                let existing = registry.alias.get(&key).copied();
+                let existing = registry.alias.get(&key);
                 let index = existing.unwrap_or(self.facts.len());
                 if let Some(url) = &d.parsed.full_url {
                     registry.alias.insert(url.clone(), index);

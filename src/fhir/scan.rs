@@ -190,8 +190,9 @@ impl<'a> Scanner<'a> {
             match self.b.get(i) {
                 Some(b'"') => {
                     self.i = i + 1;
-                    // Quotes are ASCII, so both ends are on character boundaries.
-                    return Ok((&self.s[start..i], escaped));
+                    // SAFETY: `start..i` lies inside `s` between two ASCII quotes, so both
+                    // ends are character boundaries.
+                    return Ok((unsafe { self.s.get_unchecked(start..i) }, escaped));
                 }
                 Some(b'\\') => {
                     escaped = true;
