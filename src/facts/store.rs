@@ -510,18 +510,17 @@ impl FactStore {
                 self.duplicates
             ),
         );
-        let mut facts: Vec<PatientFacts> = self
-            .facts
-            .into_iter()
-            .zip(registry.demographics)
-            .zip(registry.mine)
-            .filter(|(_, mine)| *mine)
-            .map(|((mut f, d), _)| {
-                f.demographics = d;
-                f
-            })
-            .collect();
-        facts.sort_by(|a, b| a.key.cmp(&b.key));
+        // In place: a second vector of every patient's facts would double the peak.
+        let mut facts = self.facts;
+        for (f, d) in facts.iter_mut().zip(registry.demographics) {
+            f.demographics = d;
+        }
+        if registry.mine.iter().any(|m| !m) {
+            let mut mine = registry.mine.into_iter();
+            facts.retain(|_| mine.next().unwrap_or(false));
+        }
+        facts.shrink_to_fit();
+        facts.sort_unstable_by(|a, b| a.key.cmp(&b.key)); // keys are unique; no merge buffer
         tracing::debug!(
             patients = facts.len(),
             lab_values = facts.iter().map(|f| f.labs.values().map(Vec::len).sum::<usize>()).sum::<usize>(),
