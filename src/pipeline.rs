@@ -459,41 +459,56 @@ pub fn apply_delta(
     })
 }
 
-/// Patients evaluated per round: each round's results are handed over before the next, so
-/// results never pile up, while the round is long enough to keep every core busy.
-const ROUND: usize = 2048;
+/// Patients evaluated per chunk: small enough that the results in flight stay few (they are
+/// handed over in order as chunks finish), large enough that handing over costs nothing.
+const ROUND: usize = 256;
 
 /// Evaluates every trial for every patient, on every core, handing each result to `each` in
-/// patient order.
+/// patient order. The workers take chunks of patients in turn; the calling thread hands the
+/// finished chunks over (writing a report row, freeing the result) while the workers go on,
+/// so that no core waits for the writing. At most a few chunks per worker are in flight.
 pub fn evaluate_each(facts: &[PatientFacts], cfg: &Config, as_of: Date, decisions: &Decisions, each: &mut dyn FnMut(TrialResult)) {
     let threads = std::thread::available_parallelism().map(usize::from).unwrap_or(1).max(1);
     PROGRESS.patients_total.store(facts.len() as u64, Ordering::Relaxed);
     PROGRESS.patients_done.store(0, Ordering::Relaxed);
-    for round in facts.chunks(ROUND) {
-        let chunk = round.len().div_ceil(threads).max(1);
-        let parts: Vec<Vec<TrialResult>> = std::thread::scope(|s| {
-            let handles: Vec<_> = round
-                .chunks(chunk)
-                .map(|part| {
-                    s.spawn(move || {
-                        let mut results = Vec::with_capacity(part.len() * cfg.trials.len());
-                        for f in part {
-                            for t in &cfg.trials {
-                                results.push(evaluate(t, f, &cfg.mappings, as_of, decisions));
-                            }
+    let chunks = facts.len().div_ceil(ROUND);
+    let taken = AtomicU64::new(0);
+    // Bounded: a worker far ahead of the writer waits rather than piling results up.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, usize, Vec<TrialResult>)>(threads * 2);
+    std::thread::scope(|s| {
+        for _ in 0..threads.min(chunks) {
+            let (tx, taken) = (tx.clone(), &taken);
+            s.spawn(move || {
+                loop {
+                    let k = taken.fetch_add(1, Ordering::Relaxed) as usize;
+                    if k >= chunks {
+                        return;
+                    }
+                    let part = &facts[k * ROUND..((k + 1) * ROUND).min(facts.len())];
+                    let mut results = Vec::with_capacity(part.len() * cfg.trials.len());
+                    for f in part {
+                        for t in &cfg.trials {
+                            results.push(evaluate(t, f, &cfg.mappings, as_of, decisions));
                         }
-                        results
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                .collect()
-        });
-        parts.into_iter().flatten().for_each(&mut *each);
-        PROGRESS.patients_done.fetch_add(round.len() as u64, Ordering::Relaxed);
-    }
+                    }
+                    if tx.send((k, part.len(), results)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut ready = BTreeMap::new();
+        let mut next = 0usize;
+        for (k, n, results) in rx {
+            ready.insert(k, (n, results));
+            while let Some((n, results)) = ready.remove(&next) {
+                results.into_iter().for_each(&mut *each);
+                PROGRESS.patients_done.fetch_add(n as u64, Ordering::Relaxed);
+                next += 1;
+            }
+        }
+    });
 }
 
 /// This process's peak resident memory in KB (VmHWM), where the system reports it (Linux).

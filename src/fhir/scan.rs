@@ -315,12 +315,89 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// Skips any value, checking it.
+    /// Skips any value, checking it as serde_json checks a value it ignores. Containers are
+    /// walked in one loop with a bit stack (no call per value): most of a line's bytes are in
+    /// parts nobody reads.
     pub fn skip(&mut self) -> R<()> {
         match self.peek() {
-            b'"' => self.string_raw().map(drop),
-            b'{' => self.object(|s, _| s.skip()),
-            b'[' => self.array(|s| s.skip()),
+            b'"' => return self.string_raw().map(drop),
+            b'{' | b'[' => {}
+            _ => return self.scalar(),
+        }
+        // Bit n of `stack`: whether the container at depth n is an object.
+        let mut stack: u128 = 0;
+        let mut depth: u32 = 0;
+        let limit = MAX_DEPTH.saturating_sub(self.depth).min(127);
+        'value: loop {
+            // At a value.
+            match self.peek() {
+                b'"' => {
+                    self.string_raw()?;
+                }
+                open @ (b'{' | b'[') => {
+                    self.i += 1;
+                    if depth == limit {
+                        return Err(Bail);
+                    }
+                    let object = open == b'{';
+                    stack = (stack << 1) | u128::from(object);
+                    depth += 1;
+                    self.ws();
+                    let close = if object { b'}' } else { b']' };
+                    if self.peek() == close {
+                        self.i += 1;
+                        stack >>= 1;
+                        depth -= 1;
+                    } else {
+                        if object {
+                            self.member_key()?;
+                        }
+                        continue 'value;
+                    }
+                }
+                _ => self.scalar()?,
+            }
+            // After a value: close containers until one goes on.
+            loop {
+                if depth == 0 {
+                    return Ok(());
+                }
+                self.ws();
+                let object = stack & 1 == 1;
+                match self.peek() {
+                    b',' => {
+                        self.i += 1;
+                        self.ws();
+                        if object {
+                            self.member_key()?;
+                        }
+                        continue 'value;
+                    }
+                    b'}' if object => {}
+                    b']' if !object => {}
+                    _ => return Err(Bail),
+                }
+                self.i += 1;
+                stack >>= 1;
+                depth -= 1;
+            }
+        }
+    }
+
+    /// A key inside a skipped object (serde ignores it, escapes and all) and its colon.
+    #[inline]
+    fn member_key(&mut self) -> R<()> {
+        self.string_raw()?;
+        self.ws();
+        self.eat(b':')?;
+        self.ws();
+        Ok(())
+    }
+
+    /// `true`, `false`, `null` or a number.
+    #[inline]
+    fn scalar(&mut self) -> R<()> {
+        match self.peek() {
             b't' => self.literal(b"true"),
             b'f' => self.literal(b"false"),
             b'n' => self.literal(b"null"),
@@ -496,6 +573,16 @@ mod tests {
             r#"{"a":"#,
             r#"{"a":"unterminated}"#,
             r#"{"a":"0123456789abcdef0123456789abcdef\"0123456789abcdef"}"#,
+            r#"{"a":{"b":[{"c":[[],{}]},[1,[2,[3]]]],"d":{}},"e":[{"f":null}]}"#,
+            r#"{"a":{"b":[{"c":[[],{}]},[1,[2,[3]]]],"d":{}},"e":[{"f":null}}"#,
+            r#"{"a":{"b" "c"}}"#,
+            r#"{"a":{"b":1,}}"#,
+            r#"{"a":[1 2]}"#,
+            r#"{"a":{"\u0041":1}}"#,
+            r#"{"a":{1:2}}"#,
+            r#"{"a":[{]}"#,
+            r#"{"a":[}"#,
+            r#"{"a":{"b":1]}"#,
         ];
         for c in cases {
             let serde = serde_json::from_str::<serde::de::IgnoredAny>(c).is_ok();
@@ -503,7 +590,7 @@ mod tests {
             if valid(c) {
                 assert!(serde, "scanner accepted what serde rejects: {c}");
             }
-            if serde && !c.contains('\\') {
+            if serde && !c.contains("\\u") && !c.contains("\\\"") {
                 assert!(valid(c), "scanner rejected valid JSON: {c}");
             }
         }
