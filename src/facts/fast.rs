@@ -580,3 +580,210 @@ fn build(
     observation(&reference, &obs, None, demo, m, spans, unmapped, labs);
     Outcome::Done
 }
+
+#[cfg(test)]
+mod tests {
+    //! The fast way against the serde way, line by line: wherever the fast way answers, it
+    //! must answer exactly what the full parse and `extract_one` give (facts, unmapped
+    //! counts), and it must never accept a line serde rejects.
+    use super::*;
+    use crate::facts::PatientFacts;
+    use crate::facts::extract::extract_one;
+    use crate::fhir::files::{ReadOptions, ReadOutput, read_line};
+    use crate::fhir::record::MedicationIndex;
+    use std::collections::BTreeMap;
+
+    const TEMPLATES: &[&str] = &[
+        r#"{"resourceType":"Observation","id":"p1","meta":{"lastUpdated":"2026-04-04T10:42:09Z"},"status":"final","category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"laboratory","display":"Laboratory"}]}],"code":{"coding":[{"system":"http://loinc.org","code":"777-3","display":"Platelets"}],"text":"Platelets"},"subject":{"reference":"Patient/a"},"effectiveDateTime":"2026-05-01T10:00:00Z","issued":"2026-05-01T22:42:09.000Z","valueQuantity":{"value":30,"unit":"10*9/L","system":"http://unitsofmeasure.org","code":"10*9/L"}}"#,
+        r#"{"resourceType":"Observation","id":"a1","status":"amended","code":{"coding":[{"system":"http://example.org/local","code":"ALT"},{"system":"http://loinc.org","code":"1742-6"}]},"subject":{"reference":"Patient/a"},"effectivePeriod":{"start":"2026-04-01","end":"2026-04-02"},"valueQuantity":{"value":120.5,"unit":"U/L"},"referenceRange":[{"type":{"coding":[{"code":"normal"}]},"high":{"value":35,"unit":"U/L"}},{"high":{"value":40}}]}"#,
+        r#"{"resourceType":"Observation","id":"b1","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"85354-9"}]},"subject":{"reference":"Patient/a"},"effectiveDateTime":"2026-05-20","component":[{"code":{"coding":[{"system":"http://loinc.org","code":"8480-6"}]},"valueQuantity":{"value":120,"unit":"mm[Hg]"}},{"code":{"coding":[{"system":"http://loinc.org","code":"8462-4"}]},"valueQuantity":{"value":80,"unit":"mm[Hg]"}}]}"#,
+        r#"{"resourceType":"Observation","id":"h1","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"4548-4"}],"text":"HbA1c"},"subject":{"reference":"Patient/a"},"effectiveDateTime":"2026-05-02T10:00:00+05:30","valueQuantity":{"value":6.5,"unit":"%","system":"http://unitsofmeasure.org","code":"%"}}"#,
+        r#"{"resourceType":"Observation","id":"u1","status":"corrected","code":{"coding":[{"system":"http://loinc.org","code":"2890-2"}]},"subject":{"reference":"Patient/a"},"effectiveDateTime":"2026-01-15T23:30:00-02:00","valueQuantity":{"value":170.1,"comparator":">=","unit":"mg/mmol"}}"#,
+        r#"{"resourceType":"Observation","id":"s1","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"62238-1"}]},"subject":{"reference":"Patient/a"},"effectiveDateTime":"2026-05-30","valueString":">60"}"#,
+    ];
+
+    /// Single edits: each is applied, where it matches, to each template.
+    const EDITS: &[(&str, &str)] = &[
+        (r#""status":"final""#, r#""status":null"#),
+        (r#""status":"final""#, r#""status":7"#),
+        (r#""status":"final""#, r#""status":"final","status":"final""#),
+        (r#""status":"final""#, r#""status":"preliminary""#),
+        (r#""status":"amended""#, r#""status":" amended""#),
+        (r#""value":"#, r#""value":1e400,"x":"#),
+        (r#""value":30"#, r#""value":"30""#),
+        (r#""value":30"#, r#""value":null"#),
+        (r#""value":30"#, r#""value":-0.0"#),
+        (r#""value":30"#, r#""value":030"#),
+        (r#""value":120.5"#, r#""value":1.205e2"#),
+        (r#""code":"777-3""#, r#""code":" 777-3 ""#),
+        (r#""code":"777-3""#, r#""code":"\u0037\u00377-3""#),
+        (r#""code":"1742-6""#, r#""code":null"#),
+        (r#""system":"http://loinc.org""#, r#""system":" http://loinc.org ""#),
+        (r#""system":"http://loinc.org""#, r#""system":"urn:oid:2.16.840.1.113883.6.1""#),
+        (r#""subject":"#, r#""subj\u0065ct":"#),
+        (r#""subject":{"reference":"Patient/a"}"#, r#""subject":null"#),
+        (r#""subject":{"reference":"Patient/a"}"#, r#""subject":["Patient/a"]"#),
+        (r#""subject":{"reference":"Patient/a"}"#, r#""subject":{"reference":"http://h/fhir/Patient/a/_history/2"}"#),
+        (r#""effectiveDateTime":"2026-05-01T10:00:00Z""#, r#""effectiveDateTime":"2026-05""#),
+        (r#""effectiveDateTime":"2026-05-01T10:00:00Z""#, r#""effectiveDateTime":null,"effectiveInstant":"2026-05-01T10:00:00Z""#),
+        (r#""effectiveDateTime":"2026-05-01T10:00:00Z""#, r#""effectiveDateTime":"2025-01-01""#),
+        (r#""effectivePeriod":{"start":"2026-04-01","end":"2026-04-02"}"#, r#""effectivePeriod":{"end":"2026-04-02"}"#),
+        (r#""effectivePeriod":{"start":"2026-04-01","end":"2026-04-02"}"#, r#""effectivePeriod":{"start":5}"#),
+        (r#""valueQuantity":{"#, r#""valueQuantity":{"comparator":"ad","#),
+        (r#""valueQuantity":{"#, r#""valueQuantity":{"comparator":"<","#),
+        (r#""unit":"10*9/L","system":"http://unitsofmeasure.org","code":"10*9/L""#, r#""unit":"/uL""#),
+        (r#""unit":"10*9/L","system":"http://unitsofmeasure.org","code":"10*9/L""#, r#""unit":"K/uL","system":"http://snomed.info/sct","code":"x""#),
+        (r#""unit":"U/L""#, r#""unit":"mg/dL""#),
+        (r#""referenceRange":["#, r#""referenceRange":[null,"#),
+        (r#""referenceRange":["#, r#""referenceRange":[{"appliesTo":[{"coding":[{"code":"female"}]}],"high":{"value":30}},"#),
+        (r#""referenceRange":["#, r#""referenceRange":[{"age":{"low":{"value":80}},"high":{"value":20}},"#),
+        (r#""component":["#, r#""component":[{"code":{"coding":[{"system":"http://loinc.org","code":"777-3"}]},"valueQuantity":{"value":20,"unit":"10*9/L"}},"#),
+        (r#""component":["#, r#""component":null,"x":["#),
+        (r#""component":["#, r#""component":[{"valueInteger":"x"},"#),
+        (r#""valueString":">60""#, r#""valueString":"<0.1 mg/mg""#),
+        (r#""valueString":">60""#, r#""valueString":"a\"b""#),
+        (r#""valueString":">60""#, r#""valueInteger":40"#),
+        (r#""valueString":">60""#, r#""valueCodeableConcept":{"coding":[{"code":"positive"}]}"#),
+        (r#""display":"Platelets""#, r#""display":"\ud800 \q""#),
+        (r#""display":"Platelets""#, r#""display":"tab	in""#),
+        (r#""category":["#, r#""category":[[[[[[]]]]],"#),
+        (r#""meta":{"#, r#""meta":{"a":[1,2,],"#),
+        (r#""id":"p1""#, r#""id":null"#),
+        (r#"{"resourceType":"Observation","#, r#"{"resourceType":"Observation","code":{"text":"x"},"#),
+        (r#""text":"Platelets""#, r#""text":"Platelets","text":"again""#),
+        (r#"}"#, r#"} x"#),
+        (r#""coding":[{"system":"http://loinc.org","code":"4548-4"}]"#, r#""coding":[{"code":"4548-4"},{"system":"http://loinc.org","code":"777-3"}]"#),
+    ];
+
+    fn setup() -> (Mappings, Vec<Option<Window>>) {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let m = Mappings::load_dir(&root.join("mappings")).expect("mappings load");
+        let trials = crate::load_config(&root.join("mappings"), &root.join("config/trials"), &[]).expect("trials load").trials;
+        let spans = crate::criteria::eval::lab_spans(&trials, &m, crate::time::Date::parse("2026-06-01").expect("date"));
+        (m, spans)
+    }
+
+    /// (labs as text, unmapped counts), or None when serde does not read the line.
+    type Seen = (String, BTreeMap<(String, String, String), usize>);
+
+    fn labs_text(labs: &HashMap<usize, Vec<LabValue>>) -> String {
+        let mut v: Vec<_> = labs.iter().collect();
+        v.sort_by_key(|(k, _)| **k);
+        format!("{v:?}")
+    }
+
+    fn slow(line: &str, m: &Mappings, spans: &[Option<Window>]) -> Option<Seen> {
+        let mut out = ReadOutput::default();
+        read_line(&|| "t".into(), line, ReadOptions::default(), &mut out);
+        let parsed = out.resources.pop()?;
+        let id = parsed.resource.id()?.to_string();
+        let mut f = PatientFacts::default();
+        let mut u = Unmapped::default();
+        let demo = Demographics::default();
+        extract_one(&format!("Observation/{id}"), &parsed.resource, &demo, &MedicationIndex::default(), m, Some(spans), &mut u, &mut f);
+        Some((labs_text(&f.labs), u.counts))
+    }
+
+    fn fast(line: &str, m: &Mappings, spans: &[Option<Window>]) -> Option<Seen> {
+        let o = scan_observation(line).ok()?;
+        o.id?;
+        let (mut key, mut counts, mut u, mut labs) = (String::new(), HashMap::new(), Unmapped::default(), HashMap::new());
+        let demo = Demographics::default();
+        if let Outcome::Full = reduce_observation(&o, &demo, m, Some(spans), &mut key, &mut counts, &mut u, &mut labs) {
+            return None;
+        }
+        for (k, n) in counts {
+            let mut p = k.split('\0').map(str::to_string);
+            let k = (p.next().unwrap_or_default(), p.next().unwrap_or_default(), p.next().unwrap_or_default());
+            *u.counts.entry(k).or_default() += n;
+        }
+        Some((labs_text(&labs), u.counts))
+    }
+
+    #[test]
+    fn fast_way_agrees_with_the_full_parse() {
+        let (m, spans) = setup();
+        let mut lines: Vec<String> = TEMPLATES.iter().map(|t| t.to_string()).collect();
+        for t in TEMPLATES {
+            for (from, to) in EDITS {
+                if t.contains(from) {
+                    lines.push(t.replacen(from, to, 1));
+                }
+            }
+        }
+        // Pairs of edits too.
+        let singles = lines.clone();
+        for l in &singles[TEMPLATES.len()..] {
+            for (from, to) in EDITS.iter().step_by(3) {
+                if l.contains(from) {
+                    lines.push(l.replacen(from, to, 1));
+                }
+            }
+        }
+        let mut answered = 0;
+        for line in &lines {
+            let Some(f) = fast(line, &m, &spans) else { continue };
+            answered += 1;
+            match slow(line, &m, &spans) {
+                Some(s) => assert_eq!(f, s, "fast and full ways differ on {line}"),
+                None => panic!("the fast way read a line serde rejects: {line}"),
+            }
+        }
+        // Many edits are meant to make it bail; enough lines must still be answered.
+        assert!(answered > lines.len() / 4, "the fast way answered only {answered} of {} lines", lines.len());
+    }
+
+    const CONDITION: &str = r#"{"resourceType":"Condition","id":"c1","meta":{"lastUpdated":"2025-01-31T00:38:10Z"},"clinicalStatus":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/condition-clinical","code":"active"}]},"verificationStatus":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/condition-ver-status","code":"confirmed"}]},"category":[{"coding":[{"code":"problem-list-item"}]}],"code":{"coding":[{"system":"http://snomed.info/sct","code":"55464009","display":"SLE"}],"text":"SLE"},"subject":{"reference":"Patient/a"},"onsetDateTime":"2021-03-03T04:29:48Z","recordedDate":"2021-03-08T04:29:48Z"}"#;
+
+    const CONDITION_EDITS: &[(&str, &str)] = &[
+        (r#""code":"active""#, r#""code":"resolved""#),
+        (r#""code":"active""#, r#""code":null"#),
+        (r#""clinicalStatus":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/condition-clinical","code":"active"}]}"#, r#""clinicalStatus":{"text":" Active "}"#),
+        (r#""clinicalStatus":{"#, r#""clinicalStatus":null,"x":{"#),
+        (r#""code":"confirmed""#, r#""code":"refuted""#),
+        (r#""code":"55464009""#, r#""code":"M32.14""#),
+        (r#""system":"http://snomed.info/sct","code":"55464009""#, r#""system":"http://hl7.org/fhir/sid/icd-10-cm","code":"M32.14""#),
+        (r#""system":"http://snomed.info/sct","code":"55464009""#, r#""system":"http://example.org/x","code":"abc""#),
+        (r#""system":"http://snomed.info/sct","code":"55464009""#, r#""system":"http://snomed.info/sct","code":"200936003""#),
+        (r#""onsetDateTime":"2021-03-03T04:29:48Z""#, r#""onsetPeriod":{"start":"2021"},"abatementDateTime":"2026-05-01""#),
+        (r#""onsetDateTime":"2021-03-03T04:29:48Z""#, r#""abatementBoolean":true"#),
+        (r#""onsetDateTime":"2021-03-03T04:29:48Z""#, r#""abatementBoolean":"true""#),
+        (r#""onsetDateTime":"2021-03-03T04:29:48Z""#, r#""abatementPeriod":{"end":"2027-01-01"}"#),
+        (r#""recordedDate":"2021-03-08T04:29:48Z""#, r#""recordedDate":5"#),
+        (r#""recordedDate":"2021-03-08T04:29:48Z""#, r#""recordedDate":"2021","recordedDate":"2022""#),
+        (r#""display":"SLE""#, r#""display":"S\u004cE""#),
+        (r#""text":"SLE""#, r#""text":"S\u004cE""#),
+        (r#""id":"c1""#, r#""id":null"#),
+    ];
+
+    #[test]
+    fn fast_conditions_agree_with_the_full_parse() {
+        let (m, _) = setup();
+        let mut lines = vec![CONDITION.to_string()];
+        for (from, to) in CONDITION_EDITS {
+            let one = CONDITION.replacen(from, to, 1);
+            for (from2, to2) in CONDITION_EDITS.iter().step_by(2) {
+                lines.push(one.replacen(from2, to2, 1));
+            }
+            lines.push(one);
+        }
+        let mut answered = 0;
+        for line in &lines {
+            let Ok(c) = scan_condition(line) else { continue };
+            let Some(id) = c.id else { continue };
+            answered += 1;
+            let reference = format!("Condition/{id}");
+            let mut u = Unmapped::default();
+            let fast = crate::facts::extract::condition(&reference, &c.owned(), &m, &mut u);
+            let fast = (format!("{fast:?}"), u.counts);
+            let mut out = ReadOutput::default();
+            read_line(&|| "t".into(), line, ReadOptions::default(), &mut out);
+            let Some(parsed) = out.resources.pop() else { panic!("the fast way read a line serde rejects: {line}") };
+            let crate::fhir::Resource::Condition(full) = &parsed.resource else { panic!("not a Condition: {line}") };
+            let mut u = Unmapped::default();
+            let slow = crate::facts::extract::condition(&reference, full, &m, &mut u);
+            assert_eq!(fast, (format!("{slow:?}"), u.counts), "fast and full ways differ on {line}");
+        }
+        assert!(answered > lines.len() / 3, "the fast way answered only {answered} of {} lines", lines.len());
+    }
+}
