@@ -110,8 +110,9 @@ struct Reduced {
 /// Marks where the file and line go in an issue's location until they are known.
 const LINE_MARK: &str = "\0";
 
-/// Reduces the lines of one block. Observation lines take the fast way (`facts::fast`) unless
-/// their JSON is kept for a JSONPath mapping.
+/// Reduces the lines of one block. Observation and Condition lines take the fast way
+/// (`facts::fast`) first; it hands back, for the full parse, an Observation whose lab is read
+/// through JSONPath (the full parse then keeps its JSON).
 fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings) -> Reduced {
     let mut out = ReadOutput::default();
     let mut partial = Partial::default();
@@ -125,7 +126,6 @@ fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings
         };
     }
     let mut index = 0u64;
-    let fast = !opts.keep_observation_json;
     // One check for the whole block: a line that is not UTF-8 is the rare case.
     let all_utf8 = std::str::from_utf8(text).is_ok();
     let mut lines = 0;
@@ -159,7 +159,7 @@ fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings
         };
         let t = text.trim();
         let done = if t.starts_with("{\"resourceType\":\"Observation\"") {
-            fast && partial.observation_line(reg, t, m)
+            partial.observation_line(reg, t, m)
         } else if t.starts_with("{\"resourceType\":\"Condition\"") {
             partial.condition_line(reg, t, m)
         } else {
@@ -459,9 +459,10 @@ pub fn apply_delta(
     })
 }
 
-/// Patients evaluated per chunk: small enough that the results in flight stay few (they are
-/// handed over in order as chunks finish), large enough that handing over costs nothing.
-const ROUND: usize = 256;
+/// Results (patients × trials) per chunk: small enough that the results in flight stay few
+/// (a result with its explanations can weigh kilobytes), large enough that handing over
+/// costs nothing.
+const ROUND: usize = 128;
 
 /// Evaluates every trial for every patient, on every core, handing each result to `each` in
 /// patient order. The workers take chunks of patients in turn; the calling thread hands the
@@ -471,10 +472,11 @@ pub fn evaluate_each(facts: &[PatientFacts], cfg: &Config, as_of: Date, decision
     let threads = std::thread::available_parallelism().map(usize::from).unwrap_or(1).max(1);
     PROGRESS.patients_total.store(facts.len() as u64, Ordering::Relaxed);
     PROGRESS.patients_done.store(0, Ordering::Relaxed);
-    let chunks = facts.len().div_ceil(ROUND);
+    let per_chunk = (ROUND / cfg.trials.len().max(1)).max(1);
+    let chunks = facts.len().div_ceil(per_chunk);
     let taken = AtomicU64::new(0);
     // Bounded: a worker far ahead of the writer waits rather than piling results up.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, usize, Vec<TrialResult>)>(threads * 2);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, usize, Vec<TrialResult>)>(threads);
     std::thread::scope(|s| {
         for _ in 0..threads.min(chunks) {
             let (tx, taken) = (tx.clone(), &taken);
@@ -484,7 +486,7 @@ pub fn evaluate_each(facts: &[PatientFacts], cfg: &Config, as_of: Date, decision
                     if k >= chunks {
                         return;
                     }
-                    let part = &facts[k * ROUND..((k + 1) * ROUND).min(facts.len())];
+                    let part = &facts[k * per_chunk..((k + 1) * per_chunk).min(facts.len())];
                     let mut results = Vec::with_capacity(part.len() * cfg.trials.len());
                     for f in part {
                         for t in &cfg.trials {

@@ -515,6 +515,8 @@ pub fn reduce_observation(
         None if comp_lab => Outcome::Done,
         Some(lab) if !wanted(lab) => Outcome::Done,
         Some(_) if comp_lab => Outcome::Full,
+        // A lab read through JSONPath needs the Observation's whole JSON: the full way keeps it.
+        Some(lab) if m.labs[lab].value_path.is_some() => Outcome::Full,
         Some(_) => build(o, demo, m, spans, slow_unmapped, labs),
         None => {
             // Unmapped: the first coding that has a code, with the value's unit.
