@@ -15,7 +15,9 @@ use crate::fhir::scan::{self, Bail, R, Scanner, Ty};
 use crate::time::{Instant, Window, parse_fhir_instant};
 use std::collections::HashMap;
 
-const MAX_CODES: usize = 8;
+/// Codings kept per CodeableConcept (more: the full parse). Small, as the line's fields are
+/// handed around by value for every line.
+const MAX_CODES: usize = 4;
 const OBS_VALID: &[&str] = &["final", "amended", "corrected"];
 
 /// The codings of a CodeableConcept: (system, code), in order.
@@ -300,6 +302,12 @@ pub struct ObsLine<'a> {
 /// Scans one Observation line (trimmed). Bails on anything not plainly readable.
 pub fn scan_observation(line: &str) -> R<ObsLine<'_>> {
     let mut o = ObsLine::default();
+    scan_observation_into(line, &mut o)?;
+    Ok(o)
+}
+
+/// [`scan_observation`] into `o` (fresh), sparing the copy of a returned struct per line.
+pub fn scan_observation_into<'a>(line: &'a str, o: &mut ObsLine<'a>) -> R<()> {
     let mut s = Scanner::new(line);
     let mut seen = 0u32;
     s.object(|s, k| {
@@ -435,8 +443,7 @@ pub fn scan_observation(line: &str) -> R<ObsLine<'_>> {
         }
         Ok(())
     })?;
-    s.end()?;
-    Ok(o)
+    s.end()
 }
 
 /// What the fast way did with a line.

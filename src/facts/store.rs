@@ -110,19 +110,38 @@ impl std::hash::Hasher for Words {
     }
 }
 
-/// Names (`Patient/<id>`, `fullUrl`s) to patient numbers, looked up once per resource read:
-/// open addressing over one array of 8-byte slots (a 32-bit tag of the hash and the entry),
-/// the names themselves in one buffer. A lookup touches one slot and one name, where a map of
-/// `String`s touches a control group, a bucket and the name's own allocation.
+/// Names (`Patient/<id>`, `fullUrl`s) to patient numbers, looked up once per resource read,
+/// at random across the whole cohort: so one lookup should touch one cache line. Open
+/// addressing over 64-byte slots that hold the hash's tag, the number and the name itself
+/// (up to 54 bytes, which an id of 36 characters and its `Patient/` fit in); longer names are
+/// kept aside and compared there. A map of `String`s touches a control group, a bucket and the
+/// name's own allocation, three lines far apart.
 #[derive(Debug, Default, Clone)]
 struct Names {
-    /// `tag << 32 | entry + 1`; 0 is empty.
-    slots: Vec<u64>,
-    /// Per entry: where its name ends in `text` (it starts where the one before ends), and
-    /// the number it maps to.
-    ends: Vec<(u32, u32)>,
-    text: String,
+    slots: Vec<Slot>,
+    long: Vec<String>,
+    count: usize,
 }
+
+const INLINE: usize = 54;
+
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct Slot {
+    tag: u32,
+    value: u32,
+    /// 0: empty; `u16::MAX`: the name is `long[value of the first four name bytes]`;
+    /// otherwise the name's length plus one.
+    len: u16,
+    name: [u8; INLINE],
+}
+
+const EMPTY: Slot = Slot {
+    tag: 0,
+    value: 0,
+    len: 0,
+    name: [0; INLINE],
+};
 
 impl Names {
     fn hash(name: &str) -> u64 {
@@ -132,20 +151,24 @@ impl Names {
         h.finish()
     }
 
-    fn name(&self, entry: usize) -> &str {
-        let start = if entry == 0 { 0 } else { self.ends[entry - 1].0 as usize };
-        &self.text[start..self.ends[entry].0 as usize]
+    #[inline]
+    fn holds(&self, slot: &Slot, name: &str) -> bool {
+        if slot.len == u16::MAX {
+            let i = u32::from_le_bytes([slot.name[0], slot.name[1], slot.name[2], slot.name[3]]) as usize;
+            return self.long[i] == name;
+        }
+        usize::from(slot.len) - 1 == name.len() && slot.name[..name.len()] == *name.as_bytes()
     }
 
     /// The slot holding `name`, or the empty slot where it would go.
     #[inline]
     fn find(&self, name: &str, h: u64) -> usize {
         let mask = self.slots.len() - 1;
-        let tag = h >> 32;
+        let tag = (h >> 32) as u32;
         let mut i = h as usize & mask;
         loop {
-            let slot = self.slots[i];
-            if slot == 0 || (slot >> 32 == tag && self.name((slot as u32 - 1) as usize) == name) {
+            let slot = &self.slots[i];
+            if slot.len == 0 || (slot.tag == tag && self.holds(slot, name)) {
                 return i;
             }
             i = (i + 1) & mask;
@@ -157,32 +180,45 @@ impl Names {
         if self.slots.is_empty() {
             return None;
         }
-        let slot = self.slots[self.find(name, Self::hash(name))];
-        (slot != 0).then(|| self.ends[(slot as u32 - 1) as usize].1 as usize)
+        let slot = &self.slots[self.find(name, Self::hash(name))];
+        (slot.len != 0).then_some(slot.value as usize)
     }
 
     fn insert(&mut self, name: String, value: usize) {
-        if (self.ends.len() + 1) * 2 > self.slots.len() {
-            let mut bigger = Names {
-                slots: vec![0; (self.slots.len() * 2).max(1024)],
-                ends: Vec::with_capacity(self.ends.len() * 2),
-                text: String::with_capacity(self.text.len() * 2),
-            };
-            for e in 0..self.ends.len() {
-                bigger.insert(self.name(e).to_string(), self.ends[e].1 as usize);
+        // At most three quarters full: probes stay short, slots few.
+        if (self.count + 1) * 4 > self.slots.len() * 3 {
+            let size = (self.slots.len() * 2).max(1024);
+            let old = std::mem::replace(&mut self.slots, vec![EMPTY; size]);
+            let long = std::mem::take(&mut self.long);
+            self.count = 0;
+            for slot in old.iter().filter(|s| s.len != 0) {
+                let name = if slot.len == u16::MAX {
+                    let i = u32::from_le_bytes([slot.name[0], slot.name[1], slot.name[2], slot.name[3]]) as usize;
+                    long[i].clone()
+                } else {
+                    String::from_utf8_lossy(&slot.name[..usize::from(slot.len) - 1]).into_owned()
+                };
+                self.insert(name, slot.value as usize);
             }
-            *self = bigger;
         }
         let h = Self::hash(&name);
         let i = self.find(&name, h);
-        if self.slots[i] != 0 {
-            let e = (self.slots[i] as u32 - 1) as usize;
-            self.ends[e].1 = value as u32;
+        let slot = &mut self.slots[i];
+        if slot.len != 0 {
+            slot.value = value as u32;
             return;
         }
-        self.text.push_str(&name);
-        self.ends.push((self.text.len() as u32, value as u32));
-        self.slots[i] = (h >> 32) << 32 | self.ends.len() as u64;
+        slot.tag = (h >> 32) as u32;
+        slot.value = value as u32;
+        if name.len() <= INLINE {
+            slot.len = name.len() as u16 + 1;
+            slot.name[..name.len()].copy_from_slice(name.as_bytes());
+        } else {
+            slot.len = u16::MAX;
+            slot.name[..4].copy_from_slice(&(self.long.len() as u32).to_le_bytes());
+            self.long.push(name);
+        }
+        self.count += 1;
     }
 }
 
@@ -235,7 +271,10 @@ impl Partial {
     /// Reduces one NDJSON Observation line the fast way (see [`super::fast`]). False: the
     /// line was left alone, for the full parse.
     pub fn observation_line(&mut self, reg: &Registry, line: &str, m: &Mappings) -> bool {
-        let Ok(o) = fast::scan_observation(line) else { return false };
+        let mut o = fast::ObsLine::default();
+        if fast::scan_observation_into(line, &mut o).is_err() {
+            return false;
+        }
         // No subject, an unknown patient (kept aside) or no id: the full way counts them.
         let Some(patient) = o.subject.and_then(|t| reg.patient_of(t)) else {
             return false;
@@ -528,5 +567,31 @@ impl FactStore {
             "facts held"
         );
         (facts, issues, self.unmapped)
+    }
+}
+
+#[cfg(test)]
+mod names_tests {
+    use super::Names;
+
+    #[test]
+    fn names_find_what_was_put_short_long_and_after_growth() {
+        let mut n = Names::default();
+        assert_eq!(n.get("Patient/x"), None);
+        let long = format!("urn:uuid:{}", "0123456789abcdef".repeat(5));
+        for i in 0..5000 {
+            n.insert(format!("Patient/{i:036}"), i);
+        }
+        n.insert(long.clone(), 9999);
+        n.insert(String::new(), 7);
+        for i in 0..5000 {
+            assert_eq!(n.get(&format!("Patient/{i:036}")), Some(i));
+        }
+        assert_eq!(n.get(&long), Some(9999));
+        assert_eq!(n.get(""), Some(7));
+        assert_eq!(n.get(&long[..long.len() - 1]), None);
+        assert_eq!(n.get("Patient/5000"), None);
+        n.insert("Patient/000000000000000000000000000000000001".into(), 42);
+        assert_eq!(n.get("Patient/000000000000000000000000000000000001"), Some(42));
     }
 }
