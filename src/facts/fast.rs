@@ -470,7 +470,7 @@ pub fn reduce_observation(
     m: &Mappings,
     spans: Option<&[Option<Window>]>,
     unmapped_key: &mut String,
-    unmapped: &mut HashMap<String, usize>,
+    unmapped: &mut HashMap<String, usize, super::store::FastHash>,
     slow_unmapped: &mut Unmapped,
     labs: &mut HashMap<usize, Vec<LabValue>>,
 ) -> Outcome {
@@ -696,7 +696,7 @@ mod tests {
     fn fast(line: &str, m: &Mappings, spans: &[Option<Window>]) -> Option<Seen> {
         let o = scan_observation(line).ok()?;
         o.id?;
-        let (mut key, mut counts, mut u, mut labs) = (String::new(), HashMap::new(), Unmapped::default(), HashMap::new());
+        let (mut key, mut counts, mut u, mut labs) = (String::new(), HashMap::default(), Unmapped::default(), HashMap::new());
         let demo = Demographics::default();
         if let Outcome::Full = reduce_observation(&o, &demo, m, Some(spans), &mut key, &mut counts, &mut u, &mut labs) {
             return None;

@@ -110,6 +110,9 @@ impl std::hash::Hasher for Words {
     }
 }
 
+/// Maps looked up once per resource, keyed by data from this process's own input.
+pub type FastHash = std::hash::BuildHasherDefault<Words>;
+
 /// Names (`Patient/<id>`, `fullUrl`s) to patient numbers, looked up once per resource read,
 /// at random across the whole cohort: so one lookup should touch one cache line. Open
 /// addressing over 64-byte slots that hold the hash's tag, the number and the name itself
@@ -252,7 +255,7 @@ struct Deferred {
 /// What reducing one run of resources against a frozen registry gave.
 #[derive(Debug, Default)]
 pub struct Partial {
-    facts: HashMap<usize, PatientFacts>,
+    facts: HashMap<usize, PatientFacts, FastHash>,
     /// Patients and Medications, registered when the partial is absorbed.
     structural: Vec<Deferred>,
     deferred: Vec<Deferred>,
@@ -263,7 +266,7 @@ pub struct Partial {
     /// Patients with a Condition read the fast way (their `present.conditions`).
     diagnosed: Vec<u32>,
     /// Unmapped codes counted the fast way, keyed `system\0code\0unit`.
-    unmapped_fast: HashMap<String, usize>,
+    unmapped_fast: HashMap<String, usize, FastHash>,
     key: String,
 }
 
