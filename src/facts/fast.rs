@@ -632,42 +632,83 @@ mod tests {
         (r#""subject":"#, r#""subj\u0065ct":"#),
         (r#""subject":{"reference":"Patient/a"}"#, r#""subject":null"#),
         (r#""subject":{"reference":"Patient/a"}"#, r#""subject":["Patient/a"]"#),
-        (r#""subject":{"reference":"Patient/a"}"#, r#""subject":{"reference":"http://h/fhir/Patient/a/_history/2"}"#),
+        (
+            r#""subject":{"reference":"Patient/a"}"#,
+            r#""subject":{"reference":"http://h/fhir/Patient/a/_history/2"}"#,
+        ),
         (r#""effectiveDateTime":"2026-05-01T10:00:00Z""#, r#""effectiveDateTime":"2026-05""#),
-        (r#""effectiveDateTime":"2026-05-01T10:00:00Z""#, r#""effectiveDateTime":null,"effectiveInstant":"2026-05-01T10:00:00Z""#),
-        (r#""effectiveDateTime":"2026-05-01T10:00:00Z""#, r#""effectiveDateTime":"2025-01-01""#),
-        (r#""effectivePeriod":{"start":"2026-04-01","end":"2026-04-02"}"#, r#""effectivePeriod":{"end":"2026-04-02"}"#),
-        (r#""effectivePeriod":{"start":"2026-04-01","end":"2026-04-02"}"#, r#""effectivePeriod":{"start":5}"#),
+        (
+            r#""effectiveDateTime":"2026-05-01T10:00:00Z""#,
+            r#""effectiveDateTime":null,"effectiveInstant":"2026-05-01T10:00:00Z""#,
+        ),
+        (
+            r#""effectiveDateTime":"2026-05-01T10:00:00Z""#,
+            r#""effectiveDateTime":"2025-01-01""#,
+        ),
+        (
+            r#""effectivePeriod":{"start":"2026-04-01","end":"2026-04-02"}"#,
+            r#""effectivePeriod":{"end":"2026-04-02"}"#,
+        ),
+        (
+            r#""effectivePeriod":{"start":"2026-04-01","end":"2026-04-02"}"#,
+            r#""effectivePeriod":{"start":5}"#,
+        ),
         (r#""valueQuantity":{"#, r#""valueQuantity":{"comparator":"ad","#),
         (r#""valueQuantity":{"#, r#""valueQuantity":{"comparator":"<","#),
-        (r#""unit":"10*9/L","system":"http://unitsofmeasure.org","code":"10*9/L""#, r#""unit":"/uL""#),
-        (r#""unit":"10*9/L","system":"http://unitsofmeasure.org","code":"10*9/L""#, r#""unit":"K/uL","system":"http://snomed.info/sct","code":"x""#),
+        (
+            r#""unit":"10*9/L","system":"http://unitsofmeasure.org","code":"10*9/L""#,
+            r#""unit":"/uL""#,
+        ),
+        (
+            r#""unit":"10*9/L","system":"http://unitsofmeasure.org","code":"10*9/L""#,
+            r#""unit":"K/uL","system":"http://snomed.info/sct","code":"x""#,
+        ),
         (r#""unit":"U/L""#, r#""unit":"mg/dL""#),
         (r#""referenceRange":["#, r#""referenceRange":[null,"#),
-        (r#""referenceRange":["#, r#""referenceRange":[{"appliesTo":[{"coding":[{"code":"female"}]}],"high":{"value":30}},"#),
-        (r#""referenceRange":["#, r#""referenceRange":[{"age":{"low":{"value":80}},"high":{"value":20}},"#),
-        (r#""component":["#, r#""component":[{"code":{"coding":[{"system":"http://loinc.org","code":"777-3"}]},"valueQuantity":{"value":20,"unit":"10*9/L"}},"#),
+        (
+            r#""referenceRange":["#,
+            r#""referenceRange":[{"appliesTo":[{"coding":[{"code":"female"}]}],"high":{"value":30}},"#,
+        ),
+        (
+            r#""referenceRange":["#,
+            r#""referenceRange":[{"age":{"low":{"value":80}},"high":{"value":20}},"#,
+        ),
+        (
+            r#""component":["#,
+            r#""component":[{"code":{"coding":[{"system":"http://loinc.org","code":"777-3"}]},"valueQuantity":{"value":20,"unit":"10*9/L"}},"#,
+        ),
         (r#""component":["#, r#""component":null,"x":["#),
         (r#""component":["#, r#""component":[{"valueInteger":"x"},"#),
         (r#""valueString":">60""#, r#""valueString":"<0.1 mg/mg""#),
         (r#""valueString":">60""#, r#""valueString":"a\"b""#),
         (r#""valueString":">60""#, r#""valueInteger":40"#),
-        (r#""valueString":">60""#, r#""valueCodeableConcept":{"coding":[{"code":"positive"}]}"#),
+        (
+            r#""valueString":">60""#,
+            r#""valueCodeableConcept":{"coding":[{"code":"positive"}]}"#,
+        ),
         (r#""display":"Platelets""#, r#""display":"\ud800 \q""#),
         (r#""display":"Platelets""#, r#""display":"tab	in""#),
         (r#""category":["#, r#""category":[[[[[[]]]]],"#),
         (r#""meta":{"#, r#""meta":{"a":[1,2,],"#),
         (r#""id":"p1""#, r#""id":null"#),
-        (r#"{"resourceType":"Observation","#, r#"{"resourceType":"Observation","code":{"text":"x"},"#),
+        (
+            r#"{"resourceType":"Observation","#,
+            r#"{"resourceType":"Observation","code":{"text":"x"},"#,
+        ),
         (r#""text":"Platelets""#, r#""text":"Platelets","text":"again""#),
         (r#"}"#, r#"} x"#),
-        (r#""coding":[{"system":"http://loinc.org","code":"4548-4"}]"#, r#""coding":[{"code":"4548-4"},{"system":"http://loinc.org","code":"777-3"}]"#),
+        (
+            r#""coding":[{"system":"http://loinc.org","code":"4548-4"}]"#,
+            r#""coding":[{"code":"4548-4"},{"system":"http://loinc.org","code":"777-3"}]"#,
+        ),
     ];
 
     fn setup() -> (Mappings, Vec<Option<Window>>) {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let m = Mappings::load_dir(&root.join("mappings")).expect("mappings load");
-        let trials = crate::load_config(&root.join("mappings"), &root.join("config/trials"), &[]).expect("trials load").trials;
+        let trials = crate::load_config(&root.join("mappings"), &root.join("config/trials"), &[])
+            .expect("trials load")
+            .trials;
         let spans = crate::criteria::eval::lab_spans(&trials, &m, crate::time::Date::parse("2026-06-01").expect("date"));
         (m, spans)
     }
@@ -689,7 +730,16 @@ mod tests {
         let mut f = PatientFacts::default();
         let mut u = Unmapped::default();
         let demo = Demographics::default();
-        extract_one(&format!("Observation/{id}"), &parsed.resource, &demo, &MedicationIndex::default(), m, Some(spans), &mut u, &mut f);
+        extract_one(
+            &format!("Observation/{id}"),
+            &parsed.resource,
+            &demo,
+            &MedicationIndex::default(),
+            m,
+            Some(spans),
+            &mut u,
+            &mut f,
+        );
         Some((labs_text(&f.labs), u.counts))
     }
 
@@ -703,7 +753,11 @@ mod tests {
         }
         for (k, n) in counts {
             let mut p = k.split('\0').map(str::to_string);
-            let k = (p.next().unwrap_or_default(), p.next().unwrap_or_default(), p.next().unwrap_or_default());
+            let k = (
+                p.next().unwrap_or_default(),
+                p.next().unwrap_or_default(),
+                p.next().unwrap_or_default(),
+            );
             *u.counts.entry(k).or_default() += n;
         }
         Some((labs_text(&labs), u.counts))
@@ -739,7 +793,11 @@ mod tests {
             }
         }
         // Many edits are meant to make it bail; enough lines must still be answered.
-        assert!(answered > lines.len() / 4, "the fast way answered only {answered} of {} lines", lines.len());
+        assert!(
+            answered > lines.len() / 4,
+            "the fast way answered only {answered} of {} lines",
+            lines.len()
+        );
     }
 
     const CONDITION: &str = r#"{"resourceType":"Condition","id":"c1","meta":{"lastUpdated":"2025-01-31T00:38:10Z"},"clinicalStatus":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/condition-clinical","code":"active"}]},"verificationStatus":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/condition-ver-status","code":"confirmed"}]},"category":[{"coding":[{"code":"problem-list-item"}]}],"code":{"coding":[{"system":"http://snomed.info/sct","code":"55464009","display":"SLE"}],"text":"SLE"},"subject":{"reference":"Patient/a"},"onsetDateTime":"2021-03-03T04:29:48Z","recordedDate":"2021-03-08T04:29:48Z"}"#;
@@ -747,19 +805,40 @@ mod tests {
     const CONDITION_EDITS: &[(&str, &str)] = &[
         (r#""code":"active""#, r#""code":"resolved""#),
         (r#""code":"active""#, r#""code":null"#),
-        (r#""clinicalStatus":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/condition-clinical","code":"active"}]}"#, r#""clinicalStatus":{"text":" Active "}"#),
+        (
+            r#""clinicalStatus":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/condition-clinical","code":"active"}]}"#,
+            r#""clinicalStatus":{"text":" Active "}"#,
+        ),
         (r#""clinicalStatus":{"#, r#""clinicalStatus":null,"x":{"#),
         (r#""code":"confirmed""#, r#""code":"refuted""#),
         (r#""code":"55464009""#, r#""code":"M32.14""#),
-        (r#""system":"http://snomed.info/sct","code":"55464009""#, r#""system":"http://hl7.org/fhir/sid/icd-10-cm","code":"M32.14""#),
-        (r#""system":"http://snomed.info/sct","code":"55464009""#, r#""system":"http://example.org/x","code":"abc""#),
-        (r#""system":"http://snomed.info/sct","code":"55464009""#, r#""system":"http://snomed.info/sct","code":"200936003""#),
-        (r#""onsetDateTime":"2021-03-03T04:29:48Z""#, r#""onsetPeriod":{"start":"2021"},"abatementDateTime":"2026-05-01""#),
+        (
+            r#""system":"http://snomed.info/sct","code":"55464009""#,
+            r#""system":"http://hl7.org/fhir/sid/icd-10-cm","code":"M32.14""#,
+        ),
+        (
+            r#""system":"http://snomed.info/sct","code":"55464009""#,
+            r#""system":"http://example.org/x","code":"abc""#,
+        ),
+        (
+            r#""system":"http://snomed.info/sct","code":"55464009""#,
+            r#""system":"http://snomed.info/sct","code":"200936003""#,
+        ),
+        (
+            r#""onsetDateTime":"2021-03-03T04:29:48Z""#,
+            r#""onsetPeriod":{"start":"2021"},"abatementDateTime":"2026-05-01""#,
+        ),
         (r#""onsetDateTime":"2021-03-03T04:29:48Z""#, r#""abatementBoolean":true"#),
         (r#""onsetDateTime":"2021-03-03T04:29:48Z""#, r#""abatementBoolean":"true""#),
-        (r#""onsetDateTime":"2021-03-03T04:29:48Z""#, r#""abatementPeriod":{"end":"2027-01-01"}"#),
+        (
+            r#""onsetDateTime":"2021-03-03T04:29:48Z""#,
+            r#""abatementPeriod":{"end":"2027-01-01"}"#,
+        ),
         (r#""recordedDate":"2021-03-08T04:29:48Z""#, r#""recordedDate":5"#),
-        (r#""recordedDate":"2021-03-08T04:29:48Z""#, r#""recordedDate":"2021","recordedDate":"2022""#),
+        (
+            r#""recordedDate":"2021-03-08T04:29:48Z""#,
+            r#""recordedDate":"2021","recordedDate":"2022""#,
+        ),
         (r#""display":"SLE""#, r#""display":"S\u004cE""#),
         (r#""text":"SLE""#, r#""text":"S\u004cE""#),
         (r#""id":"c1""#, r#""id":null"#),
@@ -787,12 +866,20 @@ mod tests {
             let fast = (format!("{fast:?}"), u.counts);
             let mut out = ReadOutput::default();
             read_line(&|| "t".into(), line, ReadOptions::default(), &mut out);
-            let Some(parsed) = out.resources.pop() else { panic!("the fast way read a line serde rejects: {line}") };
-            let crate::fhir::Resource::Condition(full) = &parsed.resource else { panic!("not a Condition: {line}") };
+            let Some(parsed) = out.resources.pop() else {
+                panic!("the fast way read a line serde rejects: {line}")
+            };
+            let crate::fhir::Resource::Condition(full) = &parsed.resource else {
+                panic!("not a Condition: {line}")
+            };
             let mut u = Unmapped::default();
             let slow = crate::facts::extract::condition(&reference, full, &m, &mut u);
             assert_eq!(fast, (format!("{slow:?}"), u.counts), "fast and full ways differ on {line}");
         }
-        assert!(answered > lines.len() / 3, "the fast way answered only {answered} of {} lines", lines.len());
+        assert!(
+            answered > lines.len() / 3,
+            "the fast way answered only {answered} of {} lines",
+            lines.len()
+        );
     }
 }
