@@ -495,7 +495,7 @@ impl FactStore {
     /// Reduces what was kept aside, now that everything is known, and hands over every
     /// patient's facts (sorted by patient key), the issues found and the unmapped codes.
     pub fn finish(mut self, m: &Mappings) -> (Vec<PatientFacts>, Vec<InputIssue>, Unmapped) {
-        let registry = Arc::try_unwrap(std::mem::take(&mut self.registry)).unwrap_or_else(|shared| (*shared).clone());
+        let registry = Arc::unwrap_or_clone(std::mem::take(&mut self.registry));
         let mut deferred = std::mem::take(&mut self.deferred);
         deferred.sort_by_key(|d| d.order);
         let mut orphans = 0usize;
