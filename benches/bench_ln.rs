@@ -8,7 +8,10 @@
 //!
 //! Also timed on the same data, when present: the plain-Python reference peer, the DuckDB
 //! peer (if `import duckdb` works in `$BENCH_PYTHON`, default python3), and all five seed
-//! trials together.
+//! trials together. Memory growth per patient is the difference of the peak RSS of one
+//! screening at N and at N/4 (each in a fresh process: this one, run again), divided by the
+//! difference in patients; the N/4 cohort is generated beside the other (`BENCH_SMALL_DIR`
+//! names another folder holding its NDJSON; `BENCH_GROWTH=0` skips it).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -88,6 +91,43 @@ fn screen(data: &Path, cfg: &trialgate::Config, out: &Path) -> (f64, f64) {
     (wall.elapsed().as_secs_f64(), cpu_seconds() - cpu)
 }
 
+/// Peak RSS (KB) of one BENCH-LN screening of `data` in a fresh process (this benchmark,
+/// run again with `BENCH_CHILD` set).
+fn child_peak_kb(data: &Path) -> Result<u64, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let out = Command::new(exe)
+        .arg("--bench")
+        .env("BENCH_CHILD", data)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("peak_rss_kb="))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("no figure from the child: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The NDJSON folder of a cohort of `n` patients under `target/bench-ln`, generated if missing.
+fn cohort(root: &Path, bench: &Path, n: usize, seed: u64) -> PathBuf {
+    let data = root.join(format!("target/bench-ln/n{n}-seed{seed}/data"));
+    if !data.join("Observation.ndjson").is_file() {
+        std::fs::create_dir_all(&data).expect("the data folder can be made");
+        eprintln!("generating N = {n} (seed {seed}) into {} ...", data.display());
+        let generator = bench.join("gen_cohort.py");
+        python(&[
+            generator.to_str().unwrap_or_default(),
+            "--patients",
+            &n.to_string(),
+            "--out",
+            data.to_str().unwrap_or_default(),
+            "--seed",
+            &seed.to_string(),
+        ])
+        .unwrap_or_else(|e| panic!("gen_cohort.py failed (is ../shared beside the checkout?): {e}"));
+    }
+    data
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -102,6 +142,22 @@ fn main() {
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let bench = root.join("../shared/bench");
+    let bench_trial = || {
+        trialgate::load_config(
+            &root.join("mappings"),
+            &root.join("config/trials"),
+            &[root.join("config/bench/bench-ln.yaml").display().to_string()],
+        )
+        .expect("the bench trial loads")
+    };
+    // A child run for the memory figure: one screening, then the peak.
+    if let Ok(data) = std::env::var("BENCH_CHILD") {
+        let out = std::env::temp_dir().join(format!("bench-ln-child-{}.csv", std::process::id()));
+        screen(Path::new(&data), &bench_trial(), &out);
+        let _ = std::fs::remove_file(&out);
+        println!("peak_rss_kb={}", trialgate::pipeline::peak_rss_kb().unwrap_or(0));
+        return;
+    }
     let n: usize = env_or("BENCH_N", 20_000);
     let seed: u64 = env_or("BENCH_SEED", 42);
     let runs: usize = env_or("BENCH_RUNS", 3).max(1);
@@ -158,12 +214,7 @@ fn main() {
             run_python(&duck, &args)
         });
 
-    let bench_cfg = trialgate::load_config(
-        &root.join("mappings"),
-        &root.join("config/trials"),
-        &[root.join("config/bench/bench-ln.yaml").display().to_string()],
-    )
-    .expect("the bench trial loads");
+    let bench_cfg = bench_trial();
     let out = dir.join("trialgate.csv");
     let mut walls = Vec::new();
     let mut cpus = Vec::new();
@@ -207,6 +258,21 @@ fn main() {
     let (five_wall, five_cpu) = screen(&data, &all_cfg, &dir.join("five-trials.csv"));
 
     let (wall, cpu) = (median(walls), median(cpus));
+    // Memory growth: one screening at N and at N/4, each in a fresh process.
+    let growth = (env_or("BENCH_GROWTH", 1) != 0 && n >= 8).then(|| {
+        let small_n = n / 4;
+        let small = std::env::var("BENCH_SMALL_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| cohort(&root, &bench, small_n, seed));
+        let patients = |d: &Path| {
+            std::fs::read_to_string(d.join("Patient.ndjson"))
+                .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
+                .unwrap_or(0)
+        };
+        let (big_kb, small_kb) = (child_peak_kb(&data)?, child_peak_kb(&small)?);
+        let (big_p, small_p) = (patients(&data), patients(&small));
+        Ok::<_, String>((small_p, small_kb, big_p, big_kb))
+    });
     let mb = bytes as f64 / 1e6;
     println!("BENCH-LN  N = {n}  seed {seed}  {mb:.0} MB of NDJSON  {runs} run(s), median");
     println!(
@@ -215,9 +281,20 @@ fn main() {
         mb / wall
     );
     println!(
-        "  five seed trials together  {five_wall:6.2} s wall  {five_cpu:6.2} CPU-s  ({:.2}x BENCH-LN alone)",
-        five_wall / wall
+        "  five seed trials together  {five_wall:6.2} s wall  {five_cpu:6.2} CPU-s  ({:.2}x BENCH-LN alone in wall time, {:.2}x in CPU time; target at most 2x)",
+        five_wall / wall,
+        five_cpu / cpu
     );
+    match growth {
+        Some(Ok((sp, skb, bp, bkb))) => println!(
+            "  memory: one screening peaks at {:.0} MB for {bp} patients, {:.0} MB for {sp}: {:.2} KB more per added patient (target under 1 KB; peak under 100 MB)",
+            bkb as f64 / 1024.0,
+            skb as f64 / 1024.0,
+            (bkb as f64 - skb as f64) / (bp as f64 - sp as f64)
+        ),
+        Some(Err(e)) => println!("  memory growth not measured: {e}"),
+        None => {}
+    }
     println!("  peer_python {python_wall:7.2} s wall (includes its interpreter start)");
     match duckdb_wall {
         Ok(d) => println!("  peer_duckdb {d:7.2} s wall (target: trialgate at most a quarter of this)"),

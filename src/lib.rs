@@ -7,6 +7,43 @@
 //! reuses the same pieces.
 
 pub mod board;
+
+/// mimalloc rather than the system allocator: the reader and the evaluator make and free
+/// millions of small objects, many freed on another thread than the one that made them,
+/// where glibc malloc took a third of the CPU time and kept freed memory scattered.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Tunes the allocator for batch runs: freed memory goes back to the system at once
+/// (`purge_delay` 0) and arenas are committed as used, not up front (`arena_eager_commit` 0).
+/// Both keep the resident set near what is live: their defaults cost 30 MB or more of peak
+/// for nothing here. Options are read when first needed, so this runs before `main` (an ELF
+/// initializer) where it can, and again, harmlessly, before the input is read.
+/// (mimalloc v3 option numbers; the Rust binding of `mi_option_set` is behind a feature
+/// that needs another crate, so the C function is declared here.)
+pub fn tune_allocator() {
+    unsafe extern "C" {
+        fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+    }
+    const ARENA_EAGER_COMMIT: std::ffi::c_int = 4;
+    const PURGE_DELAY: std::ffi::c_int = 15;
+    // SAFETY: setting an option is thread-safe, allocates nothing and takes plain integers.
+    unsafe {
+        mi_option_set(ARENA_EAGER_COMMIT, 0);
+        mi_option_set(PURGE_DELAY, 0);
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[used]
+#[unsafe(link_section = ".init_array")]
+static TUNE_AT_START: extern "C" fn() = {
+    extern "C" fn tune() {
+        tune_allocator();
+    }
+    tune
+};
+
 pub mod bulk;
 pub mod config;
 pub mod console;
@@ -256,6 +293,7 @@ pub fn read_facts(path: &Path, cfg: &Config, as_of: Date, shard: Option<Shard>) 
 
 /// [`read_facts`] for a list of files (none: no patients).
 pub fn read_facts_files(files: &[PathBuf], cfg: &Config, as_of: Date, shard: Option<Shard>) -> Result<FactsRead, ReadError> {
+    tune_allocator();
     let mut store = FactStore::keeping(criteria::eval::lab_spans(&cfg.trials, &cfg.mappings, as_of)).sharded(shard);
     let mut issues = Vec::new();
     pipeline::read_files(files, cfg, &mut store, &mut issues)?;

@@ -18,11 +18,10 @@ use crate::fhir::files::{ReadError, ReadOptions, ReadOutput, first_type, is_ndjs
 use crate::time::Date;
 use crate::{Config, read_options};
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, sync_channel};
+use std::sync::mpsc::channel;
 
 /// Bytes per block handed to a worker: large enough that handing over costs nothing next to
 /// parsing, small enough that the blocks in flight stay a few tens of MB.
@@ -97,52 +96,123 @@ pub fn read_files(files: &[PathBuf], cfg: &Config, store: &mut FactStore, issues
     Ok(stats)
 }
 
-struct Block {
-    seq: u64,
-    first_line: usize,
-    bytes: Vec<u8>,
-}
-
+/// What reducing one block of an NDJSON file gave.
 struct Reduced {
     seq: u64,
     partial: Partial,
-    issues: Vec<InputIssue>,
+    /// Lines that start in the block: the line numbers of later blocks depend on it.
+    lines: usize,
+    /// Problems, each with its line's index in the block; the location is completed (file
+    /// and line number) once the lines before the block are counted.
+    issues: Vec<(usize, InputIssue)>,
 }
 
-fn reduce(name: &str, b: &Block, reg: &Registry, opts: ReadOptions, m: &Mappings) -> Reduced {
+/// Marks where the file and line go in an issue's location until they are known.
+const LINE_MARK: &str = "\0";
+
+/// Reduces the lines of one block. Observation and Condition lines take the fast way
+/// (`facts::fast`) first; it hands back, for the full parse, an Observation whose lab is read
+/// through JSONPath (the full parse then keeps its JSON).
+fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings) -> Reduced {
     let mut out = ReadOutput::default();
     let mut partial = Partial::default();
+    let mut issues = Vec::new();
+    if text.is_empty() {
+        return Reduced {
+            seq,
+            partial,
+            lines: 0,
+            issues,
+        };
+    }
     let mut index = 0u64;
-    for (i, line) in b.bytes.split(|&c| c == b'\n').enumerate() {
-        let loc = || format!("{name}:{}", b.first_line + i);
-        match std::str::from_utf8(line) {
-            Ok(text) => read_line(&loc, text, opts, &mut out),
-            Err(e) => out.issues.push(InputIssue {
-                location: loc(),
-                message: format!("not valid UTF-8 ({e}); line skipped"),
-            }),
+    // One check for the whole block: a line that is not UTF-8 is the rare case.
+    let all_utf8 = std::str::from_utf8(text).is_ok();
+    let mut lines = 0;
+    let mut from = 0;
+    for i in 0.. {
+        if from > text.len() {
+            break;
         }
+        let to = memchr::memchr(b'\n', &text[from..]).map_or(text.len(), |n| from + n);
+        let line = &text[from..to];
+        from = to + 1;
+        lines = i + 1;
+        let loc = || LINE_MARK.to_string();
+        let text = if all_utf8 {
+            // SAFETY: the whole block is UTF-8 and lines are cut at ASCII newlines.
+            unsafe { std::str::from_utf8_unchecked(line) }
+        } else {
+            match std::str::from_utf8(line) {
+                Ok(text) => text,
+                Err(e) => {
+                    issues.push((
+                        i,
+                        InputIssue {
+                            location: loc(),
+                            message: format!("not valid UTF-8 ({e}); line skipped"),
+                        },
+                    ));
+                    continue;
+                }
+            }
+        };
+        let t = text.trim();
+        let done = if t.starts_with("{\"resourceType\":\"Observation\"") {
+            partial.observation_line(reg, t, m)
+        } else if t.starts_with("{\"resourceType\":\"Condition\"") {
+            partial.condition_line(reg, t, m)
+        } else {
+            false
+        };
+        if done {
+            continue;
+        }
+        read_line(&loc, text, opts, &mut out);
         for parsed in out.resources.drain(..) {
-            partial.add(reg, (b.seq << 32) | index, parsed, m);
+            partial.add(reg, (seq << 32) | index, parsed, m);
             index += 1;
         }
+        issues.extend(out.issues.drain(..).map(|x| (i, x)));
+    }
+    // A block ends with its last line's newline: the empty piece after it is no line.
+    if text.last() == Some(&b'\n') {
+        lines -= 1;
     }
     Reduced {
-        seq: b.seq,
+        seq,
         partial,
-        issues: out.issues,
+        lines,
+        issues,
     }
 }
 
-/// Absorbs, in input order, the reduced blocks that are ready.
-fn absorb_ready(ready: &mut BTreeMap<u64, Reduced>, next: &mut u64, store: &mut FactStore, issues: &mut Vec<InputIssue>) {
+/// Absorbs, in input order, the reduced blocks that are ready; `line` is the number of the
+/// first line of the next block.
+fn absorb_ready(
+    ready: &mut BTreeMap<u64, Reduced>,
+    next: &mut u64,
+    line: &mut usize,
+    name: &str,
+    store: &mut FactStore,
+    issues: &mut Vec<InputIssue>,
+) {
     while let Some(r) = ready.remove(next) {
         store.absorb(r.partial);
-        issues.extend(r.issues);
+        for (i, mut x) in r.issues {
+            x.location = x.location.replacen(LINE_MARK, &format!("{name}:{}", *line + i), 1);
+            issues.push(x);
+        }
+        *line += r.lines;
         *next += 1;
     }
 }
 
+/// Reads one NDJSON file on every core. The file is cut into blocks of `BLOCK` bytes; the
+/// workers take blocks in turn, each reading its own with positioned reads (no thread copies
+/// for another), and reduce the lines that *start* in it (a line running past the block's end
+/// is read on to its newline; the partial line at a block's start belongs to the block
+/// before). The main thread only absorbs the results in file order.
 fn read_ndjson(
     path: &Path,
     m: &Mappings,
@@ -156,25 +226,41 @@ fn read_ndjson(
         path: path.to_path_buf(),
         source,
     };
-    let mut file = std::fs::File::open(path).map_err(io)?;
+    let file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
     let name = path.display().to_string();
     // Every block of this file is reduced against the patients known before it: the file's own
     // Patients are registered as its blocks are absorbed, for the files after it.
     let reg = store.registry();
-    let mut next = *seq;
-    let (work_tx, work_rx) = sync_channel::<Block>(threads * 2);
-    let work_rx = Mutex::new(work_rx);
+    let blocks = len.div_ceil(BLOCK as u64);
+    let first_seq = *seq;
+    *seq += blocks;
+    let taken = AtomicU64::new(0);
+    let failed: Mutex<Option<std::io::Error>> = Mutex::new(None);
     let (done_tx, done_rx) = channel::<Reduced>();
     std::thread::scope(|s| {
-        for _ in 0..threads {
-            let (work_rx, done_tx, reg, name) = (&work_rx, done_tx.clone(), reg.clone(), name.as_str());
+        for _ in 0..threads.min(blocks as usize).max(1) {
+            let (done_tx, reg, file, taken, failed) = (done_tx.clone(), &reg, &file, &taken, &failed);
             s.spawn(move || {
+                let mut buf = Vec::new();
                 loop {
-                    // A poisoned lock means another worker panicked; the scope re-raises that.
-                    let Ok(rx) = work_rx.lock() else { return };
-                    let Ok(block) = rx.recv() else { return };
-                    drop(rx);
-                    if done_tx.send(reduce(name, &block, &reg, opts, m)).is_err() {
+                    let k = taken.fetch_add(1, Ordering::Relaxed);
+                    if k >= blocks {
+                        return;
+                    }
+                    let region = match block_lines(file, k, len, &mut buf) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            if let Ok(mut f) = failed.lock() {
+                                f.get_or_insert(e);
+                            }
+                            // Stop the others too: the file cannot be read whole.
+                            taken.store(blocks, Ordering::Relaxed);
+                            return;
+                        }
+                    };
+                    PROGRESS.bytes_read.fetch_add(region.len() as u64, Ordering::Relaxed);
+                    if done_tx.send(reduce(first_seq + k, &buf[region], reg, opts, m)).is_err() {
                         return;
                     }
                 }
@@ -182,80 +268,75 @@ fn read_ndjson(
         }
         drop(done_tx);
         let mut ready = BTreeMap::new();
-        let mut carry: Vec<u8> = Vec::new();
-        let mut line = 1usize;
-        let mut first = true;
-        let result = loop {
-            let mut buf = std::mem::take(&mut carry);
-            let start = buf.len();
-            buf.resize(start + BLOCK, 0);
-            let n = match read_full(&mut file, &mut buf[start..]) {
-                Ok(n) => n,
-                Err(e) => break Err(io(e)),
-            };
-            buf.truncate(start + n);
-            if first {
-                first = false;
-                if buf.starts_with(b"\xef\xbb\xbf") {
-                    buf.drain(..3);
-                }
-            }
-            let at_end = n == 0;
-            let cut = if at_end {
-                buf.len()
-            } else {
-                match buf.iter().rposition(|&c| c == b'\n') {
-                    Some(i) => i + 1,
-                    None => {
-                        carry = buf; // one line longer than a block: read on
-                        continue;
-                    }
-                }
-            };
-            carry = buf.split_off(cut);
-            if !buf.is_empty() {
-                let lines = buf.iter().filter(|&&c| c == b'\n').count();
-                let block = Block {
-                    seq: *seq,
-                    first_line: line,
-                    bytes: buf,
-                };
-                *seq += 1;
-                line += lines;
-                PROGRESS.bytes_read.fetch_add(block.bytes.len() as u64, Ordering::Relaxed);
-                if work_tx.send(block).is_err() {
-                    break Ok(());
-                }
-            }
-            while let Ok(r) = done_rx.try_recv() {
-                ready.insert(r.seq, r);
-            }
-            absorb_ready(&mut ready, &mut next, store, issues);
-            if at_end {
-                break Ok(());
-            }
-        };
-        drop(work_tx);
+        let (mut next, mut line) = (first_seq, 1usize);
         for r in done_rx {
             ready.insert(r.seq, r);
+            absorb_ready(&mut ready, &mut next, &mut line, &name, store, issues);
         }
-        absorb_ready(&mut ready, &mut next, store, issues);
-        result
-    })
+    });
+    match failed.into_inner().ok().flatten() {
+        Some(e) => Err(io(e)),
+        None => Ok(()),
+    }
 }
 
-/// Fills `buf` as far as the file allows; fewer bytes only at the end of the file.
-fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+/// Reads into `buf` the lines that start in block `k` of the file: from the first line start
+/// at or after `k * BLOCK` (a byte-order mark at the very start of the file is left out) to
+/// the end of the last such line. Returns their range in `buf` (empty when none start there).
+fn block_lines(file: &std::fs::File, k: u64, len: u64, buf: &mut Vec<u8>) -> std::io::Result<std::ops::Range<usize>> {
+    let start = k * BLOCK as u64;
+    let end = (start + BLOCK as u64).min(len);
+    // One byte before the block tells whether a line starts right at it.
+    let from = start.saturating_sub(1);
+    // `buf` is reused from block to block: grown (zeroed) only when too short, never cleared,
+    // so the file is not preceded by a memset of every byte.
+    let mut used = (end - from) as usize;
+    if buf.len() < used {
+        buf.resize(used, 0);
+    }
+    read_exact_at(file, &mut buf[..used], from)?;
+    let first = if k == 0 {
+        if buf[..used].starts_with(b"\xef\xbb\xbf") { 3 } else { 0 }
+    } else {
+        match memchr::memchr(b'\n', &buf[..used]) {
+            Some(i) => i + 1,
+            None => return Ok(0..0), // inside one long line that began earlier
+        }
+    };
+    if first >= used {
+        return Ok(0..0);
+    }
+    // Read on to the end of the last line.
+    if buf[used - 1] != b'\n' {
+        let mut at = end;
+        while at < len {
+            let n = (BLOCK as u64 / 16).min(len - at) as usize;
+            if buf.len() < used + n {
+                buf.resize(used + n, 0);
+            }
+            read_exact_at(file, &mut buf[used..used + n], at)?;
+            at += n as u64;
+            if let Some(i) = memchr::memchr(b'\n', &buf[used..used + n]) {
+                used += i + 1;
+                break;
+            }
+            used += n;
         }
     }
-    Ok(filled)
+    Ok(first..used)
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, at)
+}
+
+#[cfg(not(unix))]
+fn read_exact_at(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = file.try_clone()?;
+    f.seek(SeekFrom::Start(at))?;
+    f.read_exact(buf)
 }
 
 /// Brings a stored fact state up to date with an incremental export (`_since`): each
@@ -378,41 +459,58 @@ pub fn apply_delta(
     })
 }
 
-/// Patients evaluated per round: each round's results are handed over before the next, so
-/// results never pile up, while the round is long enough to keep every core busy.
-const ROUND: usize = 2048;
+/// Results (patients × trials) per chunk: small enough that the results in flight stay few
+/// (a result with its explanations can weigh kilobytes), large enough that handing over
+/// costs nothing.
+const ROUND: usize = 128;
 
 /// Evaluates every trial for every patient, on every core, handing each result to `each` in
-/// patient order.
+/// patient order. The workers take chunks of patients in turn; the calling thread hands the
+/// finished chunks over (writing a report row, freeing the result) while the workers go on,
+/// so that no core waits for the writing. At most a few chunks per worker are in flight.
 pub fn evaluate_each(facts: &[PatientFacts], cfg: &Config, as_of: Date, decisions: &Decisions, each: &mut dyn FnMut(TrialResult)) {
     let threads = std::thread::available_parallelism().map(usize::from).unwrap_or(1).max(1);
     PROGRESS.patients_total.store(facts.len() as u64, Ordering::Relaxed);
     PROGRESS.patients_done.store(0, Ordering::Relaxed);
-    for round in facts.chunks(ROUND) {
-        let chunk = round.len().div_ceil(threads).max(1);
-        let parts: Vec<Vec<TrialResult>> = std::thread::scope(|s| {
-            let handles: Vec<_> = round
-                .chunks(chunk)
-                .map(|part| {
-                    s.spawn(move || {
-                        let mut results = Vec::with_capacity(part.len() * cfg.trials.len());
-                        for f in part {
-                            for t in &cfg.trials {
-                                results.push(evaluate(t, f, &cfg.mappings, as_of, decisions));
-                            }
+    let per_chunk = (ROUND / cfg.trials.len().max(1)).max(1);
+    let chunks = facts.len().div_ceil(per_chunk);
+    let taken = AtomicU64::new(0);
+    // Bounded: a worker far ahead of the writer waits rather than piling results up.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, usize, Vec<TrialResult>)>(threads);
+    std::thread::scope(|s| {
+        for _ in 0..threads.min(chunks) {
+            let (tx, taken) = (tx.clone(), &taken);
+            s.spawn(move || {
+                loop {
+                    let k = taken.fetch_add(1, Ordering::Relaxed) as usize;
+                    if k >= chunks {
+                        return;
+                    }
+                    let part = &facts[k * per_chunk..((k + 1) * per_chunk).min(facts.len())];
+                    let mut results = Vec::with_capacity(part.len() * cfg.trials.len());
+                    for f in part {
+                        for t in &cfg.trials {
+                            results.push(evaluate(t, f, &cfg.mappings, as_of, decisions));
                         }
-                        results
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                .collect()
-        });
-        parts.into_iter().flatten().for_each(&mut *each);
-        PROGRESS.patients_done.fetch_add(round.len() as u64, Ordering::Relaxed);
-    }
+                    }
+                    if tx.send((k, part.len(), results)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut ready = BTreeMap::new();
+        let mut next = 0usize;
+        for (k, n, results) in rx {
+            ready.insert(k, (n, results));
+            while let Some((n, results)) = ready.remove(&next) {
+                results.into_iter().for_each(&mut *each);
+                PROGRESS.patients_done.fetch_add(n as u64, Ordering::Relaxed);
+                next += 1;
+            }
+        }
+    });
 }
 
 /// This process's peak resident memory in KB (VmHWM), where the system reports it (Linux).

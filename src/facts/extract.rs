@@ -149,7 +149,7 @@ const UCUM: &str = "http://unitsofmeasure.org";
 
 /// The unit a quantity is in: its `code` when that is a UCUM code (system UCUM or absent),
 /// else its human-readable `unit` (a code from another system, such as SNOMED, is not a unit).
-fn unit_key(q: &Quantity) -> Option<&str> {
+pub(crate) fn unit_key(q: &Quantity) -> Option<&str> {
     let code = q.code.as_deref().filter(|_| q.system.as_deref().is_none_or(|s| s.trim() == UCUM));
     code.or(q.unit.as_deref()).map(str::trim)
 }
@@ -204,7 +204,7 @@ struct ValueParts<'a> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn observation(
+pub(crate) fn observation(
     reference: &str,
     o: &Observation,
     raw: Option<&serde_json::value::RawValue>,
@@ -453,7 +453,7 @@ fn uln_of(
 
 const CLINICAL: &[&str] = &["active", "recurrence", "relapse", "inactive", "remission", "resolved"];
 
-fn condition(reference: &str, c: &Condition, m: &Mappings, unmapped: &mut Unmapped) -> Option<ConditionFact> {
+pub(crate) fn condition(reference: &str, c: &Condition, m: &Mappings, unmapped: &mut Unmapped) -> Option<ConditionFact> {
     if c.verification_status
         .as_ref()
         .is_some_and(|v| v.has_code(&["entered-in-error", "refuted"]))

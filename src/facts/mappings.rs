@@ -167,15 +167,20 @@ pub struct Set {
     pub file: PathBuf,
 }
 
+type Quick = std::hash::BuildHasherDefault<super::store::Words>;
+
 /// All mapping files, merged and compiled.
 #[derive(Debug, Default)]
 pub struct Mappings {
     pub files: Vec<PathBuf>,
-    system_keys: HashMap<String, String>,
+    /// Looked up for every coding read: a fast hasher (the keys come from the mapping files).
+    system_keys: HashMap<String, String, Quick>,
     unit_aliases: HashMap<String, String>,
     pub labs: Vec<Lab>,
     lab_by_name: HashMap<String, usize>,
     lab_codes: HashMap<(String, String), usize>,
+    /// `lab_codes` by system key then code, for lookups with borrowed strings.
+    lab_codes_by: HashMap<String, HashMap<String, usize, Quick>, Quick>,
     pub sets: Vec<Set>,
     set_by_name: HashMap<String, usize>,
     set_codes: HashMap<String, SystemCodes>,
@@ -295,6 +300,7 @@ impl Mappings {
                     ));
                 }
                 for c in codes {
+                    m.lab_codes_by.entry(sys.clone()).or_default().insert(c.clone(), i);
                     if let Some(prev) = m.lab_codes.insert((sys.clone(), c.clone()), i) {
                         if prev != i {
                             errors.push(ConfigError::at(
@@ -408,6 +414,17 @@ impl Mappings {
     pub fn system_key(&self, uri: Option<&str>) -> String {
         let uri = uri.unwrap_or("").trim();
         self.system_keys.get(uri).cloned().unwrap_or_else(|| uri.to_string())
+    }
+
+    /// [`Mappings::system_key`] without allocating: the key, or the trimmed URI itself.
+    pub fn system_key_str<'a>(&'a self, uri: Option<&'a str>) -> &'a str {
+        let uri = uri.unwrap_or("").trim();
+        self.system_keys.get(uri).map(String::as_str).unwrap_or(uri)
+    }
+
+    /// [`Mappings::lab_for_code`] for a system key and code (already trimmed) as borrowed.
+    pub fn lab_for_str(&self, system_key: &str, code: &str) -> Option<usize> {
+        self.lab_codes_by.get(system_key)?.get(code).copied()
     }
 
     pub fn known_system(&self, key: &str) -> bool {

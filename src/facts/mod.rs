@@ -6,6 +6,7 @@
 
 pub mod derive;
 pub mod extract;
+pub mod fast;
 pub mod mappings;
 pub mod person;
 pub mod store;

@@ -11,6 +11,7 @@
 //! are absorbed in input order, so the facts are the same whatever the thread timing.
 
 use super::extract::{demographics, extract_one};
+use super::fast::{self, Outcome};
 use super::mappings::Mappings;
 use super::{Demographics, PatientFacts, Unmapped};
 use crate::fhir::files::Parsed;
@@ -72,12 +73,162 @@ impl std::hash::Hasher for Fnv {
     }
 }
 
-type FastHash = std::hash::BuildHasherDefault<Fnv>;
+/// The hasher of the patient table, looked up once per resource: eight bytes a step (ids are
+/// tens of bytes), then mixed so that the low bits hashbrown indexes by are spread. Not
+/// stable across versions, unlike [`Fnv`], and need not be.
+#[derive(Default, Clone, Copy)]
+pub struct Words(u64);
+
+const K: u64 = 0x9e37_79b9_7f4a_7c15;
+
+impl std::hash::Hasher for Words {
+    fn finish(&self) -> u64 {
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^ (h >> 33)
+    }
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = self.0;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes(c.try_into().unwrap_or_default());
+            h = (h.rotate_left(23) ^ w).wrapping_mul(K);
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut buf = [0u8; 8];
+            buf[..rest.len()].copy_from_slice(rest);
+            h = (h.rotate_left(23) ^ u64::from_le_bytes(buf) ^ rest.len() as u64).wrapping_mul(K);
+        }
+        self.0 = h;
+    }
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.0 = (self.0.rotate_left(23) ^ u64::from(i)).wrapping_mul(K);
+    }
+}
+
+/// Maps looked up once per resource, keyed by data from this process's own input.
+pub type FastHash = std::hash::BuildHasherDefault<Words>;
+
+/// Names (`Patient/<id>`, `fullUrl`s) to patient numbers, looked up once per resource read,
+/// at random across the whole cohort: so one lookup should touch one cache line. Open
+/// addressing over 64-byte slots that hold the hash's tag, the number and the name itself
+/// (up to 54 bytes, which an id of 36 characters and its `Patient/` fit in); longer names are
+/// kept aside and compared there. A map of `String`s touches a control group, a bucket and the
+/// name's own allocation, three lines far apart.
+#[derive(Debug, Default, Clone)]
+struct Names {
+    slots: Vec<Slot>,
+    long: Vec<String>,
+    count: usize,
+}
+
+const INLINE: usize = 54;
+
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+struct Slot {
+    tag: u32,
+    value: u32,
+    /// 0: empty; `u16::MAX`: the name is `long[value of the first four name bytes]`;
+    /// otherwise the name's length plus one.
+    len: u16,
+    name: [u8; INLINE],
+}
+
+const EMPTY: Slot = Slot {
+    tag: 0,
+    value: 0,
+    len: 0,
+    name: [0; INLINE],
+};
+
+impl Names {
+    fn hash(name: &str) -> u64 {
+        use std::hash::Hasher;
+        let mut h = Words::default();
+        h.write(name.as_bytes());
+        h.finish()
+    }
+
+    #[inline]
+    fn holds(&self, slot: &Slot, name: &str) -> bool {
+        if slot.len == u16::MAX {
+            let i = u32::from_le_bytes([slot.name[0], slot.name[1], slot.name[2], slot.name[3]]) as usize;
+            return self.long[i] == name;
+        }
+        usize::from(slot.len) - 1 == name.len() && slot.name[..name.len()] == *name.as_bytes()
+    }
+
+    /// The slot holding `name`, or the empty slot where it would go.
+    #[inline]
+    fn find(&self, name: &str, h: u64) -> usize {
+        let mask = self.slots.len() - 1;
+        let tag = (h >> 32) as u32;
+        let mut i = h as usize & mask;
+        loop {
+            let slot = &self.slots[i];
+            if slot.len == 0 || (slot.tag == tag && self.holds(slot, name)) {
+                return i;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    #[inline]
+    fn get(&self, name: &str) -> Option<usize> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let slot = &self.slots[self.find(name, Self::hash(name))];
+        (slot.len != 0).then_some(slot.value as usize)
+    }
+
+    fn insert(&mut self, name: String, value: usize) {
+        // At most three quarters full: probes stay short, slots few.
+        if (self.count + 1) * 4 > self.slots.len() * 3 {
+            let size = (self.slots.len() * 2).max(1024);
+            let old = std::mem::replace(&mut self.slots, vec![EMPTY; size]);
+            let long = std::mem::take(&mut self.long);
+            self.count = 0;
+            for slot in old.iter().filter(|s| s.len != 0) {
+                let name = if slot.len == u16::MAX {
+                    let i = u32::from_le_bytes([slot.name[0], slot.name[1], slot.name[2], slot.name[3]]) as usize;
+                    long[i].clone()
+                } else {
+                    String::from_utf8_lossy(&slot.name[..usize::from(slot.len) - 1]).into_owned()
+                };
+                self.insert(name, slot.value as usize);
+            }
+        }
+        let h = Self::hash(&name);
+        let i = self.find(&name, h);
+        let slot = &mut self.slots[i];
+        if slot.len != 0 {
+            slot.value = value as u32;
+            return;
+        }
+        slot.tag = (h >> 32) as u32;
+        slot.value = value as u32;
+        if name.len() <= INLINE {
+            slot.len = name.len() as u16 + 1;
+            slot.name[..name.len()].copy_from_slice(name.as_bytes());
+        } else {
+            slot.len = u16::MAX;
+            slot.name[..4].copy_from_slice(&(self.long.len() as u32).to_le_bytes());
+            self.long.push(name);
+        }
+        self.count += 1;
+    }
+}
 
 /// The patients and Medications known at some point of the input.
 #[derive(Debug, Default, Clone)]
 pub struct Registry {
-    alias: HashMap<String, usize, FastHash>,
+    alias: Names,
     demographics: Vec<Demographics>,
     /// Per patient, whether this process screens it (see [`Shard`]).
     mine: Vec<bool>,
@@ -90,8 +241,7 @@ impl Registry {
     fn patient_of(&self, target: &str) -> Option<usize> {
         self.alias
             .get(target)
-            .copied()
-            .or_else(|| normalize_reference(target).and_then(|n| self.alias.get(&n).copied()))
+            .or_else(|| normalize_reference(target).and_then(|n| self.alias.get(&n)))
     }
 }
 
@@ -105,15 +255,78 @@ struct Deferred {
 /// What reducing one run of resources against a frozen registry gave.
 #[derive(Debug, Default)]
 pub struct Partial {
-    facts: HashMap<usize, PatientFacts>,
+    facts: HashMap<usize, PatientFacts, FastHash>,
     /// Patients and Medications, registered when the partial is absorbed.
     structural: Vec<Deferred>,
     deferred: Vec<Deferred>,
     unreferenced: usize,
     unmapped: Unmapped,
+    /// Patients with an Observation read the fast way (their `present.observations`).
+    observed: Vec<u32>,
+    /// Patients with a Condition read the fast way (their `present.conditions`).
+    diagnosed: Vec<u32>,
+    /// Unmapped codes counted the fast way, keyed `system\0code\0unit`.
+    unmapped_fast: HashMap<String, usize, FastHash>,
+    key: String,
 }
 
 impl Partial {
+    /// Reduces one NDJSON Observation line the fast way (see [`super::fast`]). False: the
+    /// line was left alone, for the full parse.
+    pub fn observation_line(&mut self, reg: &Registry, line: &str, m: &Mappings) -> bool {
+        let mut o = fast::ObsLine::default();
+        if fast::scan_observation_into(line, &mut o).is_err() {
+            return false;
+        }
+        // No subject, an unknown patient (kept aside) or no id: the full way counts them.
+        let Some(patient) = o.subject.and_then(|t| reg.patient_of(t)) else {
+            return false;
+        };
+        if o.id.is_none() {
+            return false;
+        }
+        if !reg.mine[patient] {
+            return true; // another shard's patient
+        }
+        let mut labs = HashMap::new();
+        let spans = reg.spans.as_deref().map(Vec::as_slice);
+        let demo = &reg.demographics[patient];
+        let (key, counts, slow) = (&mut self.key, &mut self.unmapped_fast, &mut self.unmapped);
+        if let Outcome::Full = fast::reduce_observation(&o, demo, m, spans, key, counts, slow, &mut labs) {
+            return false;
+        }
+        self.observed.push(patient as u32);
+        if !labs.is_empty() {
+            let f = self.facts.entry(patient).or_default();
+            f.present.observations = true;
+            for (lab, values) in labs {
+                f.labs.entry(lab).or_default().extend(values);
+            }
+        }
+        true
+    }
+
+    /// Reduces one NDJSON Condition line the fast way: scanned, then built from the fields
+    /// `extract::condition` reads and reduced there. False: left for the full parse.
+    pub fn condition_line(&mut self, reg: &Registry, line: &str, m: &Mappings) -> bool {
+        let Ok(c) = fast::scan_condition(line) else { return false };
+        let Some(patient) = c.subject.and_then(|t| reg.patient_of(t)) else {
+            return false;
+        };
+        let Some(id) = c.id else { return false };
+        if !reg.mine[patient] {
+            return true;
+        }
+        self.diagnosed.push(patient as u32);
+        let reference = format!("Condition/{id}");
+        if let Some(x) = super::extract::condition(&reference, &c.owned(), m, &mut self.unmapped) {
+            let f = self.facts.entry(patient).or_default();
+            f.present.conditions = true;
+            f.conditions.push(x);
+        }
+        true
+    }
+
     /// Reduces one resource; `order` is its place in the input (for resources kept aside).
     pub fn add(&mut self, reg: &Registry, order: u64, parsed: Parsed, m: &Mappings) {
         let later = Deferred { order, parsed };
@@ -154,7 +367,9 @@ impl Partial {
 /// Every patient's facts so far.
 #[derive(Debug, Default)]
 pub struct FactStore {
-    registry: Registry,
+    /// Shared with the threads reducing a run; copied only if a Patient or Medication is
+    /// registered while they hold it (during the Patient file, when it is small).
+    registry: Arc<Registry>,
     facts: Vec<PatientFacts>,
     deferred: Vec<Deferred>,
     unreferenced: usize,
@@ -162,7 +377,6 @@ pub struct FactStore {
     unmapped: Unmapped,
     /// Resources fed one at a time so far (their order, for those kept aside).
     fed: u64,
-    snapshot: Option<Arc<Registry>>,
     shard: Option<Shard>,
 }
 
@@ -174,7 +388,7 @@ impl FactStore {
     /// [`crate::criteria::eval::lab_spans`]): what keeps memory flat however long the history.
     pub fn keeping(spans: Vec<Option<Window>>) -> FactStore {
         let mut store = FactStore::default();
-        store.registry.spans = Some(Arc::new(spans));
+        Arc::make_mut(&mut store.registry).spans = Some(Arc::new(spans));
         store
     }
 
@@ -187,12 +401,13 @@ impl FactStore {
 
     /// The registry as it stands, for reducing a run of resources on other threads.
     pub fn registry(&mut self) -> Arc<Registry> {
-        self.snapshot.get_or_insert_with(|| Arc::new(self.registry.clone())).clone()
+        self.registry.clone()
     }
 
     fn register(&mut self, d: Deferred) {
         // Only a nameless Patient or Medication (no id, no fullUrl) is named by number.
         let i = self.facts.len();
+        let registry = Arc::make_mut(&mut self.registry);
         match d.parsed.resource {
             Resource::Patient(patient) => {
                 let key = match (&patient.id, &d.parsed.full_url) {
@@ -200,38 +415,35 @@ impl FactStore {
                     (None, Some(url)) => url.clone(),
                     (None, None) => format!("Patient#{i}"),
                 };
-                let existing = self.registry.alias.get(&key).copied();
+                let existing = registry.alias.get(&key);
                 let index = existing.unwrap_or(self.facts.len());
                 if let Some(url) = &d.parsed.full_url {
-                    self.registry.alias.insert(url.clone(), index);
+                    registry.alias.insert(url.clone(), index);
                 }
                 if existing.is_some() {
                     // The same patient in two files (a Bundle per encounter): keep the first.
                     self.duplicates += 1;
                     return;
                 }
-                self.registry.alias.insert(key.clone(), index);
-                self.registry.demographics.push(demographics(&patient));
-                self.registry.mine.push(self.shard.is_none_or(|s| s.holds(&key)));
+                registry.alias.insert(key.clone(), index);
+                registry.demographics.push(demographics(&patient));
+                registry.mine.push(self.shard.is_none_or(|s| s.holds(&key)));
                 self.facts.push(PatientFacts { key, ..Default::default() });
             }
             Resource::Medication(med) => {
                 let reference = reference_for(&Resource::Medication(med.clone()), d.parsed.full_url.as_deref(), i);
                 if let Some(url) = &d.parsed.full_url {
-                    self.registry.meds.insert(url.clone(), (*med).clone());
+                    registry.meds.insert(url.clone(), (*med).clone());
                 }
-                self.registry.meds.insert(reference, *med);
+                registry.meds.insert(reference, *med);
             }
-            _ => return,
+            _ => {}
         }
-        self.snapshot = None;
     }
 
-    /// Drops the registry handed out for other threads, once they are done with it: it is a
-    /// copy of every patient's entry.
-    pub fn release(&mut self) {
-        self.snapshot = None;
-    }
+    /// Kept for callers that hand the registry back once a run is reduced: the registry is
+    /// shared, not copied, so there is nothing to drop.
+    pub fn release(&mut self) {}
 
     /// Merges a run reduced elsewhere. Runs must be absorbed in input order.
     pub fn absorb(&mut self, p: Partial) {
@@ -245,6 +457,22 @@ impl FactStore {
             held.absorb(f);
             // Vectors grow by doubling: trimmed, a patient costs what it holds, not up to twice.
             held.shrink();
+        }
+        for patient in p.observed {
+            self.facts[patient as usize].present.observations = true;
+        }
+        for patient in p.diagnosed {
+            self.facts[patient as usize].present.conditions = true;
+        }
+        for (k, n) in p.unmapped_fast {
+            let mut parts = k.split('\0');
+            let (s, c, u) = (parts.next(), parts.next(), parts.next());
+            let key = (
+                s.unwrap_or("").to_string(),
+                c.unwrap_or("").to_string(),
+                u.unwrap_or("").to_string(),
+            );
+            *self.unmapped.counts.entry(key).or_default() += n;
         }
         self.deferred.extend(p.deferred);
         self.unreferenced += p.unreferenced;
@@ -267,17 +495,18 @@ impl FactStore {
     /// Reduces what was kept aside, now that everything is known, and hands over every
     /// patient's facts (sorted by patient key), the issues found and the unmapped codes.
     pub fn finish(mut self, m: &Mappings) -> (Vec<PatientFacts>, Vec<InputIssue>, Unmapped) {
+        let registry = Arc::unwrap_or_clone(std::mem::take(&mut self.registry));
         let mut deferred = std::mem::take(&mut self.deferred);
         deferred.sort_by_key(|d| d.order);
         let mut orphans = 0usize;
         let mut nameless = 0usize;
         for d in deferred {
             let resource = &d.parsed.resource;
-            let Some(patient) = resource.patient_reference().and_then(|t| self.registry.patient_of(t)) else {
+            let Some(patient) = resource.patient_reference().and_then(|t| registry.patient_of(t)) else {
                 orphans += 1;
                 continue;
             };
-            if !self.registry.mine[patient] {
+            if !registry.mine[patient] {
                 continue;
             }
             let reference = match (resource.id(), &d.parsed.full_url) {
@@ -291,10 +520,10 @@ impl FactStore {
             extract_one(
                 &reference,
                 resource,
-                &self.registry.demographics[patient],
-                &self.registry.meds,
+                &registry.demographics[patient],
+                &registry.meds,
                 m,
-                self.registry.spans.as_deref().map(Vec::as_slice),
+                registry.spans.as_deref().map(Vec::as_slice),
                 &mut self.unmapped,
                 f,
             );
@@ -323,18 +552,17 @@ impl FactStore {
                 self.duplicates
             ),
         );
-        let mut facts: Vec<PatientFacts> = self
-            .facts
-            .into_iter()
-            .zip(self.registry.demographics)
-            .zip(self.registry.mine)
-            .filter(|(_, mine)| *mine)
-            .map(|((mut f, d), _)| {
-                f.demographics = d;
-                f
-            })
-            .collect();
-        facts.sort_by(|a, b| a.key.cmp(&b.key));
+        // In place: a second vector of every patient's facts would double the peak.
+        let mut facts = self.facts;
+        for (f, d) in facts.iter_mut().zip(registry.demographics) {
+            f.demographics = d;
+        }
+        if registry.mine.iter().any(|m| !m) {
+            let mut mine = registry.mine.into_iter();
+            facts.retain(|_| mine.next().unwrap_or(false));
+        }
+        facts.shrink_to_fit();
+        facts.sort_unstable_by(|a, b| a.key.cmp(&b.key)); // keys are unique; no merge buffer
         tracing::debug!(
             patients = facts.len(),
             lab_values = facts.iter().map(|f| f.labs.values().map(Vec::len).sum::<usize>()).sum::<usize>(),
@@ -342,5 +570,31 @@ impl FactStore {
             "facts held"
         );
         (facts, issues, self.unmapped)
+    }
+}
+
+#[cfg(test)]
+mod names_tests {
+    use super::Names;
+
+    #[test]
+    fn names_find_what_was_put_short_long_and_after_growth() {
+        let mut n = Names::default();
+        assert_eq!(n.get("Patient/x"), None);
+        let long = format!("urn:uuid:{}", "0123456789abcdef".repeat(5));
+        for i in 0..5000 {
+            n.insert(format!("Patient/{i:036}"), i);
+        }
+        n.insert(long.clone(), 9999);
+        n.insert(String::new(), 7);
+        for i in 0..5000 {
+            assert_eq!(n.get(&format!("Patient/{i:036}")), Some(i));
+        }
+        assert_eq!(n.get(&long), Some(9999));
+        assert_eq!(n.get(""), Some(7));
+        assert_eq!(n.get(&long[..long.len() - 1]), None);
+        assert_eq!(n.get("Patient/5000"), None);
+        n.insert("Patient/000000000000000000000000000000000001".into(), 42);
+        assert_eq!(n.get("Patient/000000000000000000000000000000000001"), Some(42));
     }
 }

@@ -5,6 +5,7 @@ pub mod client;
 pub mod files;
 pub mod model;
 pub mod record;
+pub mod scan;
 pub mod smart;
 
 use model::*;

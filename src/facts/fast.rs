@@ -1,0 +1,885 @@
+//! The fast way through an Observation line: [`crate::fhir::scan`] checks the whole line and
+//! takes, borrowed, the few fields that decide whether the Observation can give a lab value
+//! (status, time, codes, subject, the unit for the unmapped-codes count). Most Observations
+//! in an export cannot (another test, an invalid status, outside every rule's window): for
+//! those nothing is built at all. One that can is built from the same fields (the rarer
+//! parts, such as referenceRange, through serde from their own text) and reduced by
+//! `extract::observation`, the very code the full parse goes to; anything the scanner is not
+//! sure of goes to the full parse. The rules are therefore the same on both ways.
+
+use super::extract::observation;
+use super::mappings::Mappings;
+use super::{Demographics, LabValue, Unmapped};
+use crate::fhir::model::*;
+use crate::fhir::scan::{self, Bail, R, Scanner, Ty};
+use crate::time::{Instant, Window, parse_fhir_instant};
+use std::collections::HashMap;
+
+/// Codings kept per CodeableConcept (more: the full parse). Small, as the line's fields are
+/// handed around by value for every line.
+const MAX_CODES: usize = 4;
+const OBS_VALID: &[&str] = &["final", "amended", "corrected"];
+
+/// The codings of a CodeableConcept: (system, code), in order.
+#[derive(Default, Clone, Copy)]
+pub struct Codes<'a> {
+    n: usize,
+    c: [(Option<&'a str>, Option<&'a str>); MAX_CODES],
+    text: Option<&'a str>,
+}
+
+impl<'a> Codes<'a> {
+    fn iter(&self) -> impl Iterator<Item = (Option<&'a str>, Option<&'a str>)> + '_ {
+        self.c[..self.n].iter().copied()
+    }
+
+    /// Reads a CodeableConcept (`code`), as `fhir::model::CodeableConcept` declares it.
+    fn read(s: &mut Scanner<'a>) -> R<Codes<'a>> {
+        let mut out = Codes::default();
+        if s.null()? {
+            return Ok(out);
+        }
+        let mut seen = 0u8;
+        s.object(|s, k| match k {
+            "coding" => {
+                once(&mut seen, 1)?;
+                s.array(|s| {
+                    let (mut system, mut code) = (None, None);
+                    let mut seen = 0u8;
+                    s.object(|s, k| match k {
+                        "system" => {
+                            once(&mut seen, 1)?;
+                            system = opt_str(s)?;
+                            Ok(())
+                        }
+                        "code" => {
+                            once(&mut seen, 2)?;
+                            code = opt_str(s)?;
+                            Ok(())
+                        }
+                        "display" => {
+                            once(&mut seen, 4)?;
+                            s.typed(Ty::Str, false)
+                        }
+                        _ => s.skip(),
+                    })?;
+                    if out.n == MAX_CODES {
+                        return Err(Bail);
+                    }
+                    out.c[out.n] = (system, code);
+                    out.n += 1;
+                    Ok(())
+                })
+            }
+            "text" => {
+                once(&mut seen, 2)?;
+                out.text = opt_str(s)?;
+                Ok(())
+            }
+            _ => s.skip(),
+        })?;
+        Ok(out)
+    }
+
+    /// `Some` unless absent or null.
+    fn read_opt(s: &mut Scanner<'a>) -> R<Option<Codes<'a>>> {
+        if s.null()? { Ok(None) } else { Codes::read(s).map(Some) }
+    }
+
+    /// The CodeableConcept, owned (displays are not kept: no Observation or Condition rule
+    /// reads them).
+    fn owned(&self) -> CodeableConcept {
+        CodeableConcept {
+            coding: self
+                .iter()
+                .map(|(system, code)| Coding {
+                    system: system.map(str::to_string),
+                    code: code.map(str::to_string),
+                    display: None,
+                })
+                .collect(),
+            text: self.text.map(str::to_string),
+        }
+    }
+}
+
+/// A Period: `Some((start, end))` unless absent or null.
+fn period<'a>(s: &mut Scanner<'a>) -> R<Option<(Option<&'a str>, Option<&'a str>)>> {
+    if s.null()? {
+        return Ok(None);
+    }
+    let (mut start, mut end) = (None, None);
+    let mut seen = 0u8;
+    s.object(|s, k| match k {
+        "start" => {
+            once(&mut seen, 1)?;
+            start = opt_str(s)?;
+            Ok(())
+        }
+        "end" => {
+            once(&mut seen, 2)?;
+            end = opt_str(s)?;
+            Ok(())
+        }
+        _ => s.skip(),
+    })?;
+    Ok(Some((start, end)))
+}
+
+/// A Reference's `reference` (None when absent or null).
+fn reference<'a>(s: &mut Scanner<'a>) -> R<Option<&'a str>> {
+    let mut out = None;
+    if !s.null()? {
+        let mut seen = 0u8;
+        s.object(|s, k| match k {
+            "reference" => {
+                once(&mut seen, 1)?;
+                out = opt_str(s)?;
+                Ok(())
+            }
+            _ => s.skip(),
+        })?;
+    }
+    Ok(out)
+}
+
+/// The Condition fields `extract::condition` reads, borrowed from the line.
+#[derive(Default)]
+pub struct ConditionLine<'a> {
+    pub id: Option<&'a str>,
+    pub subject: Option<&'a str>,
+    clinical: Option<Codes<'a>>,
+    verification: Option<Codes<'a>>,
+    code: Option<Codes<'a>>,
+    onset_date_time: Option<&'a str>,
+    onset_period: Option<(Option<&'a str>, Option<&'a str>)>,
+    abatement_date_time: Option<&'a str>,
+    abatement_period: Option<(Option<&'a str>, Option<&'a str>)>,
+    abatement_boolean: Option<bool>,
+    recorded_date: Option<&'a str>,
+}
+
+/// Scans one Condition line (trimmed). Bails on anything not plainly readable.
+pub fn scan_condition(line: &str) -> R<ConditionLine<'_>> {
+    let mut c = ConditionLine::default();
+    let mut s = Scanner::new(line);
+    let mut seen = 0u32;
+    s.object(|s, k| {
+        match k {
+            "id" => {
+                once32(&mut seen, 1)?;
+                c.id = opt_str(s)?;
+            }
+            "clinicalStatus" => {
+                once32(&mut seen, 2)?;
+                c.clinical = Codes::read_opt(s)?;
+            }
+            "verificationStatus" => {
+                once32(&mut seen, 4)?;
+                c.verification = Codes::read_opt(s)?;
+            }
+            "code" => {
+                once32(&mut seen, 8)?;
+                c.code = Codes::read_opt(s)?;
+            }
+            "subject" => {
+                once32(&mut seen, 16)?;
+                c.subject = reference(s)?;
+            }
+            "onsetDateTime" => {
+                once32(&mut seen, 32)?;
+                c.onset_date_time = opt_str(s)?;
+            }
+            "onsetPeriod" => {
+                once32(&mut seen, 64)?;
+                c.onset_period = period(s)?;
+            }
+            "abatementDateTime" => {
+                once32(&mut seen, 128)?;
+                c.abatement_date_time = opt_str(s)?;
+            }
+            "abatementPeriod" => {
+                once32(&mut seen, 256)?;
+                c.abatement_period = period(s)?;
+            }
+            "abatementBoolean" => {
+                once32(&mut seen, 512)?;
+                c.abatement_boolean = match s.null()? {
+                    true => None,
+                    false => Some(s.boolean()?),
+                };
+            }
+            "recordedDate" => {
+                once32(&mut seen, 1024)?;
+                c.recorded_date = opt_str(s)?;
+            }
+            _ => s.skip()?,
+        }
+        Ok(())
+    })?;
+    s.end()?;
+    Ok(c)
+}
+
+impl ConditionLine<'_> {
+    /// The Condition as `fhir::model` holds it (subject left out: it is resolved already).
+    pub fn owned(&self) -> Condition {
+        let owned = |s: Option<&str>| s.map(str::to_string);
+        let period = |p: Option<(Option<&str>, Option<&str>)>| {
+            p.map(|(start, end)| Period {
+                start: owned(start),
+                end: owned(end),
+            })
+        };
+        Condition {
+            id: owned(self.id),
+            clinical_status: self.clinical.as_ref().map(Codes::owned),
+            verification_status: self.verification.as_ref().map(Codes::owned),
+            code: self.code.as_ref().map(Codes::owned),
+            subject: None,
+            onset_date_time: owned(self.onset_date_time),
+            onset_period: period(self.onset_period),
+            abatement_date_time: owned(self.abatement_date_time),
+            abatement_period: period(self.abatement_period),
+            abatement_boolean: self.abatement_boolean,
+            recorded_date: owned(self.recorded_date),
+        }
+    }
+}
+
+/// A declared field may appear once (serde: "duplicate field").
+#[inline]
+fn once(seen: &mut u8, bit: u8) -> R<()> {
+    if *seen & bit != 0 {
+        return Err(Bail);
+    }
+    *seen |= bit;
+    Ok(())
+}
+
+#[inline]
+fn once32(seen: &mut u32, bit: u32) -> R<()> {
+    if *seen & bit != 0 {
+        return Err(Bail);
+    }
+    *seen |= bit;
+    Ok(())
+}
+
+/// `Option<String>`: a string, or null.
+#[inline]
+fn opt_str<'a>(s: &mut Scanner<'a>) -> R<Option<&'a str>> {
+    if s.null()? { Ok(None) } else { s.string().map(Some) }
+}
+
+/// The Observation fields the fast way reads, borrowed from the line.
+#[derive(Default)]
+pub struct ObsLine<'a> {
+    pub id: Option<&'a str>,
+    pub status: Option<&'a str>,
+    pub has_code: bool,
+    pub codes: Codes<'a>,
+    pub subject: Option<&'a str>,
+    pub effective_date_time: Option<&'a str>,
+    /// `Some(start)` when effectivePeriod is present (not null).
+    pub effective_period: Option<Option<&'a str>>,
+    pub effective_instant: Option<&'a str>,
+    /// valueQuantity's text (None when absent or null) and its unit fields.
+    pub quantity: Option<&'a str>,
+    pub q_unit: Option<&'a str>,
+    pub q_system: Option<&'a str>,
+    pub q_code: Option<&'a str>,
+    pub value_string: Option<&'a str>,
+    pub value_integer: Option<&'a str>,
+    pub value_concept: Option<&'a str>,
+    pub reference_range: Option<&'a str>,
+    /// Codes of every component, flattened, with the component each belongs to.
+    pub component_codes: Codes<'a>,
+    pub component_of: [u8; MAX_CODES],
+    pub components: usize,
+}
+
+/// Scans one Observation line (trimmed). Bails on anything not plainly readable.
+pub fn scan_observation(line: &str) -> R<ObsLine<'_>> {
+    let mut o = ObsLine::default();
+    scan_observation_into(line, &mut o)?;
+    Ok(o)
+}
+
+/// [`scan_observation`] into `o` (fresh), sparing the copy of a returned struct per line.
+pub fn scan_observation_into<'a>(line: &'a str, o: &mut ObsLine<'a>) -> R<()> {
+    let mut s = Scanner::new(line);
+    let mut seen = 0u32;
+    s.object(|s, k| {
+        match k {
+            "id" => {
+                once32(&mut seen, 1)?;
+                o.id = opt_str(s)?;
+            }
+            "status" => {
+                once32(&mut seen, 2)?;
+                o.status = opt_str(s)?;
+            }
+            "code" => {
+                once32(&mut seen, 4)?;
+                o.has_code = s.peek_is_object();
+                o.codes = Codes::read(s)?;
+            }
+            "subject" => {
+                once32(&mut seen, 8)?;
+                o.subject = reference(s)?;
+            }
+            "effectiveDateTime" => {
+                once32(&mut seen, 16)?;
+                o.effective_date_time = opt_str(s)?;
+            }
+            "effectivePeriod" => {
+                once32(&mut seen, 32)?;
+                if !s.null()? {
+                    let mut start = None;
+                    let mut seen = 0u8;
+                    s.object(|s, k| match k {
+                        "start" => {
+                            once(&mut seen, 1)?;
+                            start = opt_str(s)?;
+                            Ok(())
+                        }
+                        "end" => {
+                            once(&mut seen, 2)?;
+                            s.typed(Ty::Str, false)
+                        }
+                        _ => s.skip(),
+                    })?;
+                    o.effective_period = Some(start);
+                }
+            }
+            "effectiveInstant" => {
+                once32(&mut seen, 64)?;
+                o.effective_instant = opt_str(s)?;
+            }
+            "valueQuantity" => {
+                once32(&mut seen, 128)?;
+                if !s.null()? {
+                    let start = s.i;
+                    let mut seen = 0u8;
+                    s.object(|s, k| {
+                        match k {
+                            "value" => {
+                                once(&mut seen, 1)?;
+                                if !s.null()? {
+                                    s.f64_text()?;
+                                }
+                            }
+                            "comparator" => {
+                                once(&mut seen, 2)?;
+                                s.typed(Ty::Str, false)?;
+                            }
+                            "unit" => {
+                                once(&mut seen, 4)?;
+                                o.q_unit = opt_str(s)?;
+                            }
+                            "system" => {
+                                once(&mut seen, 8)?;
+                                o.q_system = opt_str(s)?;
+                            }
+                            "code" => {
+                                once(&mut seen, 16)?;
+                                o.q_code = opt_str(s)?;
+                            }
+                            _ => s.skip()?,
+                        }
+                        Ok(())
+                    })?;
+                    o.quantity = Some(s.since(start));
+                }
+            }
+            "valueString" => {
+                once32(&mut seen, 256)?;
+                o.value_string = Some(s.raw_typed(Ty::Str, false)?);
+            }
+            "valueInteger" => {
+                once32(&mut seen, 512)?;
+                o.value_integer = Some(s.raw_typed(Ty::I64, false)?);
+            }
+            "valueCodeableConcept" => {
+                once32(&mut seen, 1024)?;
+                o.value_concept = Some(s.raw_typed(Ty::Obj(scan::CODEABLE_CONCEPT), false)?);
+            }
+            "referenceRange" => {
+                once32(&mut seen, 2048)?;
+                o.reference_range = Some(s.raw_typed(Ty::Obj(scan::REFERENCE_RANGE), true)?);
+            }
+            "component" => {
+                once32(&mut seen, 4096)?;
+                s.array(|s| {
+                    o.components += 1;
+                    let mut seen = 0u8;
+                    s.object(|s, k| match k {
+                        "code" => {
+                            once(&mut seen, 1)?;
+                            let c = Codes::read(s)?;
+                            for x in c.iter() {
+                                let n = o.component_codes.n;
+                                if n == MAX_CODES || o.components > 255 {
+                                    return Err(Bail);
+                                }
+                                o.component_codes.c[n] = x;
+                                o.component_of[n] = (o.components - 1) as u8;
+                                o.component_codes.n += 1;
+                            }
+                            Ok(())
+                        }
+                        _ => match scan::COMPONENT.iter().position(|f| f.name == k) {
+                            Some(n) => {
+                                once(&mut seen, 2 << n)?;
+                                s.typed(scan::COMPONENT[n].ty, scan::COMPONENT[n].vec)
+                            }
+                            None => s.skip(),
+                        },
+                    })
+                })?;
+            }
+            _ => s.skip()?,
+        }
+        Ok(())
+    })?;
+    s.end()
+}
+
+/// What the fast way did with a line.
+pub enum Outcome {
+    /// Fully accounted for (nothing, an unmapped code, or lab values pushed).
+    Done,
+    /// Take the full parse.
+    Full,
+}
+
+/// The unit key, as `extract::unit_key` reads it from a Quantity.
+fn unit_key<'a>(o: &ObsLine<'a>) -> Option<&'a str> {
+    let ucum = o.q_system.is_none_or(|s| s.trim() == "http://unitsofmeasure.org");
+    let code = o.q_code.filter(|_| ucum);
+    code.or(o.q_unit).map(str::trim)
+}
+
+/// Reduces a scanned Observation of a known patient, exactly as `extract::observation`
+/// would: returns `Full` when the line must be parsed in full after all.
+#[allow(clippy::too_many_arguments)]
+pub fn reduce_observation(
+    o: &ObsLine,
+    demo: &Demographics,
+    m: &Mappings,
+    spans: Option<&[Option<Window>]>,
+    unmapped_key: &mut String,
+    unmapped: &mut HashMap<String, usize, super::store::FastHash>,
+    slow_unmapped: &mut Unmapped,
+    labs: &mut HashMap<usize, Vec<LabValue>>,
+) -> Outcome {
+    if !o.status.is_some_and(|s| OBS_VALID.contains(&s)) {
+        return Outcome::Done;
+    }
+    let time: Instant = match o.effective_date_time {
+        Some(t) => match parse_fhir_instant(t) {
+            Some(t) => t,
+            None => return Outcome::Done,
+        },
+        None => match o.effective_period.flatten() {
+            Some(start) => match parse_fhir_instant(start) {
+                Some(t) => t,
+                None => return Outcome::Done,
+            },
+            None => match o.effective_instant.and_then(parse_fhir_instant) {
+                Some(t) => t,
+                None => return Outcome::Done,
+            },
+        },
+    };
+    let wanted = |lab: usize| spans.is_none_or(|sp| sp.get(lab).copied().flatten().is_some_and(|w| w.contains(time)));
+    let lab_of = |codes: &Codes| {
+        codes
+            .iter()
+            .find_map(|(sys, code)| m.lab_for_str(m.system_key_str(sys), code?.trim()))
+    };
+    let top = lab_of(&o.codes);
+    // Each component's first lab code counts (blood pressure's systolic and diastolic): one
+    // that a rule wants now takes the full way; one that none wants still makes the
+    // Observation a mapped one.
+    let mut comp_lab = false;
+    let mut last = usize::MAX;
+    for (k, (sys, code)) in o.component_codes.iter().enumerate() {
+        let comp = usize::from(o.component_of[k]);
+        if comp == last {
+            continue; // this component's lab is found already
+        }
+        if let Some(lab) = code.and_then(|c| m.lab_for_str(m.system_key_str(sys), c.trim())) {
+            last = comp;
+            comp_lab = true;
+            if wanted(lab) {
+                return Outcome::Full;
+            }
+        }
+    }
+    match top {
+        None if comp_lab => Outcome::Done,
+        Some(lab) if !wanted(lab) => Outcome::Done,
+        Some(_) if comp_lab => Outcome::Full,
+        // A lab read through JSONPath needs the Observation's whole JSON: the full way keeps it.
+        Some(lab) if m.labs[lab].value_path.is_some() => Outcome::Full,
+        Some(_) => build(o, demo, m, spans, slow_unmapped, labs),
+        None => {
+            // Unmapped: the first coding that has a code, with the value's unit.
+            if let Some((sys, code)) = o.codes.iter().find_map(|(s, c)| Some((s, c?))) {
+                let unit = unit_key(o).unwrap_or("");
+                unmapped_key.clear();
+                unmapped_key.push_str(m.system_key_str(sys));
+                unmapped_key.push('\0');
+                unmapped_key.push_str(code.trim());
+                unmapped_key.push('\0');
+                unmapped_key.push_str(unit);
+                match unmapped.get_mut(unmapped_key.as_str()) {
+                    Some(n) => *n += 1,
+                    None => {
+                        unmapped.insert(unmapped_key.clone(), 1);
+                    }
+                }
+            }
+            Outcome::Done
+        }
+    }
+}
+
+/// Builds the Observation (only what `extract::observation` reads) and reduces it there.
+fn build(
+    o: &ObsLine,
+    demo: &Demographics,
+    m: &Mappings,
+    spans: Option<&[Option<Window>]>,
+    unmapped: &mut Unmapped,
+    labs: &mut HashMap<usize, Vec<LabValue>>,
+) -> Outcome {
+    fn parse<T: serde::de::DeserializeOwned + Default>(raw: Option<&str>) -> Result<T, ()> {
+        match raw {
+            Some(r) => serde_json::from_str(r).map_err(drop),
+            None => Ok(T::default()),
+        }
+    }
+    let owned = |s: Option<&str>| s.map(str::to_string);
+    let Some(id) = o.id else { return Outcome::Full };
+    let built = (|| -> Result<Observation, ()> {
+        Ok(Observation {
+            id: Some(id.to_string()),
+            status: owned(o.status),
+            code: o.has_code.then(|| o.codes.owned()),
+            subject: None,
+            effective_date_time: owned(o.effective_date_time),
+            effective_period: o.effective_period.map(|start| Period {
+                start: owned(start),
+                end: None,
+            }),
+            effective_instant: owned(o.effective_instant),
+            value_quantity: parse(o.quantity)?,
+            value_string: parse(o.value_string)?,
+            value_integer: parse(o.value_integer)?,
+            value_codeable_concept: parse(o.value_concept)?,
+            reference_range: parse(o.reference_range)?,
+            component: Vec::new(),
+        })
+    })();
+    let Ok(obs) = built else { return Outcome::Full };
+    let reference = format!("Observation/{id}");
+    observation(&reference, &obs, None, demo, m, spans, unmapped, labs);
+    Outcome::Done
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fast way against the serde way, line by line: wherever the fast way answers, it
+    //! must answer exactly what the full parse and `extract_one` give (facts, unmapped
+    //! counts), and it must never accept a line serde rejects.
+    use super::*;
+    use crate::facts::PatientFacts;
+    use crate::facts::extract::extract_one;
+    use crate::fhir::files::{ReadOptions, ReadOutput, read_line};
+    use crate::fhir::record::MedicationIndex;
+    use std::collections::BTreeMap;
+
+    const TEMPLATES: &[&str] = &[
+        r#"{"resourceType":"Observation","id":"p1","meta":{"lastUpdated":"2026-04-04T10:42:09Z"},"status":"final","category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"laboratory","display":"Laboratory"}]}],"code":{"coding":[{"system":"http://loinc.org","code":"777-3","display":"Platelets"}],"text":"Platelets"},"subject":{"reference":"Patient/a"},"effectiveDateTime":"2026-05-01T10:00:00Z","issued":"2026-05-01T22:42:09.000Z","valueQuantity":{"value":30,"unit":"10*9/L","system":"http://unitsofmeasure.org","code":"10*9/L"}}"#,
+        r#"{"resourceType":"Observation","id":"a1","status":"amended","code":{"coding":[{"system":"http://example.org/local","code":"ALT"},{"system":"http://loinc.org","code":"1742-6"}]},"subject":{"reference":"Patient/a"},"effectivePeriod":{"start":"2026-04-01","end":"2026-04-02"},"valueQuantity":{"value":120.5,"unit":"U/L"},"referenceRange":[{"type":{"coding":[{"code":"normal"}]},"high":{"value":35,"unit":"U/L"}},{"high":{"value":40}}]}"#,
+        r#"{"resourceType":"Observation","id":"b1","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"85354-9"}]},"subject":{"reference":"Patient/a"},"effectiveDateTime":"2026-05-20","component":[{"code":{"coding":[{"system":"http://loinc.org","code":"8480-6"}]},"valueQuantity":{"value":120,"unit":"mm[Hg]"}},{"code":{"coding":[{"system":"http://loinc.org","code":"8462-4"}]},"valueQuantity":{"value":80,"unit":"mm[Hg]"}}]}"#,
+        r#"{"resourceType":"Observation","id":"h1","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"4548-4"}],"text":"HbA1c"},"subject":{"reference":"Patient/a"},"effectiveDateTime":"2026-05-02T10:00:00+05:30","valueQuantity":{"value":6.5,"unit":"%","system":"http://unitsofmeasure.org","code":"%"}}"#,
+        r#"{"resourceType":"Observation","id":"u1","status":"corrected","code":{"coding":[{"system":"http://loinc.org","code":"2890-2"}]},"subject":{"reference":"Patient/a"},"effectiveDateTime":"2026-01-15T23:30:00-02:00","valueQuantity":{"value":170.1,"comparator":">=","unit":"mg/mmol"}}"#,
+        r#"{"resourceType":"Observation","id":"s1","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"62238-1"}]},"subject":{"reference":"Patient/a"},"effectiveDateTime":"2026-05-30","valueString":">60"}"#,
+    ];
+
+    /// Single edits: each is applied, where it matches, to each template.
+    const EDITS: &[(&str, &str)] = &[
+        (r#""status":"final""#, r#""status":null"#),
+        (r#""status":"final""#, r#""status":7"#),
+        (r#""status":"final""#, r#""status":"final","status":"final""#),
+        (r#""status":"final""#, r#""status":"preliminary""#),
+        (r#""status":"amended""#, r#""status":" amended""#),
+        (r#""value":"#, r#""value":1e400,"x":"#),
+        (r#""value":30"#, r#""value":"30""#),
+        (r#""value":30"#, r#""value":null"#),
+        (r#""value":30"#, r#""value":-0.0"#),
+        (r#""value":30"#, r#""value":030"#),
+        (r#""value":120.5"#, r#""value":1.205e2"#),
+        (r#""code":"777-3""#, r#""code":" 777-3 ""#),
+        (r#""code":"777-3""#, r#""code":"\u0037\u00377-3""#),
+        (r#""code":"1742-6""#, r#""code":null"#),
+        (r#""system":"http://loinc.org""#, r#""system":" http://loinc.org ""#),
+        (r#""system":"http://loinc.org""#, r#""system":"urn:oid:2.16.840.1.113883.6.1""#),
+        (r#""subject":"#, r#""subj\u0065ct":"#),
+        (r#""subject":{"reference":"Patient/a"}"#, r#""subject":null"#),
+        (r#""subject":{"reference":"Patient/a"}"#, r#""subject":["Patient/a"]"#),
+        (
+            r#""subject":{"reference":"Patient/a"}"#,
+            r#""subject":{"reference":"http://h/fhir/Patient/a/_history/2"}"#,
+        ),
+        (r#""effectiveDateTime":"2026-05-01T10:00:00Z""#, r#""effectiveDateTime":"2026-05""#),
+        (
+            r#""effectiveDateTime":"2026-05-01T10:00:00Z""#,
+            r#""effectiveDateTime":null,"effectiveInstant":"2026-05-01T10:00:00Z""#,
+        ),
+        (
+            r#""effectiveDateTime":"2026-05-01T10:00:00Z""#,
+            r#""effectiveDateTime":"2025-01-01""#,
+        ),
+        (
+            r#""effectivePeriod":{"start":"2026-04-01","end":"2026-04-02"}"#,
+            r#""effectivePeriod":{"end":"2026-04-02"}"#,
+        ),
+        (
+            r#""effectivePeriod":{"start":"2026-04-01","end":"2026-04-02"}"#,
+            r#""effectivePeriod":{"start":5}"#,
+        ),
+        (r#""valueQuantity":{"#, r#""valueQuantity":{"comparator":"ad","#),
+        (r#""valueQuantity":{"#, r#""valueQuantity":{"comparator":"<","#),
+        (
+            r#""unit":"10*9/L","system":"http://unitsofmeasure.org","code":"10*9/L""#,
+            r#""unit":"/uL""#,
+        ),
+        (
+            r#""unit":"10*9/L","system":"http://unitsofmeasure.org","code":"10*9/L""#,
+            r#""unit":"K/uL","system":"http://snomed.info/sct","code":"x""#,
+        ),
+        (r#""unit":"U/L""#, r#""unit":"mg/dL""#),
+        (r#""referenceRange":["#, r#""referenceRange":[null,"#),
+        (
+            r#""referenceRange":["#,
+            r#""referenceRange":[{"appliesTo":[{"coding":[{"code":"female"}]}],"high":{"value":30}},"#,
+        ),
+        (
+            r#""referenceRange":["#,
+            r#""referenceRange":[{"age":{"low":{"value":80}},"high":{"value":20}},"#,
+        ),
+        (
+            r#""component":["#,
+            r#""component":[{"code":{"coding":[{"system":"http://loinc.org","code":"777-3"}]},"valueQuantity":{"value":20,"unit":"10*9/L"}},"#,
+        ),
+        (r#""component":["#, r#""component":null,"x":["#),
+        (r#""component":["#, r#""component":[{"valueInteger":"x"},"#),
+        (r#""valueString":">60""#, r#""valueString":"<0.1 mg/mg""#),
+        (r#""valueString":">60""#, r#""valueString":"a\"b""#),
+        (r#""valueString":">60""#, r#""valueInteger":40"#),
+        (
+            r#""valueString":">60""#,
+            r#""valueCodeableConcept":{"coding":[{"code":"positive"}]}"#,
+        ),
+        (r#""display":"Platelets""#, r#""display":"\ud800 \q""#),
+        (r#""display":"Platelets""#, r#""display":"tab	in""#),
+        (r#""category":["#, r#""category":[[[[[[]]]]],"#),
+        (r#""meta":{"#, r#""meta":{"a":[1,2,],"#),
+        (r#""id":"p1""#, r#""id":null"#),
+        (
+            r#"{"resourceType":"Observation","#,
+            r#"{"resourceType":"Observation","code":{"text":"x"},"#,
+        ),
+        (r#""text":"Platelets""#, r#""text":"Platelets","text":"again""#),
+        (r#"}"#, r#"} x"#),
+        (
+            r#""coding":[{"system":"http://loinc.org","code":"4548-4"}]"#,
+            r#""coding":[{"code":"4548-4"},{"system":"http://loinc.org","code":"777-3"}]"#,
+        ),
+    ];
+
+    fn setup() -> (Mappings, Vec<Option<Window>>) {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let m = Mappings::load_dir(&root.join("mappings")).expect("mappings load");
+        let trials = crate::load_config(&root.join("mappings"), &root.join("config/trials"), &[])
+            .expect("trials load")
+            .trials;
+        let spans = crate::criteria::eval::lab_spans(&trials, &m, crate::time::Date::parse("2026-06-01").expect("date"));
+        (m, spans)
+    }
+
+    /// (labs as text, unmapped counts), or None when serde does not read the line.
+    type Seen = (String, BTreeMap<(String, String, String), usize>);
+
+    fn labs_text(labs: &HashMap<usize, Vec<LabValue>>) -> String {
+        let mut v: Vec<_> = labs.iter().collect();
+        v.sort_by_key(|(k, _)| **k);
+        format!("{v:?}")
+    }
+
+    fn slow(line: &str, m: &Mappings, spans: &[Option<Window>]) -> Option<Seen> {
+        let mut out = ReadOutput::default();
+        read_line(&|| "t".into(), line, ReadOptions::default(), &mut out);
+        let parsed = out.resources.pop()?;
+        let id = parsed.resource.id()?.to_string();
+        let mut f = PatientFacts::default();
+        let mut u = Unmapped::default();
+        let demo = Demographics::default();
+        extract_one(
+            &format!("Observation/{id}"),
+            &parsed.resource,
+            &demo,
+            &MedicationIndex::default(),
+            m,
+            Some(spans),
+            &mut u,
+            &mut f,
+        );
+        Some((labs_text(&f.labs), u.counts))
+    }
+
+    fn fast(line: &str, m: &Mappings, spans: &[Option<Window>]) -> Option<Seen> {
+        let o = scan_observation(line).ok()?;
+        o.id?;
+        let (mut key, mut counts, mut u, mut labs) = (String::new(), HashMap::default(), Unmapped::default(), HashMap::new());
+        let demo = Demographics::default();
+        if let Outcome::Full = reduce_observation(&o, &demo, m, Some(spans), &mut key, &mut counts, &mut u, &mut labs) {
+            return None;
+        }
+        for (k, n) in counts {
+            let mut p = k.split('\0').map(str::to_string);
+            let k = (
+                p.next().unwrap_or_default(),
+                p.next().unwrap_or_default(),
+                p.next().unwrap_or_default(),
+            );
+            *u.counts.entry(k).or_default() += n;
+        }
+        Some((labs_text(&labs), u.counts))
+    }
+
+    #[test]
+    fn fast_way_agrees_with_the_full_parse() {
+        let (m, spans) = setup();
+        let mut lines: Vec<String> = TEMPLATES.iter().map(|t| t.to_string()).collect();
+        for t in TEMPLATES {
+            for (from, to) in EDITS {
+                if t.contains(from) {
+                    lines.push(t.replacen(from, to, 1));
+                }
+            }
+        }
+        // Pairs of edits too.
+        let singles = lines.clone();
+        for l in &singles[TEMPLATES.len()..] {
+            for (from, to) in EDITS.iter().step_by(3) {
+                if l.contains(from) {
+                    lines.push(l.replacen(from, to, 1));
+                }
+            }
+        }
+        let mut answered = 0;
+        for line in &lines {
+            let Some(f) = fast(line, &m, &spans) else { continue };
+            answered += 1;
+            match slow(line, &m, &spans) {
+                Some(s) => assert_eq!(f, s, "fast and full ways differ on {line}"),
+                None => panic!("the fast way read a line serde rejects: {line}"),
+            }
+        }
+        // Many edits are meant to make it bail; enough lines must still be answered.
+        assert!(
+            answered > lines.len() / 4,
+            "the fast way answered only {answered} of {} lines",
+            lines.len()
+        );
+    }
+
+    const CONDITION: &str = r#"{"resourceType":"Condition","id":"c1","meta":{"lastUpdated":"2025-01-31T00:38:10Z"},"clinicalStatus":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/condition-clinical","code":"active"}]},"verificationStatus":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/condition-ver-status","code":"confirmed"}]},"category":[{"coding":[{"code":"problem-list-item"}]}],"code":{"coding":[{"system":"http://snomed.info/sct","code":"55464009","display":"SLE"}],"text":"SLE"},"subject":{"reference":"Patient/a"},"onsetDateTime":"2021-03-03T04:29:48Z","recordedDate":"2021-03-08T04:29:48Z"}"#;
+
+    const CONDITION_EDITS: &[(&str, &str)] = &[
+        (r#""code":"active""#, r#""code":"resolved""#),
+        (r#""code":"active""#, r#""code":null"#),
+        (
+            r#""clinicalStatus":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/condition-clinical","code":"active"}]}"#,
+            r#""clinicalStatus":{"text":" Active "}"#,
+        ),
+        (r#""clinicalStatus":{"#, r#""clinicalStatus":null,"x":{"#),
+        (r#""code":"confirmed""#, r#""code":"refuted""#),
+        (r#""code":"55464009""#, r#""code":"M32.14""#),
+        (
+            r#""system":"http://snomed.info/sct","code":"55464009""#,
+            r#""system":"http://hl7.org/fhir/sid/icd-10-cm","code":"M32.14""#,
+        ),
+        (
+            r#""system":"http://snomed.info/sct","code":"55464009""#,
+            r#""system":"http://example.org/x","code":"abc""#,
+        ),
+        (
+            r#""system":"http://snomed.info/sct","code":"55464009""#,
+            r#""system":"http://snomed.info/sct","code":"200936003""#,
+        ),
+        (
+            r#""onsetDateTime":"2021-03-03T04:29:48Z""#,
+            r#""onsetPeriod":{"start":"2021"},"abatementDateTime":"2026-05-01""#,
+        ),
+        (r#""onsetDateTime":"2021-03-03T04:29:48Z""#, r#""abatementBoolean":true"#),
+        (r#""onsetDateTime":"2021-03-03T04:29:48Z""#, r#""abatementBoolean":"true""#),
+        (
+            r#""onsetDateTime":"2021-03-03T04:29:48Z""#,
+            r#""abatementPeriod":{"end":"2027-01-01"}"#,
+        ),
+        (r#""recordedDate":"2021-03-08T04:29:48Z""#, r#""recordedDate":5"#),
+        (
+            r#""recordedDate":"2021-03-08T04:29:48Z""#,
+            r#""recordedDate":"2021","recordedDate":"2022""#,
+        ),
+        (r#""display":"SLE""#, r#""display":"S\u004cE""#),
+        (r#""text":"SLE""#, r#""text":"S\u004cE""#),
+        (r#""id":"c1""#, r#""id":null"#),
+    ];
+
+    #[test]
+    fn fast_conditions_agree_with_the_full_parse() {
+        let (m, _) = setup();
+        let mut lines = vec![CONDITION.to_string()];
+        for (from, to) in CONDITION_EDITS {
+            let one = CONDITION.replacen(from, to, 1);
+            for (from2, to2) in CONDITION_EDITS.iter().step_by(2) {
+                lines.push(one.replacen(from2, to2, 1));
+            }
+            lines.push(one);
+        }
+        let mut answered = 0;
+        for line in &lines {
+            let Ok(c) = scan_condition(line) else { continue };
+            let Some(id) = c.id else { continue };
+            answered += 1;
+            let reference = format!("Condition/{id}");
+            let mut u = Unmapped::default();
+            let fast = crate::facts::extract::condition(&reference, &c.owned(), &m, &mut u);
+            let fast = (format!("{fast:?}"), u.counts);
+            let mut out = ReadOutput::default();
+            read_line(&|| "t".into(), line, ReadOptions::default(), &mut out);
+            let Some(parsed) = out.resources.pop() else {
+                panic!("the fast way read a line serde rejects: {line}")
+            };
+            let crate::fhir::Resource::Condition(full) = &parsed.resource else {
+                panic!("not a Condition: {line}")
+            };
+            let mut u = Unmapped::default();
+            let slow = crate::facts::extract::condition(&reference, full, &m, &mut u);
+            assert_eq!(fast, (format!("{slow:?}"), u.counts), "fast and full ways differ on {line}");
+        }
+        assert!(
+            answered > lines.len() / 3,
+            "the fast way answered only {answered} of {} lines",
+            lines.len()
+        );
+    }
+}

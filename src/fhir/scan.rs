@@ -1,0 +1,613 @@
+//! A validating JSON scanner for the hot NDJSON lines: it checks a whole line against the JSON
+//! grammar as fast as the bytes can be walked and hands back, borrowed, the few fields the
+//! caller asks for, without building anything.
+//!
+//! It is only ever a shortcut. Whenever it meets something it is not sure it reads exactly as
+//! serde_json and the `fhir::model` structs would (an escape in a key or in a string it
+//! captures, a declared field twice, a declared field of a type it does not take, `null`
+//! where serde rejects it, a number that could be out of range, nesting deeper than 100), it
+//! gives up with [`Bail`] and the caller parses the line with serde as before, so every
+//! verdict and every reported input problem is what the full parse gives. It never accepts a
+//! line serde_json rejects: grammar, control characters in strings, escapes, number syntax
+//! and trailing characters are all checked.
+
+/// "Not sure: take the full parse."
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bail;
+
+pub type R<T> = Result<T, Bail>;
+
+/// The JSON type a declared field of a `fhir::model` struct takes, for checking fields the
+/// caller does not read (serde would reject the line if their type were wrong).
+#[derive(Debug, Clone, Copy)]
+pub enum Ty {
+    /// `Option<String>` (or a `String` element of a Vec).
+    Str,
+    /// `Option<f64>`.
+    F64,
+    /// `Option<i64>`.
+    I64,
+    /// `Option<bool>`.
+    Bool,
+    /// `Option<struct>` (or a struct element of a Vec).
+    Obj(&'static [Field]),
+}
+
+/// A declared field: its JSON name, type, and whether it is a `#[serde(default)] Vec<T>`
+/// (which takes an array, never `null`) rather than an `Option<T>`.
+#[derive(Debug, Clone, Copy)]
+pub struct Field {
+    pub name: &'static str,
+    pub ty: Ty,
+    pub vec: bool,
+}
+
+const fn f(name: &'static str, ty: Ty) -> Field {
+    Field { name, ty, vec: false }
+}
+const fn v(name: &'static str, ty: Ty) -> Field {
+    Field { name, ty, vec: true }
+}
+
+/// `fhir::model` shapes, field for field (keep in step with model.rs).
+pub const CODING: &[Field] = &[f("system", Ty::Str), f("code", Ty::Str), f("display", Ty::Str)];
+pub const CODEABLE_CONCEPT: &[Field] = &[v("coding", Ty::Obj(CODING)), f("text", Ty::Str)];
+pub const QUANTITY: &[Field] = &[
+    f("value", Ty::F64),
+    f("comparator", Ty::Str),
+    f("unit", Ty::Str),
+    f("system", Ty::Str),
+    f("code", Ty::Str),
+];
+pub const RANGE: &[Field] = &[f("low", Ty::Obj(QUANTITY)), f("high", Ty::Obj(QUANTITY))];
+pub const REFERENCE_RANGE: &[Field] = &[
+    f("low", Ty::Obj(QUANTITY)),
+    f("high", Ty::Obj(QUANTITY)),
+    f("type", Ty::Obj(CODEABLE_CONCEPT)),
+    v("appliesTo", Ty::Obj(CODEABLE_CONCEPT)),
+    f("age", Ty::Obj(RANGE)),
+    f("text", Ty::Str),
+];
+pub const COMPONENT: &[Field] = &[
+    f("code", Ty::Obj(CODEABLE_CONCEPT)),
+    f("valueQuantity", Ty::Obj(QUANTITY)),
+    f("valueString", Ty::Str),
+    f("valueInteger", Ty::I64),
+    f("valueCodeableConcept", Ty::Obj(CODEABLE_CONCEPT)),
+    v("referenceRange", Ty::Obj(REFERENCE_RANGE)),
+];
+pub const PERIOD: &[Field] = &[f("start", Ty::Str), f("end", Ty::Str)];
+pub const REFERENCE: &[Field] = &[f("reference", Ty::Str)];
+
+const MAX_DEPTH: u32 = 100;
+
+pub struct Scanner<'a> {
+    b: &'a [u8],
+    s: &'a str,
+    pub i: usize,
+    depth: u32,
+}
+
+impl<'a> Scanner<'a> {
+    pub fn new(s: &'a str) -> Scanner<'a> {
+        Scanner {
+            b: s.as_bytes(),
+            s,
+            i: 0,
+            depth: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn peek(&self) -> u8 {
+        self.b.get(self.i).copied().unwrap_or(0)
+    }
+
+    /// Skips JSON whitespace; one comparison in the usual case of none (every whitespace
+    /// byte is at most a space).
+    #[inline(always)]
+    pub fn ws(&mut self) {
+        if self.b.get(self.i).is_some_and(|&c| c > b' ') {
+            return;
+        }
+        self.ws_slow();
+    }
+
+    #[inline(never)]
+    fn ws_slow(&mut self) {
+        while let Some(&c) = self.b.get(self.i) {
+            if c == b' ' || c == b'\n' || c == b'\r' || c == b'\t' {
+                self.i += 1;
+            } else {
+                break;
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn eat(&mut self, c: u8) -> R<()> {
+        if self.peek() == c {
+            self.i += 1;
+            Ok(())
+        } else {
+            Err(Bail)
+        }
+    }
+
+    /// Whether an object starts here.
+    pub fn peek_is_object(&self) -> bool {
+        self.peek() == b'{'
+    }
+
+    /// The text from `start` to here.
+    pub fn since(&self, start: usize) -> &'a str {
+        &self.s[start..self.i]
+    }
+
+    /// After the whole value: only whitespace may follow.
+    pub fn end(&mut self) -> R<()> {
+        self.ws();
+        if self.i == self.b.len() { Ok(()) } else { Err(Bail) }
+    }
+
+    /// The position of the next `"`, `\` or control character at or after `from`.
+    #[inline(always)]
+    fn string_stop(&self, from: usize) -> usize {
+        let b = self.b;
+        let mut i = from;
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::*;
+            // SAFETY: SSE2 is part of x86_64; every load reads 16 bytes inside `b`.
+            unsafe {
+                let quote = _mm_set1_epi8(b'"' as i8);
+                let slash = _mm_set1_epi8(b'\\' as i8);
+                let ctl = _mm_set1_epi8(0x1f);
+                while i + 16 <= b.len() {
+                    let x = _mm_loadu_si128(b.as_ptr().add(i) as *const __m128i);
+                    let m = _mm_or_si128(
+                        _mm_or_si128(_mm_cmpeq_epi8(x, quote), _mm_cmpeq_epi8(x, slash)),
+                        _mm_cmpeq_epi8(_mm_max_epu8(x, ctl), ctl),
+                    );
+                    let mask = _mm_movemask_epi8(m) as u32;
+                    if mask != 0 {
+                        return i + mask.trailing_zeros() as usize;
+                    }
+                    i += 16;
+                }
+            }
+        }
+        while i < b.len() {
+            let c = b[i];
+            if c == b'"' || c == b'\\' || c < 0x20 {
+                return i;
+            }
+            i += 1;
+        }
+        i
+    }
+
+    /// A string (at its opening quote), checked as serde_json checks a string it skips.
+    /// Returns its raw text and whether it holds an escape.
+    #[inline]
+    pub fn string_raw(&mut self) -> R<(&'a str, bool)> {
+        self.eat(b'"')?;
+        let start = self.i;
+        let mut escaped = false;
+        let mut i = start;
+        loop {
+            i = self.string_stop(i);
+            match self.b.get(i) {
+                Some(b'"') => {
+                    self.i = i + 1;
+                    // SAFETY: `start..i` lies inside `s` between two ASCII quotes, so both
+                    // ends are character boundaries.
+                    return Ok((unsafe { self.s.get_unchecked(start..i) }, escaped));
+                }
+                Some(b'\\') => {
+                    escaped = true;
+                    match self.b.get(i + 1) {
+                        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => i += 2,
+                        Some(b'u') => {
+                            let hex = self.b.get(i + 2..i + 6).ok_or(Bail)?;
+                            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                                return Err(Bail);
+                            }
+                            i += 6;
+                        }
+                        _ => return Err(Bail),
+                    }
+                }
+                _ => return Err(Bail), // a control character, or the end of the line
+            }
+        }
+    }
+
+    /// A string the caller reads: one with an escape is left to serde (which unescapes it).
+    #[inline]
+    pub fn string(&mut self) -> R<&'a str> {
+        match self.string_raw()? {
+            (s, false) => Ok(s),
+            (_, true) => Err(Bail),
+        }
+    }
+
+    /// An object key and its colon.
+    #[inline]
+    fn key(&mut self) -> R<&'a str> {
+        let k = self.string()?;
+        self.ws();
+        self.eat(b':')?;
+        self.ws();
+        Ok(k)
+    }
+
+    /// A JSON number, checked against the grammar, as its text.
+    pub fn number(&mut self) -> R<&'a str> {
+        let b = self.b;
+        let start = self.i;
+        let mut i = start;
+        if b.get(i) == Some(&b'-') {
+            i += 1;
+        }
+        match b.get(i) {
+            Some(b'0') => i += 1,
+            Some(b'1'..=b'9') => {
+                while b.get(i).is_some_and(u8::is_ascii_digit) {
+                    i += 1;
+                }
+            }
+            _ => return Err(Bail),
+        }
+        if b.get(i) == Some(&b'.') {
+            i += 1;
+            let d = i;
+            while b.get(i).is_some_and(u8::is_ascii_digit) {
+                i += 1;
+            }
+            if i == d {
+                return Err(Bail);
+            }
+        }
+        if matches!(b.get(i), Some(b'e' | b'E')) {
+            i += 1;
+            if matches!(b.get(i), Some(b'+' | b'-')) {
+                i += 1;
+            }
+            let d = i;
+            while b.get(i).is_some_and(u8::is_ascii_digit) {
+                i += 1;
+            }
+            if i == d {
+                return Err(Bail);
+            }
+        }
+        self.i = i;
+        Ok(&self.s[start..i])
+    }
+
+    fn literal(&mut self, word: &[u8]) -> R<()> {
+        if self.b[self.i..].starts_with(word) {
+            self.i += word.len();
+            Ok(())
+        } else {
+            Err(Bail)
+        }
+    }
+
+    /// `null` (consumed) or not (nothing consumed).
+    #[inline]
+    pub fn null(&mut self) -> R<bool> {
+        if self.peek() == b'n' {
+            self.literal(b"null")?;
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+
+    /// `true` or `false`.
+    pub fn boolean(&mut self) -> R<bool> {
+        match self.peek() {
+            b't' => self.literal(b"true").map(|_| true),
+            b'f' => self.literal(b"false").map(|_| false),
+            _ => Err(Bail),
+        }
+    }
+
+    /// Skips any value, checking it as serde_json checks a value it ignores. Containers are
+    /// walked in one loop with a bit stack (no call per value): most of a line's bytes are in
+    /// parts nobody reads.
+    pub fn skip(&mut self) -> R<()> {
+        match self.peek() {
+            b'"' => return self.string_raw().map(drop),
+            b'{' | b'[' => {}
+            _ => return self.scalar(),
+        }
+        // Bit n of `stack`: whether the container at depth n is an object.
+        let mut stack: u128 = 0;
+        let mut depth: u32 = 0;
+        let limit = MAX_DEPTH.saturating_sub(self.depth).min(127);
+        'value: loop {
+            // At a value.
+            match self.peek() {
+                b'"' => {
+                    self.string_raw()?;
+                }
+                open @ (b'{' | b'[') => {
+                    self.i += 1;
+                    if depth == limit {
+                        return Err(Bail);
+                    }
+                    let object = open == b'{';
+                    stack = (stack << 1) | u128::from(object);
+                    depth += 1;
+                    self.ws();
+                    let close = if object { b'}' } else { b']' };
+                    if self.peek() == close {
+                        self.i += 1;
+                        stack >>= 1;
+                        depth -= 1;
+                    } else {
+                        if object {
+                            self.member_key()?;
+                        }
+                        continue 'value;
+                    }
+                }
+                _ => self.scalar()?,
+            }
+            // After a value: close containers until one goes on.
+            loop {
+                if depth == 0 {
+                    return Ok(());
+                }
+                self.ws();
+                let object = stack & 1 == 1;
+                match self.peek() {
+                    b',' => {
+                        self.i += 1;
+                        self.ws();
+                        if object {
+                            self.member_key()?;
+                        }
+                        continue 'value;
+                    }
+                    b'}' if object => {}
+                    b']' if !object => {}
+                    _ => return Err(Bail),
+                }
+                self.i += 1;
+                stack >>= 1;
+                depth -= 1;
+            }
+        }
+    }
+
+    /// A key inside a skipped object (serde ignores it, escapes and all) and its colon.
+    #[inline]
+    fn member_key(&mut self) -> R<()> {
+        self.string_raw()?;
+        self.ws();
+        self.eat(b':')?;
+        self.ws();
+        Ok(())
+    }
+
+    /// `true`, `false`, `null` or a number.
+    #[inline]
+    fn scalar(&mut self) -> R<()> {
+        match self.peek() {
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            _ => self.number().map(drop),
+        }
+    }
+
+    /// Walks an object (at its `{`), calling `each` for every member with the scanner at the
+    /// value, which `each` must consume.
+    #[inline]
+    pub fn object(&mut self, mut each: impl FnMut(&mut Self, &'a str) -> R<()>) -> R<()> {
+        self.eat(b'{')?;
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(Bail);
+        }
+        self.ws();
+        if self.peek() == b'}' {
+            self.i += 1;
+            self.depth -= 1;
+            return Ok(());
+        }
+        loop {
+            let k = self.key()?;
+            each(self, k)?;
+            self.ws();
+            match self.peek() {
+                b',' => {
+                    self.i += 1;
+                    self.ws();
+                }
+                b'}' => {
+                    self.i += 1;
+                    self.depth -= 1;
+                    return Ok(());
+                }
+                _ => return Err(Bail),
+            }
+        }
+    }
+
+    /// Walks an array (at its `[`), calling `each` with the scanner at every element.
+    #[inline]
+    pub fn array(&mut self, mut each: impl FnMut(&mut Self) -> R<()>) -> R<()> {
+        self.eat(b'[')?;
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(Bail);
+        }
+        self.ws();
+        if self.peek() == b']' {
+            self.i += 1;
+            self.depth -= 1;
+            return Ok(());
+        }
+        loop {
+            each(self)?;
+            self.ws();
+            match self.peek() {
+                b',' => {
+                    self.i += 1;
+                    self.ws();
+                }
+                b']' => {
+                    self.i += 1;
+                    self.depth -= 1;
+                    return Ok(());
+                }
+                _ => return Err(Bail),
+            }
+        }
+    }
+
+    /// The raw text of the value here, checked against `ty` (and skipped).
+    pub fn raw_typed(&mut self, ty: Ty, vec: bool) -> R<&'a str> {
+        let start = self.i;
+        self.typed(ty, vec)?;
+        Ok(&self.s[start..self.i])
+    }
+
+    /// Checks the value here as serde would deserialize a declared field of type `ty`
+    /// (`Option<ty>`, or with `vec` a `#[serde(default)] Vec<ty>`), and skips it.
+    pub fn typed(&mut self, ty: Ty, vec: bool) -> R<()> {
+        if vec {
+            return self.array(|s| s.typed_value(ty));
+        }
+        if self.null()? {
+            return Ok(());
+        }
+        self.typed_value(ty)
+    }
+
+    fn typed_value(&mut self, ty: Ty) -> R<()> {
+        match ty {
+            Ty::Str => self.string().map(drop),
+            Ty::F64 => self.f64_text().map(drop),
+            Ty::I64 => {
+                let n = self.number()?;
+                // A plain integer that surely fits; anything else is serde's to judge.
+                if n.len() > 18 || n.bytes().any(|c| !c.is_ascii_digit() && c != b'-') {
+                    return Err(Bail);
+                }
+                Ok(())
+            }
+            Ty::Bool => match self.peek() {
+                b't' => self.literal(b"true"),
+                b'f' => self.literal(b"false"),
+                _ => Err(Bail),
+            },
+            Ty::Obj(fields) => self.typed_object(fields),
+        }
+    }
+
+    /// A number serde reads as an `f64` without error: no exponent, so never out of range.
+    pub fn f64_text(&mut self) -> R<&'a str> {
+        let n = self.number()?;
+        if n.len() > 300 || n.bytes().any(|c| c == b'e' || c == b'E') {
+            return Err(Bail);
+        }
+        Ok(n)
+    }
+
+    /// An object of the declared `fields`: each checked, none twice; others skipped.
+    pub fn typed_object(&mut self, fields: &'static [Field]) -> R<()> {
+        let mut seen = 0u64;
+        self.object(|s, k| match fields.iter().position(|f| f.name == k) {
+            Some(n) => {
+                if seen & (1 << n) != 0 {
+                    return Err(Bail);
+                }
+                seen |= 1 << n;
+                s.typed(fields[n].ty, fields[n].vec)
+            }
+            None => s.skip(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid(s: &str) -> bool {
+        let mut sc = Scanner::new(s);
+        sc.skip().and_then(|_| sc.end()).is_ok()
+    }
+
+    #[test]
+    fn agrees_with_serde_on_validity() {
+        let cases = [
+            r#"{"a":1}"#,
+            r#"{"a":[1,2,{"b":null}],"c":"x\"y","d":true,"e":false}"#,
+            r#"{"a":-0.5e+10}"#,
+            r#"{"a":01}"#,
+            r#"{"a":1.}"#,
+            r#"{"a":.5}"#,
+            r#"{"a":1,}"#,
+            r#"{"a":[1,]}"#,
+            r#"{"a":"\x"}"#,
+            r#"{"a":"\u12G4"}"#,
+            r#"{"a":"\u00e9 é"}"#,
+            "{\"a\":\"tab\tin\"}",
+            r#"{"a":1} x"#,
+            r#"{"a":1}  "#,
+            r#"{"a" 1}"#,
+            r#"{"a":tru}"#,
+            r#"{"a":nul}"#,
+            r#"{"a":-}"#,
+            r#"{"a":1e}"#,
+            r#"{"a":[]}"#,
+            r#"{}"#,
+            r#"{"a":{}}"#,
+            r#"{"a":"#,
+            r#"{"a":"unterminated}"#,
+            r#"{"a":"0123456789abcdef0123456789abcdef\"0123456789abcdef"}"#,
+            r#"{"a":{"b":[{"c":[[],{}]},[1,[2,[3]]]],"d":{}},"e":[{"f":null}]}"#,
+            r#"{"a":{"b":[{"c":[[],{}]},[1,[2,[3]]]],"d":{}},"e":[{"f":null}}"#,
+            r#"{"a":{"b" "c"}}"#,
+            r#"{"a":{"b":1,}}"#,
+            r#"{"a":[1 2]}"#,
+            r#"{"a":{"\u0041":1}}"#,
+            r#"{"a":{1:2}}"#,
+            r#"{"a":[{]}"#,
+            r#"{"a":[}"#,
+            r#"{"a":{"b":1]}"#,
+        ];
+        for c in cases {
+            let serde = serde_json::from_str::<serde::de::IgnoredAny>(c).is_ok();
+            // The scanner may refuse more (it bails on doubt) but never accepts what serde rejects.
+            if valid(c) {
+                assert!(serde, "scanner accepted what serde rejects: {c}");
+            }
+            if serde && !c.contains("\\u") && !c.contains("\\\"") {
+                assert!(valid(c), "scanner rejected valid JSON: {c}");
+            }
+        }
+    }
+
+    #[test]
+    fn typed_fields_bail_on_wrong_types_and_duplicates() {
+        let ok = |s: &str| Scanner::new(s).typed_object(CODEABLE_CONCEPT).is_ok();
+        assert!(ok(r#"{"coding":[{"system":"s","code":"c"}],"text":"t","x":[1]}"#));
+        assert!(!ok(r#"{"coding":null}"#));
+        assert!(!ok(r#"{"coding":[null]}"#));
+        assert!(!ok(r#"{"coding":[{"code":7}]}"#));
+        assert!(!ok(r#"{"text":"a","text":"b"}"#));
+        assert!(ok(r#"{"coding":[{"code":null}],"text":null}"#));
+        let q = |s: &str| Scanner::new(s).typed_object(QUANTITY).is_ok();
+        assert!(q(r#"{"value":1.5}"#));
+        assert!(!q(r#"{"value":1e400}"#));
+        assert!(!q(r#"{"value":"1"}"#));
+    }
+}
