@@ -1138,6 +1138,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Daemon { config, once } => daemon(&cli.mappings, &cli.trials_dir, &config, once),
         Command::Serve { config, listen, no_auth } => {
+            trialgate::tune_allocator_for_service();
             let g = trialgate::gateway::Gateway::load(&config, &|k| std::env::var(k).ok()).map_err(bad)?;
             let listen = listen.unwrap_or_else(|| g.serve.listen.clone());
             let addr: std::net::SocketAddr = listen

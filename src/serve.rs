@@ -488,8 +488,8 @@ async fn screen(State(app): State<Arc<App>>, Query(q): Query<HashMap<String, Str
     };
     let work = {
         let app = app.clone();
-        let as_of = sq.as_of;
-        move || screen_body(&app, &bytes, as_of)
+        let (as_of, want_patients) = (sq.as_of, sq.write_back);
+        move || screen_body(&app, &bytes, as_of, want_patients)
     };
     let (mut s, posted) = match tokio::task::spawn_blocking(work).await {
         Ok(Ok(x)) => x,
@@ -544,8 +544,9 @@ fn count_verdicts(app: &App, s: &crate::Screening) {
     }
 }
 
-/// Reads and screens a posted body; also returns its Patient resources (for write-back).
-fn screen_body(app: &App, bytes: &[u8], as_of: Date) -> Result<(crate::Screening, Vec<Value>), Box<Response>> {
+/// Reads and screens a posted body; with `want_patients`, also returns its Patient resources
+/// (write-back needs their identifiers; a second parse of the body is not paid otherwise).
+fn screen_body(app: &App, bytes: &[u8], as_of: Date, want_patients: bool) -> Result<(crate::Screening, Vec<Value>), Box<Response>> {
     let Ok(text) = std::str::from_utf8(bytes) else {
         return Err(Box::new(outcome(
             StatusCode::BAD_REQUEST,
@@ -593,7 +594,12 @@ fn screen_body(app: &App, bytes: &[u8], as_of: Date) -> Result<(crate::Screening
         bytes: Some(bytes.len() as u64),
     };
     let s = crate::screen_read(read, vec![input], &app.cfg, as_of, &Decisions::default());
-    Ok((s, crate::live::posted_patients(text)))
+    let patients = if want_patients {
+        crate::live::posted_patients(text)
+    } else {
+        Vec::new()
+    };
+    Ok((s, patients))
 }
 
 /// Finds the posted patient on the configured server by MRN, points the verdicts at that
