@@ -14,38 +14,34 @@ pub mod board;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+// mimalloc v3 option numbers; the Rust binding of `mi_option_set` is behind a feature that
+// needs another crate, so the C function is declared here.
+unsafe extern "C" {
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+}
+const MI_ARENA_EAGER_COMMIT: std::ffi::c_int = 4;
+const MI_PURGE_DELAY: std::ffi::c_int = 15;
+
+fn mi_option(option: std::ffi::c_int, value: std::ffi::c_long) {
+    // SAFETY: setting an option is thread-safe, allocates nothing and takes plain integers.
+    unsafe { mi_option_set(option, value) }
+}
+
 /// Tunes the allocator for batch runs: freed memory goes back to the system at once
 /// (`purge_delay` 0) and arenas are committed as used, not up front (`arena_eager_commit` 0).
 /// Both keep the resident set near what is live: their defaults cost 30 MB or more of peak
 /// for nothing here. Options are read when first needed, so this runs before `main` (an ELF
 /// initializer) where it can, and again, harmlessly, before the input is read.
-/// (mimalloc v3 option numbers; the Rust binding of `mi_option_set` is behind a feature
-/// that needs another crate, so the C function is declared here.)
 pub fn tune_allocator() {
-    unsafe extern "C" {
-        fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
-    }
-    const ARENA_EAGER_COMMIT: std::ffi::c_int = 4;
-    const PURGE_DELAY: std::ffi::c_int = 15;
-    // SAFETY: setting an option is thread-safe, allocates nothing and takes plain integers.
-    unsafe {
-        mi_option_set(ARENA_EAGER_COMMIT, 0);
-        mi_option_set(PURGE_DELAY, 0);
-    }
+    mi_option(MI_ARENA_EAGER_COMMIT, 0);
+    mi_option(MI_PURGE_DELAY, 0);
 }
 
 /// For a long-running service the batch setting costs more than it saves: every request
 /// frees what it made, and returning it to the system at once is a system call per request.
 /// `serve` puts mimalloc's own delay back (10 ms).
 pub fn tune_allocator_for_service() {
-    unsafe extern "C" {
-        fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
-    }
-    const PURGE_DELAY: std::ffi::c_int = 15;
-    // SAFETY: as in `tune_allocator`.
-    unsafe {
-        mi_option_set(PURGE_DELAY, 10);
-    }
+    mi_option(MI_PURGE_DELAY, 10);
 }
 
 #[cfg(target_os = "linux")]
