@@ -489,16 +489,7 @@ pub async fn subscribe(client: &FhirClient, spec: &crate::notify::SubscriptionSp
         ),
     };
     let resp = client.send(&req).await?;
-    let from_body = serde_json::from_str::<Value>(&resp.body)
-        .ok()
-        .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_string));
-    let from_location = resp
-        .location
-        .as_deref()
-        .and_then(|l| l.split("/_history/").next())
-        .and_then(|l| l.rsplit('/').next())
-        .map(str::to_string);
-    let id = existing.or(from_body).or(from_location).ok_or_else(|| ClientError::Body {
+    let id = existing.or_else(|| resp.resource_id()).ok_or_else(|| ClientError::Body {
         url: client.url("Subscription"),
         message: "the server created the Subscription but returned neither its body nor a Location".into(),
     })?;

@@ -193,16 +193,7 @@ async fn bind_study(client: &FhirClient, trial: &Trial) -> Result<String, Client
             ],
         )
         .await?;
-    #[derive(Deserialize)]
-    struct Id {
-        id: Option<String>,
-    }
-    let from_body = serde_json::from_str::<Id>(&resp.body).ok().and_then(|i| i.id);
-    let from_location = resp.location.as_deref().and_then(|l| {
-        let l = l.split("/_history/").next()?;
-        l.rsplit('/').next().map(str::to_string)
-    });
-    from_body.or(from_location).ok_or_else(|| ClientError::Body {
+    resp.resource_id().ok_or_else(|| ClientError::Body {
         url: client.url("ResearchStudy"),
         message: "the server created the ResearchStudy but returned neither its body nor a Location".into(),
     })

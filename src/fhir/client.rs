@@ -204,6 +204,22 @@ pub struct Response {
     pub body: String,
 }
 
+impl Response {
+    /// The id of the resource a create or update answered with: from the body when the
+    /// server returns it, else from the `Location` header.
+    pub fn resource_id(&self) -> Option<String> {
+        #[derive(serde::Deserialize)]
+        struct Id {
+            id: Option<String>,
+        }
+        let from_body = serde_json::from_str::<Id>(&self.body).ok().and_then(|i| i.id);
+        from_body.or_else(|| {
+            let l = self.location.as_deref()?.split("/_history/").next()?;
+            l.rsplit('/').next().map(str::to_string)
+        })
+    }
+}
+
 enum Attempt {
     Done(Response),
     Retry { error: ClientError, wait: Option<Duration> },
