@@ -81,20 +81,34 @@ pub const REFERENCE: &[Field] = &[f("reference", Ty::Str)];
 
 const MAX_DEPTH: u32 = 100;
 
+/// Lines up to this many bytes get a quote map (see [`Scanner::new`]); longer ones, rare,
+/// are walked byte by byte.
+const MAPPED: usize = 64 * 64;
+
 pub struct Scanner<'a> {
     b: &'a [u8],
     s: &'a str,
     pub i: usize,
     depth: u32,
+    /// Whether the line holds no `\` and no control character at all: then every string runs
+    /// plainly to the next `"`, which `quotes` finds without walking the string's bytes.
+    clean: bool,
+    /// Bit `i % 64` of word `i / 64`: byte `i` is a `"` (filled only when `clean`).
+    quotes: [u64; MAPPED / 64],
 }
 
 impl<'a> Scanner<'a> {
     pub fn new(s: &'a str) -> Scanner<'a> {
+        let b = s.as_bytes();
+        let mut quotes = [0u64; MAPPED / 64];
+        let clean = b.len() <= MAPPED && map_quotes(b, &mut quotes);
         Scanner {
-            b: s.as_bytes(),
+            b,
             s,
             i: 0,
             depth: 0,
+            clean,
+            quotes,
         }
     }
 
@@ -153,6 +167,21 @@ impl<'a> Scanner<'a> {
     /// The position of the next `"`, `\` or control character at or after `from`.
     #[inline(always)]
     fn string_stop(&self, from: usize) -> usize {
+        if self.clean {
+            // Only a quote can stop a string here: the next set bit of the map.
+            let mut w = from / 64;
+            let mut bits = self.quotes.get(w).map_or(0, |q| q >> (from % 64) << (from % 64));
+            loop {
+                if bits != 0 {
+                    return w * 64 + bits.trailing_zeros() as usize;
+                }
+                w += 1;
+                match self.quotes.get(w) {
+                    Some(&q) if w * 64 < self.b.len() => bits = q,
+                    _ => return self.b.len(),
+                }
+            }
+        }
         let b = self.b;
         let mut i = from;
         #[cfg(target_arch = "x86_64")]
@@ -536,6 +565,61 @@ impl<'a> Scanner<'a> {
     }
 }
 
+/// Fills `quotes` with where `b` (at most [`MAPPED`] bytes) has a `"`, and tells whether `b`
+/// is free of `\` and control characters. One pass of 16-byte compares: the line's strings
+/// are then found by bit scans, not by a loop that leaves at an unpredictable byte per string.
+fn map_quotes(b: &[u8], quotes: &mut [u64; MAPPED / 64]) -> bool {
+    let mut dirty = false;
+    for (w, chunk) in b.chunks(64).enumerate() {
+        let (q, d) = match <&[u8; 64]>::try_from(chunk) {
+            Ok(full) => classify(full),
+            Err(_) => {
+                // The tail, padded with spaces (neither a quote nor dirty).
+                let mut block = [b' '; 64];
+                block[..chunk.len()].copy_from_slice(chunk);
+                classify(&block)
+            }
+        };
+        quotes[w] = q;
+        dirty |= d;
+    }
+    !dirty
+}
+
+/// The `"` bits of 64 bytes, and whether any of them is `\` or below 0x20.
+#[inline(always)]
+fn classify(block: &[u8; 64]) -> (u64, bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        // SAFETY: SSE2 is part of x86_64; the four loads read the 64 bytes of `block`.
+        unsafe {
+            let quote = _mm_set1_epi8(b'"' as i8);
+            let slash = _mm_set1_epi8(b'\\' as i8);
+            let ctl = _mm_set1_epi8(0x1f);
+            let mut q = 0u64;
+            let mut bad = _mm_setzero_si128();
+            for k in 0..4 {
+                let x = _mm_loadu_si128(block.as_ptr().add(16 * k) as *const __m128i);
+                q |= u64::from(_mm_movemask_epi8(_mm_cmpeq_epi8(x, quote)) as u16) << (16 * k);
+                let d = _mm_or_si128(_mm_cmpeq_epi8(x, slash), _mm_cmpeq_epi8(_mm_max_epu8(x, ctl), ctl));
+                bad = _mm_or_si128(bad, d);
+            }
+            (q, _mm_movemask_epi8(bad) != 0)
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let mut q = 0u64;
+        let mut dirty = false;
+        for (k, &c) in block.iter().enumerate() {
+            q |= u64::from(c == b'"') << k;
+            dirty |= c == b'\\' || c < 0x20;
+        }
+        (q, dirty)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -584,7 +668,33 @@ mod tests {
             r#"{"a":[}"#,
             r#"{"a":{"b":1]}"#,
         ];
-        for c in cases {
+        check_against_serde(&cases);
+    }
+
+    /// Lines long enough that their strings cross the quote map's 64-byte words, and their
+    /// quotes land on every position of a word: valid, cut short, with a stray quote, with a
+    /// control character, and over the mapped length.
+    #[test]
+    fn quote_map_agrees_with_serde_across_words() {
+        let mut cases = Vec::new();
+        for pad in 0..140 {
+            let filler = "x".repeat(pad);
+            let line = format!(r#"{{"k{filler}":"v{filler}","a":[1,"{filler}",{{"b":"{filler}"}}],"z":"end"}}"#);
+            cases.push(line.clone());
+            cases.push(line[..line.len() - 7].to_string()); // cut inside the last string
+            cases.push(line.replacen(&format!("v{filler}"), &format!("v{filler}\""), 1));
+            cases.push(line.replacen(&format!("v{filler}"), &format!("v{filler}\u{1}"), 1));
+            cases.push(line.replacen(&format!("v{filler}"), &format!("v{filler}\\n"), 1));
+        }
+        let long = "y".repeat(MAPPED);
+        cases.push(format!(r#"{{"a":"{long}"}}"#));
+        cases.push(format!(r#"{{"a":"{long}}}"#));
+        let cases: Vec<&str> = cases.iter().map(String::as_str).collect();
+        check_against_serde(&cases);
+    }
+
+    fn check_against_serde(cases: &[&str]) {
+        for &c in cases {
             let serde = serde_json::from_str::<serde::de::IgnoredAny>(c).is_ok();
             // The scanner may refuse more (it bails on doubt) but never accepts what serde rejects.
             if valid(c) {
