@@ -308,6 +308,12 @@ pub fn scan_observation(line: &str) -> R<ObsLine<'_>> {
 
 /// [`scan_observation`] into `o` (fresh), sparing the copy of a returned struct per line.
 pub fn scan_observation_into<'a>(line: &'a str, o: &mut ObsLine<'a>) -> R<()> {
+    scan_observation_with(line, o, |_| {})
+}
+
+/// [`scan_observation_into`], telling `on_subject` the subject's reference as soon as it is
+/// read, while the rest of the line is still to scan (to start fetching the patient).
+pub fn scan_observation_with<'a>(line: &'a str, o: &mut ObsLine<'a>, mut on_subject: impl FnMut(&str)) -> R<()> {
     let mut s = Scanner::new(line);
     let mut seen = 0u32;
     s.object(|s, k| {
@@ -328,6 +334,9 @@ pub fn scan_observation_into<'a>(line: &'a str, o: &mut ObsLine<'a>) -> R<()> {
             "subject" => {
                 once32(&mut seen, 8)?;
                 o.subject = reference(s)?;
+                if let Some(subject) = o.subject {
+                    on_subject(subject);
+                }
             }
             "effectiveDateTime" => {
                 once32(&mut seen, 16)?;

@@ -245,15 +245,25 @@ impl PatientFacts {
 
     /// Adds facts gathered elsewhere (another chunk of the input) about the same patient.
     pub fn absorb(&mut self, other: PatientFacts) {
-        for (lab, values) in other.labs {
-            self.labs.entry(lab).or_default().extend(values);
+        // Grown to the exact size: a patient gains a few values per block, and doubling would
+        // leave slack that [`PatientFacts::shrink`] then pays a second copy to give back.
+        fn append<T>(held: &mut Vec<T>, more: Vec<T>) {
+            if held.is_empty() {
+                *held = more;
+            } else {
+                held.reserve_exact(more.len());
+                held.extend(more);
+            }
         }
-        self.conditions.extend(other.conditions);
-        self.medications.extend(other.medications);
-        self.procedures.extend(other.procedures);
-        self.immunizations.extend(other.immunizations);
-        self.allergies.extend(other.allergies);
-        self.biopsies.extend(other.biopsies);
+        for (lab, values) in other.labs {
+            append(self.labs.entry(lab).or_default(), values);
+        }
+        append(&mut self.conditions, other.conditions);
+        append(&mut self.medications, other.medications);
+        append(&mut self.procedures, other.procedures);
+        append(&mut self.immunizations, other.immunizations);
+        append(&mut self.allergies, other.allergies);
+        append(&mut self.biopsies, other.biopsies);
         let (a, b) = (&mut self.present, other.present);
         a.observations |= b.observations;
         a.conditions |= b.conditions;

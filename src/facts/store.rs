@@ -178,6 +178,24 @@ impl Names {
         }
     }
 
+    /// Starts loading the slot where `name` would be, so that a [`Names::get`] a little
+    /// later finds it in cache: lookups land anywhere in a table larger than the core's cache.
+    #[inline]
+    fn prefetch(&self, name: &str) {
+        if self.slots.is_empty() {
+            return;
+        }
+        let i = Self::hash(name) as usize & (self.slots.len() - 1);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `i` is in bounds; a prefetch reads nothing and cannot fault.
+        unsafe {
+            use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+            _mm_prefetch::<_MM_HINT_T0>(self.slots.as_ptr().add(i) as *const i8);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = i;
+    }
+
     #[inline]
     fn get(&self, name: &str) -> Option<usize> {
         if self.slots.is_empty() {
@@ -252,10 +270,27 @@ struct Deferred {
     parsed: Parsed,
 }
 
+/// `patient`'s facts in a [`Partial`], made empty when first met.
+fn facts_of<'a>(
+    facts: &'a mut Vec<(usize, PatientFacts)>,
+    at: &mut HashMap<usize, usize, FastHash>,
+    patient: usize,
+) -> &'a mut PatientFacts {
+    let next = facts.len();
+    let i = *at.entry(patient).or_insert(next);
+    if i == next {
+        facts.push((patient, PatientFacts::default()));
+    }
+    &mut facts[i].1
+}
+
 /// What reducing one run of resources against a frozen registry gave.
 #[derive(Debug, Default)]
 pub struct Partial {
-    facts: HashMap<usize, PatientFacts, FastHash>,
+    /// The facts of each patient met, in the order met: `at` finds a patient's place. (A map
+    /// holding the facts themselves moves every one of them, hundreds of bytes, as it grows.)
+    facts: Vec<(usize, PatientFacts)>,
+    at: HashMap<usize, usize, FastHash>,
     /// Patients and Medications, registered when the partial is absorbed.
     structural: Vec<Deferred>,
     deferred: Vec<Deferred>,
@@ -275,7 +310,7 @@ impl Partial {
     /// line was left alone, for the full parse.
     pub fn observation_line(&mut self, reg: &Registry, line: &str, m: &Mappings) -> bool {
         let mut o = fast::ObsLine::default();
-        if fast::scan_observation_into(line, &mut o).is_err() {
+        if fast::scan_observation_with(line, &mut o, |subject| reg.alias.prefetch(subject)).is_err() {
             return false;
         }
         // No subject, an unknown patient (kept aside) or no id: the full way counts them.
@@ -297,7 +332,7 @@ impl Partial {
         }
         self.observed.push(patient as u32);
         if !labs.is_empty() {
-            let f = self.facts.entry(patient).or_default();
+            let f = facts_of(&mut self.facts, &mut self.at, patient);
             f.present.observations = true;
             for (lab, values) in labs {
                 f.labs.entry(lab).or_default().extend(values);
@@ -320,7 +355,7 @@ impl Partial {
         self.diagnosed.push(patient as u32);
         let reference = format!("Condition/{id}");
         if let Some(x) = super::extract::condition(&reference, &c.owned(), m, &mut self.unmapped) {
-            let f = self.facts.entry(patient).or_default();
+            let f = facts_of(&mut self.facts, &mut self.at, patient);
             f.present.conditions = true;
             f.conditions.push(x);
         }
@@ -350,7 +385,7 @@ impl Partial {
             return; // another shard's patient
         }
         let reference = format!("{}/{id}", resource.type_name());
-        let f = self.facts.entry(patient).or_default();
+        let f = facts_of(&mut self.facts, &mut self.at, patient);
         extract_one(
             &reference,
             resource,
@@ -375,9 +410,27 @@ pub struct FactStore {
     unreferenced: usize,
     duplicates: usize,
     unmapped: Unmapped,
+    /// Unmapped codes counted the fast way, keyed as in [`Partial`]; split at the end only.
+    unmapped_fast: HashMap<String, usize, FastHash>,
+    /// Bit per patient: an Observation (a Condition) of theirs was read the fast way. Kept
+    /// apart from the facts and set into them at the end: a bit per line is a write into a
+    /// few kilobytes, where the patient's `present` flags sit in a different cache line each.
+    observed: Vec<u64>,
+    diagnosed: Vec<u64>,
     /// Resources fed one at a time so far (their order, for those kept aside).
     fed: u64,
     shard: Option<Shard>,
+}
+
+/// Sets bit `i` of `bits` for every `i` listed, growing `bits` as needed.
+fn set_bits(bits: &mut Vec<u64>, list: &[u32]) {
+    for &i in list {
+        let (w, b) = (i as usize / 64, i % 64);
+        if w >= bits.len() {
+            bits.resize(w + 1, 0);
+        }
+        bits[w] |= 1 << b;
+    }
 }
 
 /// Order numbers of resources fed one at a time sort after those of every parallel run.
@@ -458,21 +511,15 @@ impl FactStore {
             // Vectors grow by doubling: trimmed, a patient costs what it holds, not up to twice.
             held.shrink();
         }
-        for patient in p.observed {
-            self.facts[patient as usize].present.observations = true;
-        }
-        for patient in p.diagnosed {
-            self.facts[patient as usize].present.conditions = true;
-        }
+        set_bits(&mut self.observed, &p.observed);
+        set_bits(&mut self.diagnosed, &p.diagnosed);
         for (k, n) in p.unmapped_fast {
-            let mut parts = k.split('\0');
-            let (s, c, u) = (parts.next(), parts.next(), parts.next());
-            let key = (
-                s.unwrap_or("").to_string(),
-                c.unwrap_or("").to_string(),
-                u.unwrap_or("").to_string(),
-            );
-            *self.unmapped.counts.entry(key).or_default() += n;
+            match self.unmapped_fast.get_mut(&k) {
+                Some(count) => *count += n,
+                None => {
+                    self.unmapped_fast.insert(k, n);
+                }
+            }
         }
         self.deferred.extend(p.deferred);
         self.unreferenced += p.unreferenced;
@@ -552,10 +599,23 @@ impl FactStore {
                 self.duplicates
             ),
         );
+        for (k, n) in std::mem::take(&mut self.unmapped_fast) {
+            let mut parts = k.split('\0');
+            let (s, c, u) = (parts.next(), parts.next(), parts.next());
+            let key = (
+                s.unwrap_or("").to_string(),
+                c.unwrap_or("").to_string(),
+                u.unwrap_or("").to_string(),
+            );
+            *self.unmapped.counts.entry(key).or_default() += n;
+        }
+        let bit = |bits: &[u64], i: usize| bits.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1);
         // In place: a second vector of every patient's facts would double the peak.
         let mut facts = self.facts;
-        for (f, d) in facts.iter_mut().zip(registry.demographics) {
+        for (i, (f, d)) in facts.iter_mut().zip(registry.demographics).enumerate() {
             f.demographics = d;
+            f.present.observations |= bit(&self.observed, i);
+            f.present.conditions |= bit(&self.diagnosed, i);
         }
         if registry.mine.iter().any(|m| !m) {
             let mut mine = registry.mine.into_iter();
