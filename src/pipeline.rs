@@ -468,7 +468,14 @@ const ROUND: usize = 128;
 /// patient order. The workers take chunks of patients in turn; the calling thread hands the
 /// finished chunks over (writing a report row, freeing the result) while the workers go on,
 /// so that no core waits for the writing. At most a few chunks per worker are in flight.
-pub fn evaluate_each(facts: &[PatientFacts], cfg: &Config, as_of: Date, decisions: &Decisions, each: &mut dyn FnMut(TrialResult)) {
+pub fn evaluate_each(
+    facts: &[PatientFacts],
+    cfg: &Config,
+    as_of: Date,
+    decisions: &Decisions,
+    detail: crate::criteria::Detail,
+    each: &mut dyn FnMut(TrialResult),
+) {
     let threads = std::thread::available_parallelism().map(usize::from).unwrap_or(1).max(1);
     PROGRESS.patients_total.store(facts.len() as u64, Ordering::Relaxed);
     PROGRESS.patients_done.store(0, Ordering::Relaxed);
@@ -490,7 +497,7 @@ pub fn evaluate_each(facts: &[PatientFacts], cfg: &Config, as_of: Date, decision
                     let mut results = Vec::with_capacity(part.len() * cfg.trials.len());
                     for f in part {
                         for t in &cfg.trials {
-                            results.push(evaluate(t, f, &cfg.mappings, as_of, decisions));
+                            results.push(evaluate(t, f, &cfg.mappings, as_of, decisions, detail));
                         }
                     }
                     if tx.send((k, part.len(), results)).is_err() {

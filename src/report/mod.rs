@@ -59,6 +59,18 @@ pub enum Format {
     Html,
 }
 
+impl Format {
+    /// The detail of evaluation this format needs: CSV prints criterion ids only (never a
+    /// reason, evidence or fact), so it is written from outcome-only results; every other
+    /// format shows the explanations.
+    pub fn detail(self) -> crate::criteria::Detail {
+        match self {
+            Format::Csv => crate::criteria::Detail::Outcome,
+            Format::Json | Format::Text | Format::Html => crate::criteria::Detail::Full,
+        }
+    }
+}
+
 /// Writes a report as the results come, so that a cohort of any size is reported without
 /// holding its results: the JSON contract puts `results` first and everything that needs
 /// the whole run (provenance with its inputs, unmapped codes, input issues, the summary) after.
