@@ -342,6 +342,7 @@ pub fn read_facts_files(files: &[PathBuf], cfg: &Config, as_of: Date, shard: Opt
 }
 
 /// Evaluates every trial for facts already read (the second half of [`screen_each`]).
+/// The facts are consumed (freed as they are evaluated).
 pub fn evaluate_facts(
     read: FactsRead,
     cfg: &Config,
@@ -356,7 +357,7 @@ pub fn evaluate_facts(
     let patients = read.facts.len();
     begin(patients);
     tracing::debug!(patients, ?detail, "evaluating");
-    pipeline::evaluate_each(&read.facts, cfg, as_of, decisions, detail, each);
+    pipeline::evaluate_each(read.facts, cfg, as_of, decisions, detail, each);
     tracing::debug!(peak_rss_kb = pipeline::peak_rss_kb(), "evaluated");
     Totals {
         as_of,
