@@ -68,6 +68,8 @@ fn screen(data: &Path, cfg: &trialgate::Config, out: &Path) -> (f64, f64) {
         as_of,
         &Decisions::default(),
         None,
+        // What the CLI asks for with --format csv.
+        Format::Csv.detail(),
         &mut |n| {
             if let Some(f) = file.take() {
                 *writer.borrow_mut() = Some(Writer::new(f, Format::Csv, as_of, "bench", n));

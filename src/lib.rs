@@ -238,14 +238,25 @@ pub struct Screening {
 /// Screens every patient found under `path` against every configured trial.
 pub fn screen(path: &Path, cfg: &Config, as_of: Date, decisions: &Decisions) -> Result<Screening, ReadError> {
     let mut results = Vec::new();
-    let totals = screen_each(path, cfg, as_of, decisions, None, &mut |_| {}, &mut |r| results.push(r))?;
+    let totals = screen_each(path, cfg, as_of, decisions, None, criteria::Detail::Full, &mut |_| {}, &mut |r| {
+        results.push(r)
+    })?;
     Ok(totals.with(results))
 }
 
 /// [`screen`] for one shard of the patients (see [`Shard`]).
 pub fn screen_shard(path: &Path, cfg: &Config, as_of: Date, decisions: &Decisions, shard: Shard) -> Result<Screening, ReadError> {
     let mut results = Vec::new();
-    let totals = screen_each(path, cfg, as_of, decisions, Some(shard), &mut |_| {}, &mut |r| results.push(r))?;
+    let totals = screen_each(
+        path,
+        cfg,
+        as_of,
+        decisions,
+        Some(shard),
+        criteria::Detail::Full,
+        &mut |_| {},
+        &mut |r| results.push(r),
+    )?;
     Ok(totals.with(results))
 }
 
@@ -274,18 +285,21 @@ impl Totals {
 /// Screens every patient found under `path`, handing over the results as they are made (in
 /// patient order) rather than holding them: what a cohort of millions needs. `begin` learns
 /// the number of patients once the input is read, before the first result. With a `shard`,
-/// only that shard's patients are screened.
+/// only that shard's patients are screened. `detail` says whether the results carry their
+/// explanations: ask for [`criteria::Detail::Outcome`] only when nothing downstream reads them.
+#[allow(clippy::too_many_arguments)]
 pub fn screen_each(
     path: &Path,
     cfg: &Config,
     as_of: Date,
     decisions: &Decisions,
     shard: Option<Shard>,
+    detail: criteria::Detail,
     begin: &mut dyn FnMut(usize),
     each: &mut dyn FnMut(TrialResult),
 ) -> Result<Totals, ReadError> {
     let read = read_facts(path, cfg, as_of, shard)?;
-    Ok(evaluate_facts(read, cfg, as_of, decisions, begin, each))
+    Ok(evaluate_facts(read, cfg, as_of, decisions, detail, begin, each))
 }
 
 /// Every patient's facts under `path`, with what the reading found.
@@ -328,22 +342,26 @@ pub fn read_facts_files(files: &[PathBuf], cfg: &Config, as_of: Date, shard: Opt
 }
 
 /// Evaluates every trial for facts already read (the second half of [`screen_each`]).
+/// The facts are consumed (freed as they are evaluated).
 pub fn evaluate_facts(
     read: FactsRead,
     cfg: &Config,
     as_of: Date,
     decisions: &Decisions,
+    detail: criteria::Detail,
     begin: &mut dyn FnMut(usize),
     each: &mut dyn FnMut(TrialResult),
 ) -> Totals {
     let mut provenance = cfg.provenance.clone();
     provenance.sources.extend(read.inputs);
-    begin(read.facts.len());
-    pipeline::evaluate_each(&read.facts, cfg, as_of, decisions, each);
+    let patients = read.facts.len();
+    begin(patients);
+    tracing::debug!(patients, ?detail, "evaluating");
+    pipeline::evaluate_each(read.facts, cfg, as_of, decisions, detail, each);
     tracing::debug!(peak_rss_kb = pipeline::peak_rss_kb(), "evaluated");
     Totals {
         as_of,
-        patients: read.facts.len(),
+        patients,
         unmapped: read.unmapped,
         issues: read.issues,
         provenance,
@@ -351,9 +369,9 @@ pub fn evaluate_facts(
 }
 
 /// [`evaluate_facts`], collecting the results.
-pub fn screen_facts(read: FactsRead, cfg: &Config, as_of: Date, decisions: &Decisions) -> Screening {
+pub fn screen_facts(read: FactsRead, cfg: &Config, as_of: Date, decisions: &Decisions, detail: criteria::Detail) -> Screening {
     let mut results = Vec::new();
-    evaluate_facts(read, cfg, as_of, decisions, &mut |_| {}, &mut |r| results.push(r)).with(results)
+    evaluate_facts(read, cfg, as_of, decisions, detail, &mut |_| {}, &mut |r| results.push(r)).with(results)
 }
 
 /// Whether a loaded trial reads a lab through JSONPath (its Observations must then be kept as
@@ -366,7 +384,14 @@ pub fn read_options(cfg: &Config) -> ReadOptions {
 }
 
 /// Screens resources already read (pages from a server): reduce, evaluate.
-pub fn screen_read(read: fhir::files::ReadOutput, inputs: Vec<SourceFile>, cfg: &Config, as_of: Date, decisions: &Decisions) -> Screening {
+pub fn screen_read(
+    read: fhir::files::ReadOutput,
+    inputs: Vec<SourceFile>,
+    cfg: &Config,
+    as_of: Date,
+    decisions: &Decisions,
+    detail: criteria::Detail,
+) -> Screening {
     let mut store = FactStore::keeping(criteria::eval::lab_spans(&cfg.trials, &cfg.mappings, as_of));
     for p in read.resources {
         store.feed(p, &cfg.mappings);
@@ -380,5 +405,5 @@ pub fn screen_read(read: fhir::files::ReadOutput, inputs: Vec<SourceFile>, cfg: 
         unmapped,
         inputs,
     };
-    screen_facts(read, cfg, as_of, decisions)
+    screen_facts(read, cfg, as_of, decisions, detail)
 }

@@ -774,12 +774,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let writer = std::cell::RefCell::new(None);
             let version = cfg.provenance.version.clone();
             let mut counts: Vec<(String, [usize; 4])> = Vec::new();
+            let format_out: trialgate::report::Format = format.into();
+            // The report is the only reader of these results: build what it shows, no more.
             let mut totals = trialgate::screen_each(
                 &bundle,
                 &cfg,
                 as_of,
                 &loaded,
                 shard,
+                format_out.detail(),
                 &mut |patients| {
                     *writer.borrow_mut() = Some(trialgate::report::Writer::new(
                         sink.writer(),

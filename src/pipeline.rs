@@ -468,34 +468,54 @@ const ROUND: usize = 128;
 /// patient order. The workers take chunks of patients in turn; the calling thread hands the
 /// finished chunks over (writing a report row, freeing the result) while the workers go on,
 /// so that no core waits for the writing. At most a few chunks per worker are in flight.
-pub fn evaluate_each(facts: &[PatientFacts], cfg: &Config, as_of: Date, decisions: &Decisions, each: &mut dyn FnMut(TrialResult)) {
+///
+/// The facts are consumed: each worker frees its chunk's facts once evaluated, on its own
+/// core, while they are still in cache, instead of the caller freeing them all on one thread
+/// afterwards (for 20,000 patients with their labs that was ~40 ms, the whole of the time
+/// between the last result and the end of `screen`).
+pub fn evaluate_each(
+    facts: Vec<PatientFacts>,
+    cfg: &Config,
+    as_of: Date,
+    decisions: &Decisions,
+    detail: crate::criteria::Detail,
+    each: &mut dyn FnMut(TrialResult),
+) {
     let threads = std::thread::available_parallelism().map(usize::from).unwrap_or(1).max(1);
     PROGRESS.patients_total.store(facts.len() as u64, Ordering::Relaxed);
     PROGRESS.patients_done.store(0, Ordering::Relaxed);
     let per_chunk = (ROUND / cfg.trials.len().max(1)).max(1);
     let chunks = facts.len().div_ceil(per_chunk);
-    let taken = AtomicU64::new(0);
+    // The next chunk's number and the patients not yet taken: taken together, under the lock,
+    // so that chunk k holds the k-th run of patients.
+    let queue = Mutex::new((0usize, facts.into_iter()));
     // Bounded: a worker far ahead of the writer waits rather than piling results up.
     let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, usize, Vec<TrialResult>)>(threads);
     std::thread::scope(|s| {
         for _ in 0..threads.min(chunks) {
-            let (tx, taken) = (tx.clone(), &taken);
+            let (tx, queue) = (tx.clone(), &queue);
             s.spawn(move || {
                 loop {
-                    let k = taken.fetch_add(1, Ordering::Relaxed) as usize;
-                    if k >= chunks {
+                    let (k, part) = {
+                        // Poisoned only if another worker panicked: the scope reports that.
+                        let Ok(mut q) = queue.lock() else { return };
+                        let k = q.0;
+                        q.0 += 1;
+                        (k, q.1.by_ref().take(per_chunk).collect::<Vec<PatientFacts>>())
+                    };
+                    if part.is_empty() {
                         return;
                     }
-                    let part = &facts[k * per_chunk..((k + 1) * per_chunk).min(facts.len())];
                     let mut results = Vec::with_capacity(part.len() * cfg.trials.len());
-                    for f in part {
+                    for f in &part {
                         for t in &cfg.trials {
-                            results.push(evaluate(t, f, &cfg.mappings, as_of, decisions));
+                            results.push(evaluate(t, f, &cfg.mappings, as_of, decisions, detail));
                         }
                     }
                     if tx.send((k, part.len(), results)).is_err() {
                         return;
                     }
+                    drop(part);
                 }
             });
         }

@@ -593,7 +593,15 @@ fn screen_body(app: &App, bytes: &[u8], as_of: Date, want_patients: bool) -> Res
         sha256: None,
         bytes: Some(bytes.len() as u64),
     };
-    let s = crate::screen_read(read, vec![input], &app.cfg, as_of, &Decisions::default());
+    // Full detail: the page and the JSON answer show the reasons and evidence.
+    let s = crate::screen_read(
+        read,
+        vec![input],
+        &app.cfg,
+        as_of,
+        &Decisions::default(),
+        crate::criteria::Detail::Full,
+    );
     let patients = if want_patients {
         crate::live::posted_patients(text)
     } else {

@@ -545,7 +545,9 @@ fn screen_batch(
             .and_then(crate::fhir::record::normalize_reference)
             .is_some_and(|n| n.strip_prefix("Patient/").is_some_and(|id| failed.contains_key(id))),
     });
-    crate::screen_read(read, Vec::new(), cfg, as_of, decisions)
+    // Full detail whatever the report's format: the state stores each result whole (as JSON)
+    // and write-back writes the reasons.
+    crate::screen_read(read, Vec::new(), cfg, as_of, decisions, crate::criteria::Detail::Full)
 }
 
 /// The codes of every lab the trials read and, with `panels`, of the panels that carry one as
@@ -642,7 +644,9 @@ pub async fn bulk_sweep(
     if let (Some(st), Some(t), true) = (state, &exported.transaction_time, full || incremental_since.is_some()) {
         st.save_facts(&read.facts, t)?;
     }
-    let s = crate::screen_facts(read, cfg, as_of, decisions);
+    // Full detail whatever the report's format: the state stores each result whole (as JSON)
+    // and write-back writes the reasons.
+    let s = crate::screen_facts(read, cfg, as_of, decisions, crate::criteria::Detail::Full);
     Ok((
         s,
         BulkOutcome {

@@ -6,7 +6,7 @@
 //! silent `not-met`.
 
 use super::trial::*;
-use super::{Kind, Outcome, Status};
+use super::{Detail, Kind, Outcome, Status};
 use crate::facts::derive;
 use crate::facts::mappings::Mappings;
 use crate::facts::{Bound, Bounded, LabValue, MedSource, PatientFacts, Reading};
@@ -73,12 +73,38 @@ impl NodeResult {
             facts: Vec::new(),
         }
     }
+
+    /// Attaches evidence, built only when the evaluation explains.
+    fn with_evidence(mut self, cx: &Ctx, evidence: impl FnOnce() -> Vec<Evidence>) -> NodeResult {
+        if cx.explain {
+            self.evidence = evidence();
+        }
+        self
+    }
 }
 
 pub struct Ctx<'a> {
     pub facts: &'a PatientFacts,
     pub m: &'a Mappings,
     pub as_of: Date,
+    /// Whether to build reasons, evidence and facts ([`Detail::Full`]). When false every
+    /// explanation is left empty, and only the outcomes are computed: by the same code.
+    pub explain: bool,
+}
+
+impl Ctx<'_> {
+    /// `text()` when explaining, else an empty String (which allocates nothing).
+    fn say(&self, text: impl FnOnce() -> String) -> String {
+        if self.explain { text() } else { String::new() }
+    }
+}
+
+/// `format!` when the evaluation explains, else an empty String: the arguments (dates,
+/// windows, numbers formatted) are not even evaluated when nobody will read the text.
+macro_rules! why {
+    ($cx:expr, $($fmt:tt)+) => {
+        if $cx.explain { format!($($fmt)+) } else { String::new() }
+    };
 }
 
 pub fn eval_node(cx: &Ctx, node: &Node) -> NodeResult {
@@ -92,17 +118,17 @@ pub fn eval_node(cx: &Ctx, node: &Node) -> NodeResult {
                 Outcome::NotMet => Outcome::Met,
                 o => o,
             };
-            r.reason = format!("not ({})", r.reason);
+            r.reason = why!(cx, "not ({})", r.reason);
             r
         }
         Rule::Age { min, max } => age(cx, *min, *max),
         Rule::Sex(s) => match cx.facts.demographics.gender.as_deref() {
             // FHIR's `unknown` means "applicable but not known": missing, not a third value.
-            None | Some("unknown") => NodeResult::new(Outcome::Unknown, "sex not recorded"),
-            Some(g) if g == s => NodeResult::new(Outcome::Met, format!("sex is {g}")),
-            Some(g) => NodeResult::new(Outcome::NotMet, format!("sex is {g}")),
+            None | Some("unknown") => NodeResult::new(Outcome::Unknown, cx.say(|| "sex not recorded".into())),
+            Some(g) if g == s => NodeResult::new(Outcome::Met, why!(cx, "sex is {g}")),
+            Some(g) => NodeResult::new(Outcome::NotMet, why!(cx, "sex is {g}")),
         },
-        Rule::Manual(reason) => NodeResult::new(Outcome::Manual, reason.clone()),
+        Rule::Manual(reason) => NodeResult::new(Outcome::Manual, cx.say(|| reason.clone())),
         Rule::Lab(l) => lab(cx, l),
         Rule::Condition(c) => condition(cx, c, node.no_records),
         Rule::Medication(m) => medication(cx, m, node.no_records),
@@ -117,7 +143,7 @@ pub fn eval_node(cx: &Ctx, node: &Node) -> NodeResult {
     };
     match (r.outcome, &node.review_if_met, &node.review_if_not_met) {
         (Outcome::Met, Some(why), _) | (Outcome::NotMet, _, Some(why)) => {
-            r.reason = format!("{}; needs review: {why}", r.reason);
+            r.reason = why!(cx, "{}; needs review: {why}", r.reason);
             r.outcome = Outcome::Manual;
         }
         _ => {}
@@ -125,18 +151,36 @@ pub fn eval_node(cx: &Ctx, node: &Node) -> NodeResult {
     r
 }
 
+/// Kleene's combination of the parts' outcomes (`all`: and; else or). Stops at the first
+/// decisive part (not-met for and, met for or): nothing after it can change the outcome, so
+/// an evaluation that is not explaining need not evaluate the rest.
+fn kleene(outcomes: impl Iterator<Item = Outcome>, all: bool) -> Outcome {
+    let decisive = if all { Outcome::NotMet } else { Outcome::Met };
+    let (mut manual, mut unknown) = (false, false);
+    for o in outcomes {
+        match o {
+            o if o == decisive => return decisive,
+            Outcome::Manual => manual = true,
+            Outcome::Unknown => unknown = true,
+            _ => {}
+        }
+    }
+    match (manual, unknown) {
+        (true, _) => Outcome::Manual,
+        (false, true) => Outcome::Unknown,
+        (false, false) if all => Outcome::Met,
+        (false, false) => Outcome::NotMet,
+    }
+}
+
 fn combine(cx: &Ctx, children: &[Node], all: bool) -> NodeResult {
+    if !cx.explain {
+        // Evaluation is pure: skipping the parts after a decisive one changes no outcome.
+        return NodeResult::new(kleene(children.iter().map(|c| eval_node(cx, c).outcome), all), String::new());
+    }
     let results: Vec<NodeResult> = children.iter().map(|c| eval_node(cx, c)).collect();
     let decisive = if all { Outcome::NotMet } else { Outcome::Met };
-    let outcome = if results.iter().any(|r| r.outcome == decisive) {
-        decisive
-    } else if results.iter().all(|r| r.outcome == Outcome::Met || r.outcome == Outcome::NotMet) {
-        if all { Outcome::Met } else { Outcome::NotMet }
-    } else if results.iter().any(|r| r.outcome == Outcome::Manual) {
-        Outcome::Manual
-    } else {
-        Outcome::Unknown
-    };
+    let outcome = kleene(results.iter().map(|r| r.outcome), all);
     // Explain with the parts that decided: the decisive ones, or the undecided ones, or all.
     let shown: Vec<&NodeResult> = match outcome {
         o if o == decisive => results.iter().filter(|r| r.outcome == decisive).collect(),
@@ -173,35 +217,39 @@ fn combine(cx: &Ctx, children: &[Node], all: bool) -> NodeResult {
 fn age(cx: &Ctx, min: Option<i64>, max: Option<i64>) -> NodeResult {
     let d = &cx.facts.demographics;
     let Some(birth) = d.birth_date else {
-        let why = match &d.birth_text {
+        let why = cx.say(|| match &d.birth_text {
             Some(t) => format!("birthDate `{t}` is not a full date"),
             None => "birthDate not recorded".into(),
-        };
+        });
         return NodeResult::new(Outcome::Unknown, why);
     };
     let years = cx.as_of.years_since(birth);
     let ok = min.is_none_or(|lo| years >= lo) && max.is_none_or(|hi| years <= hi);
-    let range = match (min, max) {
-        (Some(lo), Some(hi)) => format!("{lo}–{hi}"),
-        (Some(lo), None) => format!("≥ {lo}"),
-        (None, Some(hi)) => format!("≤ {hi}"),
-        (None, None) => String::new(),
-    };
     let mut r = NodeResult::new(
         if ok { Outcome::Met } else { Outcome::NotMet },
-        format!("age {years} at {} (required {range})", cx.as_of),
+        cx.say(|| {
+            let range = match (min, max) {
+                (Some(lo), Some(hi)) => format!("{lo}–{hi}"),
+                (Some(lo), None) => format!("≥ {lo}"),
+                (None, Some(hi)) => format!("≤ {hi}"),
+                (None, None) => String::new(),
+            };
+            format!("age {years} at {} (required {range})", cx.as_of)
+        }),
     );
-    r.evidence.push(Evidence {
-        date: Some(birth.to_string()),
-        note: Some("birthDate".into()),
-        ..Evidence::of(&cx.facts.key)
-    });
-    r.facts.push(FactOut {
-        name: "age".into(),
-        value: years.into(),
-        unit: Some("a".into()),
-        derived_from: vec![cx.facts.key.clone()],
-    });
+    if cx.explain {
+        r.evidence.push(Evidence {
+            date: Some(birth.to_string()),
+            note: Some("birthDate".into()),
+            ..Evidence::of(&cx.facts.key)
+        });
+        r.facts.push(FactOut {
+            name: "age".into(),
+            value: years.into(),
+            unit: Some("a".into()),
+            derived_from: vec![cx.facts.key.clone()],
+        });
+    }
     r
 }
 
@@ -271,7 +319,12 @@ fn lab_evidence(v: &LabValue, canonical: &str, note: Option<String>) -> Evidence
 fn equation_ok(rule: &Option<String>, v: &LabValue) -> bool {
     match rule {
         None => true,
-        Some(eq) => v.equation.as_deref().is_some_and(|e| e == eq || e.starts_with(&format!("{eq}-"))),
+        // The named equation, or a variant of it (`ckd-epi-2021` covers `ckd-epi-2021-cystatin`).
+        Some(eq) => v
+            .equation
+            .as_deref()
+            .and_then(|e| e.strip_prefix(eq.as_str()))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('-')),
     }
 }
 
@@ -280,32 +333,34 @@ fn lab(cx: &Ctx, l: &LabRule) -> NodeResult {
     let name = &cx.m.labs[l.lab].name;
     let window = Window::lookback(l.window, cx.as_of);
     let all: &[LabValue] = cx.facts.labs.get(&l.lab).map(Vec::as_slice).unwrap_or(&[]);
-    let in_window: Vec<&LabValue> = all.iter().filter(|v| window.contains(v.time)).collect();
-    let other_equations: Vec<&LabValue> = in_window.iter().copied().filter(|v| !equation_ok(&l.equation, v)).collect();
-    let usable = in_window.iter().copied().filter(|v| equation_ok(&l.equation, v)).filter(|v| {
+    let in_window = || all.iter().filter(|v| window.contains(v.time));
+    let usable = in_window().filter(|v| equation_ok(&l.equation, v)).filter(|v| {
         l.unconvertible == UnitPolicy::Unknown || !matches!(v.reading, Reading::Unconvertible { .. } | Reading::BadComparator(_))
     });
     let mut notes = Vec::new();
-    if let Some(first) = other_equations.first() {
-        notes.push(format!(
-            "{} value(s) by another equation ({}) not used: the criterion names {}",
-            other_equations.len(),
-            first.equation.as_deref().unwrap_or("unspecified"),
-            l.equation.as_deref().unwrap_or("")
-        ));
+    if cx.explain && l.equation.is_some() {
+        let mut other_equations = in_window().filter(|v| !equation_ok(&l.equation, v));
+        if let Some(first) = other_equations.next() {
+            notes.push(format!(
+                "{} value(s) by another equation ({}) not used: the criterion names {}",
+                1 + other_equations.count(),
+                first.equation.as_deref().unwrap_or("unspecified"),
+                l.equation.as_deref().unwrap_or("")
+            ));
+        }
     }
     let (value, derived): (Option<Found>, bool) = match latest(usable) {
         Some(v) => {
-            let ev = lab_evidence(v, &spec.spec.unit, v.equation.as_ref().map(|e| format!("reported ({e})")));
+            let ev = || lab_evidence(v, &spec.spec.unit, v.equation.as_ref().map(|e| format!("reported ({e})")));
             match &v.reading {
                 Reading::Number(b) => {
                     let mut b = *b;
-                    let mut desc = format!("{name} {} {} on {}", fmt_bounded(b), spec.spec.unit, v.time.date());
-                    let mut evidence = vec![ev];
+                    let mut desc = why!(cx, "{name} {} {} on {}", fmt_bounded(b), spec.spec.unit, v.time.date());
+                    let mut evidence = if cx.explain { vec![ev()] } else { Vec::new() };
                     if l.uln_ratio {
                         let (uln, source) = match uln_for(cx, l, v) {
                             Ok(u) => u,
-                            Err(why) => return NodeResult::new(Outcome::Unknown, format!("{name}: {why}")),
+                            Err(why) => return NodeResult::new(Outcome::Unknown, why!(cx, "{name}: {why}")),
                         };
                         // Value and ULN went through the same unit conversion, which can turn an
                         // exact 2.5 (3.25 / 1.3 mg/dL) into 2.4999999999999996: round that noise off.
@@ -313,62 +368,59 @@ fn lab(cx: &Ctx, l: &LabRule) -> NodeResult {
                             value: (b.value / uln * 1e9).round() / 1e9,
                             bound: b.bound,
                         };
-                        desc = format!("{desc} = {} × ULN (ULN {} from {source})", fmt_bounded(b), fmt_num(uln));
-                        if let Some(e) = evidence.first_mut() {
-                            e.note = Some(format!(
-                                "ULN {} {} from {source}; ratio {}",
-                                fmt_num(uln),
-                                spec.spec.unit,
-                                fmt_num(b.value)
-                            ));
+                        if cx.explain {
+                            desc = format!("{desc} = {} × ULN (ULN {} from {source})", fmt_bounded(b), fmt_num(uln));
+                            if let Some(e) = evidence.first_mut() {
+                                e.note = Some(format!(
+                                    "ULN {} {} from {source}; ratio {}",
+                                    fmt_num(uln),
+                                    spec.spec.unit,
+                                    fmt_num(b.value)
+                                ));
+                            }
                         }
                     }
                     let found = Found {
                         value: b,
                         evidence,
-                        from: vec![v.resource.clone()],
+                        from: if cx.explain { vec![v.resource.clone()] } else { Vec::new() },
                         desc,
                     };
                     (Some(found), false)
                 }
                 Reading::Unconvertible { raw_unit } => {
-                    let mut r = NodeResult::new(
-                        Outcome::Unknown,
-                        format!(
-                            "latest {name} ({}) is in unit `{raw_unit}`, which cannot be converted to {}",
-                            v.time.date(),
-                            spec.spec.unit
-                        ),
+                    let why = why!(
+                        cx,
+                        "latest {name} ({}) is in unit `{raw_unit}`, which cannot be converted to {}",
+                        v.time.date(),
+                        spec.spec.unit
                     );
-                    r.evidence.push(ev);
-                    return r;
+                    return NodeResult::new(Outcome::Unknown, why).with_evidence(cx, || vec![ev()]);
                 }
                 Reading::BadComparator(c) => {
-                    let mut r = NodeResult::new(
-                        Outcome::Unknown,
-                        format!("latest {name} has comparator `{c}`, which cannot be compared"),
-                    );
-                    r.evidence.push(ev);
-                    return r;
+                    let why = why!(cx, "latest {name} has comparator `{c}`, which cannot be compared");
+                    return NodeResult::new(Outcome::Unknown, why).with_evidence(cx, || vec![ev()]);
                 }
                 Reading::Result(res) => {
                     let mut r = match &l.test {
                         LabTest::Result(want) => NodeResult::new(
                             if res == want { Outcome::Met } else { Outcome::NotMet },
-                            format!("latest {name} on {} is {res}", v.time.date()),
+                            why!(cx, "latest {name} on {} is {res}", v.time.date()),
                         ),
                         LabTest::Compare { .. } => NodeResult::new(
                             Outcome::Unknown,
-                            format!("latest {name} is a qualitative result ({res}), not a number"),
+                            why!(cx, "latest {name} is a qualitative result ({res}), not a number"),
                         ),
                     };
-                    r.evidence.push(ev);
-                    r.facts.push(FactOut {
-                        name: name.clone(),
-                        value: res.clone().into(),
-                        unit: None,
-                        derived_from: vec![v.resource.clone()],
-                    });
+                    if cx.explain {
+                        r.evidence.push(ev());
+                        r.facts.push(FactOut {
+                            name: name.clone(),
+                            value: res.clone().into(),
+                            unit: None,
+                            derived_from: vec![v.resource.clone()],
+                        });
+                    }
                     return r;
                 }
             }
@@ -389,8 +441,8 @@ fn lab(cx: &Ctx, l: &LabRule) -> NodeResult {
         desc,
     }) = value.or_else(|| substitute(cx, l, window, &mut notes))
     else {
-        let mut why = format!("no valid {name} from {window}");
-        if !notes.is_empty() {
+        let mut why = why!(cx, "no valid {name} from {window}");
+        if cx.explain && !notes.is_empty() {
             why = format!("{why}; {}", notes.join("; "));
         }
         return NodeResult::new(Outcome::Unknown, why);
@@ -398,7 +450,7 @@ fn lab(cx: &Ctx, l: &LabRule) -> NodeResult {
     let LabTest::Compare { op, threshold, written } = &l.test else {
         return NodeResult::new(
             Outcome::Unknown,
-            format!("{desc}: a number, but the criterion asks for a qualitative result"),
+            why!(cx, "{desc}: a number, but the criterion asks for a qualitative result"),
         );
     };
     let outcome = match compare(b, *op, *threshold) {
@@ -406,6 +458,9 @@ fn lab(cx: &Ctx, l: &LabRule) -> NodeResult {
         Some(false) => Outcome::NotMet,
         None => Outcome::Unknown,
     };
+    if !cx.explain {
+        return NodeResult::new(outcome, String::new());
+    }
     let verdict = match outcome {
         Outcome::Met => "meets",
         Outcome::NotMet => "does not meet",
@@ -438,12 +493,12 @@ fn uln_for(cx: &Ctx, l: &LabRule, v: &LabValue) -> Result<(f64, &'static str), S
         (Some(u), _) => (u, "the Observation's referenceRange"),
         (None, Some(d)) => match cx.m.lab_factor(l.lab, &d.unit) {
             Some(f) => (f.apply(d.default), "the configured default"),
-            None => return Err(format!("default ULN unit {} cannot be converted", d.unit)),
+            None => return Err(why!(cx, "default ULN unit {} cannot be converted", d.unit)),
         },
-        (None, None) => return Err("no ULN on the Observation and no default configured".into()),
+        (None, None) => return Err(cx.say(|| "no ULN on the Observation and no default configured".into())),
     };
     if uln <= 0.0 {
-        return Err(format!("ULN {uln} is not positive"));
+        return Err(why!(cx, "ULN {uln} is not positive"));
     }
     Ok((uln, source))
 }
@@ -456,6 +511,18 @@ struct Found {
     from: Vec<String>,
     /// How it reads in the reason ("egfr 38 mL/min/{1.73_m2} on 2026-05-02").
     desc: String,
+}
+
+impl Found {
+    /// The value alone, for an evaluation that does not explain.
+    fn bare(value: Bounded) -> Found {
+        Found {
+            value,
+            evidence: Vec::new(),
+            from: Vec::new(),
+            desc: String::new(),
+        }
+    }
 }
 
 /// A derived value when no reported one exists in the window: eGFR by CKD-EPI 2021 from serum
@@ -498,25 +565,27 @@ fn derive_value(cx: &Ctx, l: &LabRule, window: Window) -> Result<Option<Found>, 
                 None => return Ok(None),
                 Some(Reading::Number(_)) => {}
                 Some(Reading::Unconvertible { raw_unit }) => {
-                    return Err(format!(
+                    return Err(why!(
+                        cx,
                         "eGFR not derived: the latest serum creatinine is in unit `{raw_unit}`, which cannot be converted"
                     ));
                 }
-                Some(_) => return Err("eGFR not derived: the latest serum creatinine is not a usable number".into()),
+                Some(_) => return Err(cx.say(|| "eGFR not derived: the latest serum creatinine is not a usable number".into())),
             }
             let Some(cr) = latest_of(src, Some(window)) else { return Ok(None) };
             let d = &cx.facts.demographics;
             let female = match d.gender.as_deref() {
                 Some("female") => true,
                 Some("male") => false,
-                _ => return Err("eGFR not derived: CKD-EPI 2021 needs sex male or female".into()),
+                _ => return Err(cx.say(|| "eGFR not derived: CKD-EPI 2021 needs sex male or female".into())),
             };
             let Some(birth) = d.birth_date else {
-                return Err("eGFR not derived: birthDate unknown".into());
+                return Err(cx.say(|| "eGFR not derived: birthDate unknown".into()));
             };
             let age = cr.time.date().years_since(birth);
             if age < 18 {
-                return Err(format!(
+                return Err(why!(
+                    cx,
                     "eGFR not derived: CKD-EPI 2021 is validated for adults and the patient was {age} at the creatinine test"
                 ));
             }
@@ -524,6 +593,9 @@ fn derive_value(cx: &Ctx, l: &LabRule, window: Window) -> Result<Option<Found>, 
             let value = derive::ckd_epi_2021(scr.value, age, female);
             // eGFR falls as creatinine rises, so a bound on creatinine flips direction.
             let bound = scr.bound.map(|b| if b == Bound::AtMost { Bound::AtLeast } else { Bound::AtMost });
+            if !cx.explain {
+                return Ok(Some(Found::bare(Bounded { value, bound })));
+            }
             let ev = lab_evidence(
                 cr,
                 &cx.m.labs[cx.m.lab(src).unwrap_or(l.lab)].spec.unit,
@@ -557,13 +629,16 @@ fn derive_value(cx: &Ctx, l: &LabRule, window: Window) -> Result<Option<Found>, 
                     end: window.end,
                 }),
             ) else {
-                return Err("BMI not derived: no height recorded".into());
+                return Err(cx.say(|| "BMI not derived: no height recorded".into()));
             };
             let (wb, hb) = (number(wv), number(hv));
             if wb.bound.is_some() || hb.bound.is_some() || hb.value <= 0.0 {
-                return Err("BMI not derived: weight or height is not an exact value".into());
+                return Err(cx.say(|| "BMI not derived: weight or height is not an exact value".into()));
             }
             let value = derive::bmi(wb.value, hb.value);
+            if !cx.explain {
+                return Ok(Some(Found::bare(Bounded { value, bound: None })));
+            }
             let evs = vec![
                 lab_evidence(wv, "kg", Some("weight used for BMI".into())),
                 lab_evidence(hv, "cm", Some("height used for BMI".into())),
@@ -655,9 +730,12 @@ fn substitute(cx: &Ctx, l: &LabRule, window: Window, notes: &mut Vec<String>) ->
     let sname = &cx.m.labs[s].name;
     let sv = latest(cx.facts.labs.get(&s)?.iter().filter(|v| window.contains(v.time)))?;
     let Reading::Number(b) = sv.reading else {
-        notes.push(format!("the latest {sname} cannot stand in: it is not a usable number"));
+        notes.push(why!(cx, "the latest {sname} cannot stand in: it is not a usable number"));
         return None;
     };
+    if !cx.explain {
+        return Some(Found::bare(b));
+    }
     let note = format!(
         "{sname} {} {} used in place of {name}, as this trial allows",
         fmt_bounded(b),
@@ -676,11 +754,11 @@ fn set_names(cx: &Ctx, sets: &[usize]) -> String {
     sets.iter().map(|&s| cx.m.sets[s].name.as_str()).collect::<Vec<_>>().join("/")
 }
 
-fn none_recorded(what: &str, present: bool, policy: NoRecords, not_met: String) -> NodeResult {
+fn none_recorded(cx: &Ctx, what: &str, present: bool, policy: NoRecords, not_met: impl FnOnce() -> String) -> NodeResult {
     if !present && policy == NoRecords::Unknown {
-        NodeResult::new(Outcome::Unknown, format!("the record holds no {what} at all"))
+        NodeResult::new(Outcome::Unknown, why!(cx, "the record holds no {what} at all"))
     } else {
-        NodeResult::new(Outcome::NotMet, not_met)
+        NodeResult::new(Outcome::NotMet, cx.say(not_met))
     }
 }
 
@@ -690,7 +768,6 @@ fn fmt_time(t: Option<Instant>) -> String {
 
 fn condition(cx: &Ctx, c: &ConditionRule, policy: NoRecords) -> NodeResult {
     let end = cx.as_of.end();
-    let names = set_names(cx, &c.sets);
     let matching: Vec<&crate::facts::ConditionFact> = cx
         .facts
         .conditions
@@ -734,9 +811,11 @@ fn condition(cx: &Ctx, c: &ConditionRule, policy: NoRecords) -> NodeResult {
             },
         };
         let no_status = || {
-            format!(
+            why!(
+                cx,
                 "{} ({}) has no usable clinicalStatus, so whether it is active is unknown",
-                f.code, f.resource
+                f.code,
+                f.resource
             )
         };
         let ok = if let Some(sp) = c.onset_before {
@@ -748,7 +827,7 @@ fn condition(cx: &Ctx, c: &ConditionRule, policy: NoRecords) -> NodeResult {
                 Some(true) if surely_before => true,
                 Some(true) if surely_after => false,
                 Some(true) => {
-                    unknown.push(format!("{} ({}) has no onset date precise enough to tell", f.code, f.resource));
+                    unknown.push(why!(cx, "{} ({}) has no onset date precise enough to tell", f.code, f.resource));
                     false
                 }
                 None if !surely_after => {
@@ -768,6 +847,7 @@ fn condition(cx: &Ctx, c: &ConditionRule, policy: NoRecords) -> NodeResult {
             } else {
                 unknown.push(match (active_now, on_hi, f.abatement) {
                     (None, ..) => no_status(),
+                    _ if !cx.explain => String::new(),
                     (_, None, None) => format!("{} ({}) is not active and has no dates", f.code, f.resource),
                     (_, Some(hi), None) if hi <= w.start => format!(
                         "{} ({}) began before {} and is not active, but has no end date",
@@ -807,17 +887,19 @@ fn condition(cx: &Ctx, c: &ConditionRule, policy: NoRecords) -> NodeResult {
             })
             .collect()
     };
-    let qualifier = match (c.onset_before, c.within, c.status) {
+    let names = || set_names(cx, &c.sets);
+    let qualifier = || match (c.onset_before, c.within, c.status) {
         (Some(s), _, _) => format!("diagnosed at least {s} before {}", cx.as_of),
         (None, Some(s), _) => format!("present within {s} of {}", cx.as_of),
         (None, None, CondStatus::Active) => "active".into(),
         (None, None, CondStatus::Any) => "recorded".into(),
     };
     if !seen.is_empty() {
-        let mut r = NodeResult::new(
-            Outcome::Met,
+        let why = cx.say(|| {
             format!(
-                "{names} {qualifier}: {}",
+                "{} {}: {}",
+                names(),
+                qualifier(),
                 seen.iter()
                     .map(|f| format!(
                         "{} ({}, since {})",
@@ -827,32 +909,30 @@ fn condition(cx: &Ctx, c: &ConditionRule, policy: NoRecords) -> NodeResult {
                     ))
                     .collect::<Vec<_>>()
                     .join(", ")
-            ),
-        );
-        r.evidence = evidence(&seen);
-        return r;
+            )
+        });
+        return NodeResult::new(Outcome::Met, why).with_evidence(cx, || evidence(&seen));
     }
     if !unknown.is_empty() {
-        let mut r = NodeResult::new(Outcome::Unknown, format!("{names}: {}", unknown.join("; ")));
-        r.evidence = evidence(&matching);
-        return r;
+        let why = why!(cx, "{}: {}", names(), unknown.join("; "));
+        return NodeResult::new(Outcome::Unknown, why).with_evidence(cx, || evidence(&matching));
     }
-    let mut r = none_recorded(
-        "Condition records",
-        cx.facts.present.conditions,
-        policy,
+    none_recorded(cx, "Condition records", cx.facts.present.conditions, policy, || {
         if matching.is_empty() {
-            format!("no {names} condition recorded")
+            format!("no {} condition recorded", names())
         } else {
-            format!("no {names} condition {qualifier} ({} recorded, none qualifies)", matching.len())
-        },
-    );
-    r.evidence = evidence(&matching);
-    r
+            format!(
+                "no {} condition {} ({} recorded, none qualifies)",
+                names(),
+                qualifier(),
+                matching.len()
+            )
+        }
+    })
+    .with_evidence(cx, || evidence(&matching))
 }
 
 fn medication(cx: &Ctx, m: &MedicationRule, policy: NoRecords) -> NodeResult {
-    let names = set_names(cx, &m.sets);
     let window = m.within.map(|s| Window::lookback(s, cx.as_of));
     let today = Window {
         start: cx.as_of.start(),
@@ -864,7 +944,7 @@ fn medication(cx: &Ctx, m: &MedicationRule, policy: NoRecords) -> NodeResult {
         match m.route {
             Some(RouteFilter::Only(route)) => {
                 if f.routes.is_empty() {
-                    unknown.push(format!("{} ({}) has no route", f.code, f.resource));
+                    unknown.push(why!(cx, "{} ({}) has no route", f.code, f.resource));
                     continue;
                 }
                 if !f.routes.contains(&route) {
@@ -879,7 +959,7 @@ fn medication(cx: &Ctx, m: &MedicationRule, policy: NoRecords) -> NodeResult {
             continue;
         }
         let Some(start) = f.start else {
-            unknown.push(format!("{} ({}) is undated", f.code, f.resource));
+            unknown.push(why!(cx, "{} ({}) is undated", f.code, f.resource));
             continue;
         };
         let end = if f.ongoing { None } else { Some(f.end.unwrap_or(start)) };
@@ -892,28 +972,30 @@ fn medication(cx: &Ctx, m: &MedicationRule, policy: NoRecords) -> NodeResult {
             hits.push(f);
         }
     }
-    let evidence: Vec<Evidence> = hits
-        .iter()
-        .map(|f| Evidence {
-            date: f.start.map(|t| t.to_string()),
-            code: Some(f.code.clone()),
-            value: f.dose_text.clone().map(serde_json::Value::from),
-            normalized_value: f.dose_g,
-            normalized_unit: f.dose_g.map(|_| "g".to_string()),
-            note: Some(match (f.ongoing, f.end) {
-                (true, _) => "ongoing".to_string(),
-                (false, Some(e)) => format!("until {}", e.date()),
-                (false, None) => "single date".to_string(),
-            }),
-            ..Evidence::of(&f.resource)
-        })
-        .collect();
-    let scope = match (m.current, m.within) {
+    let evidence = || -> Vec<Evidence> {
+        hits.iter()
+            .map(|f| Evidence {
+                date: f.start.map(|t| t.to_string()),
+                code: Some(f.code.clone()),
+                value: f.dose_text.clone().map(serde_json::Value::from),
+                normalized_value: f.dose_g,
+                normalized_unit: f.dose_g.map(|_| "g".to_string()),
+                note: Some(match (f.ongoing, f.end) {
+                    (true, _) => "ongoing".to_string(),
+                    (false, Some(e)) => format!("until {}", e.date()),
+                    (false, None) => "single date".to_string(),
+                }),
+                ..Evidence::of(&f.resource)
+            })
+            .collect()
+    };
+    let names = || set_names(cx, &m.sets);
+    let scope = || match (m.current, m.within) {
         (true, _) => format!("current on {}", cx.as_of),
         (false, Some(s)) => format!("within {s} of {}", cx.as_of),
         (false, None) => "ever".into(),
     };
-    let route = match m.route {
+    let route = || match m.route {
         Some(RouteFilter::Only(r)) => format!(" ({})", cx.m.sets[r].name),
         Some(RouteFilter::NotLocal(_)) => " (systemic)".to_string(),
         None => String::new(),
@@ -923,64 +1005,64 @@ fn medication(cx: &Ctx, m: &MedicationRule, policy: NoRecords) -> NodeResult {
         for f in &hits {
             match f.dose_g {
                 Some(g) => total += g,
-                None => unknown.push(format!("{} ({}) has no usable dose", f.code, f.resource)),
+                None => unknown.push(why!(cx, "{} ({}) has no usable dose", f.code, f.resource)),
             }
         }
         if !unknown.is_empty() {
-            let mut r = NodeResult::new(Outcome::Unknown, format!("{names}{route}: {}", unknown.join("; ")));
-            r.evidence = evidence;
-            return r;
+            let why = why!(cx, "{}{}: {}", names(), route(), unknown.join("; "));
+            return NodeResult::new(Outcome::Unknown, why).with_evidence(cx, evidence);
         }
         let factor = cx.m.dose_factor(unit).map(|f| f.apply(1.0)).unwrap_or(1.0);
         let lo = min.map(|x| x * factor);
         let hi = max.map(|x| x * factor);
         let ok = !hits.is_empty() && lo.is_none_or(|lo| total >= lo) && hi.is_none_or(|hi| total <= hi);
-        let required = match (min, max) {
-            (Some(lo), Some(hi)) => format!("{}–{} {unit}", fmt_num(*lo), fmt_num(*hi)),
-            (Some(lo), None) => format!("at least {} {unit}", fmt_num(*lo)),
-            (None, Some(hi)) => format!("at most {} {unit}", fmt_num(*hi)),
-            (None, None) => "any total".to_string(),
+        let reason = || {
+            let required = match (min, max) {
+                (Some(lo), Some(hi)) => format!("{}–{} {unit}", fmt_num(*lo), fmt_num(*hi)),
+                (Some(lo), None) => format!("at least {} {unit}", fmt_num(*lo)),
+                (None, Some(hi)) => format!("at most {} {unit}", fmt_num(*hi)),
+                (None, None) => "any total".to_string(),
+            };
+            format!(
+                "{}{} {}: {} administration(s), total {} g (required {required})",
+                names(),
+                route(),
+                scope(),
+                hits.len(),
+                fmt_num(total)
+            )
         };
-        let reason = format!(
-            "{names}{route} {scope}: {} administration(s), total {} g (required {required})",
-            hits.len(),
-            fmt_num(total)
-        );
-        let mut r = if hits.is_empty() {
-            none_recorded("medication records", cx.facts.present.medications, policy, reason)
+        let r = if hits.is_empty() {
+            none_recorded(cx, "medication records", cx.facts.present.medications, policy, reason)
         } else {
-            NodeResult::new(if ok { Outcome::Met } else { Outcome::NotMet }, reason)
+            NodeResult::new(if ok { Outcome::Met } else { Outcome::NotMet }, cx.say(reason))
         };
-        r.evidence = evidence;
-        return r;
+        return r.with_evidence(cx, evidence);
     }
     if !hits.is_empty() {
-        let mut r = NodeResult::new(
-            Outcome::Met,
+        let why = cx.say(|| {
             format!(
-                "{names}{route} {scope}: {}",
+                "{}{} {}: {}",
+                names(),
+                route(),
+                scope(),
                 hits.iter()
                     .map(|f| format!("{} ({})", f.code, f.resource))
                     .collect::<Vec<_>>()
                     .join(", ")
-            ),
-        );
-        r.evidence = evidence;
-        return r;
+            )
+        });
+        return NodeResult::new(Outcome::Met, why).with_evidence(cx, evidence);
     }
     if !unknown.is_empty() {
-        return NodeResult::new(Outcome::Unknown, format!("{names}{route}: {}", unknown.join("; ")));
+        return NodeResult::new(Outcome::Unknown, why!(cx, "{}{}: {}", names(), route(), unknown.join("; ")));
     }
-    none_recorded(
-        "medication records",
-        cx.facts.present.medications,
-        policy,
-        format!("no {names}{route} {scope}"),
-    )
+    none_recorded(cx, "medication records", cx.facts.present.medications, policy, || {
+        format!("no {}{} {}", names(), route(), scope())
+    })
 }
 
 fn event(cx: &Ctx, kind: EventKind, sets: &[usize], within: Option<Span>, policy: NoRecords) -> NodeResult {
-    let names = set_names(cx, sets);
     let (list, present, what) = match kind {
         EventKind::Procedure => (&cx.facts.procedures, cx.facts.present.procedures, "Procedure records"),
         EventKind::Immunization => (&cx.facts.immunizations, cx.facts.present.immunizations, "Immunization records"),
@@ -1006,9 +1088,12 @@ fn event(cx: &Ctx, kind: EventKind, sets: &[usize], within: Option<Span>, policy
             hits.push(f);
         }
     }
-    let scope = within
-        .map(|s| format!("within {s} of {}", cx.as_of))
-        .unwrap_or_else(|| "ever".into());
+    let names = || set_names(cx, sets);
+    let scope = || {
+        within
+            .map(|s| format!("within {s} of {}", cx.as_of))
+            .unwrap_or_else(|| "ever".into())
+    };
     let ev = |fs: &[&crate::facts::EventFact]| {
         fs.iter()
             .map(|f| Evidence {
@@ -1019,32 +1104,28 @@ fn event(cx: &Ctx, kind: EventKind, sets: &[usize], within: Option<Span>, policy
             .collect::<Vec<_>>()
     };
     if !hits.is_empty() {
-        let mut r = NodeResult::new(
-            Outcome::Met,
+        let why = cx.say(|| {
             format!(
-                "{names} {scope}: {}",
+                "{} {}: {}",
+                names(),
+                scope(),
                 hits.iter()
                     .map(|f| format!("{} on {} ({})", f.code, fmt_time(f.time), f.resource))
                     .collect::<Vec<_>>()
                     .join(", ")
-            ),
-        );
-        r.evidence = ev(&hits);
-        return r;
+            )
+        });
+        return NodeResult::new(Outcome::Met, why).with_evidence(cx, || ev(&hits));
     }
     if !undated.is_empty() && within.is_some() {
-        let mut r = NodeResult::new(
-            Outcome::Unknown,
-            format!("{names}: {} record(s) without a usable date", undated.len()),
-        );
-        r.evidence = ev(&undated);
-        return r;
+        let why = why!(cx, "{}: {} record(s) without a usable date", names(), undated.len());
+        return NodeResult::new(Outcome::Unknown, why).with_evidence(cx, || ev(&undated));
     }
-    none_recorded(what, present, policy, format!("no {names} {scope}"))
+    none_recorded(cx, what, present, policy, || format!("no {} {}", names(), scope()))
 }
 
 fn allergy(cx: &Ctx, sets: &[usize], policy: NoRecords) -> NodeResult {
-    let names = set_names(cx, sets);
+    let names = || set_names(cx, sets);
     let hits: Vec<_> = cx
         .facts
         .allergies
@@ -1052,38 +1133,37 @@ fn allergy(cx: &Ctx, sets: &[usize], policy: NoRecords) -> NodeResult {
         .filter(|a| a.sets.iter().any(|s| sets.contains(s)))
         .collect();
     if hits.is_empty() {
-        return none_recorded(
-            "AllergyIntolerance records",
-            cx.facts.present.allergies,
-            policy,
-            format!("no active allergy to {names} recorded"),
-        );
+        return none_recorded(cx, "AllergyIntolerance records", cx.facts.present.allergies, policy, || {
+            format!("no active allergy to {} recorded", names())
+        });
     }
-    let mut r = NodeResult::new(
-        Outcome::Met,
+    let why = cx.say(|| {
         format!(
-            "allergy to {names}: {}",
+            "allergy to {}: {}",
+            names(),
             hits.iter()
                 .map(|a| format!("{} ({})", a.code, a.resource))
                 .collect::<Vec<_>>()
                 .join(", ")
-        ),
-    );
-    r.evidence = hits
-        .iter()
-        .map(|a| Evidence {
-            code: Some(a.code.clone()),
-            ..Evidence::of(&a.resource)
-        })
-        .collect();
-    r
+        )
+    });
+    NodeResult::new(Outcome::Met, why).with_evidence(cx, || {
+        hits.iter()
+            .map(|a| Evidence {
+                code: Some(a.code.clone()),
+                ..Evidence::of(&a.resource)
+            })
+            .collect()
+    })
 }
 
 fn biopsy(cx: &Ctx, kind: &str, within: Option<Span>, classes: &[String], without: &[String]) -> NodeResult {
     let window = within.map(|s| Window::lookback(s, cx.as_of));
-    let scope = within
-        .map(|s| format!("within {s} of {}", cx.as_of))
-        .unwrap_or_else(|| "ever".into());
+    let scope = || {
+        within
+            .map(|s| format!("within {s} of {}", cx.as_of))
+            .unwrap_or_else(|| "ever".into())
+    };
     let all: Vec<_> = cx.facts.biopsies.iter().filter(|b| b.kind == kind).collect();
     let in_window: Vec<_> = all
         .iter()
@@ -1104,60 +1184,53 @@ fn biopsy(cx: &Ctx, kind: &str, within: Option<Span>, classes: &[String], withou
             .collect::<Vec<_>>()
     };
     if in_window.is_empty() {
-        let latest = all.iter().filter_map(|b| b.time).max();
-        let why = match latest {
-            Some(t) => format!("no {kind} biopsy {scope} (latest recorded {})", t.date()),
+        let why = cx.say(|| match all.iter().filter_map(|b| b.time).max() {
+            Some(t) => format!("no {kind} biopsy {} (latest recorded {})", scope(), t.date()),
             None => format!("no {kind} biopsy recorded"),
-        };
-        let mut r = NodeResult::new(Outcome::Unknown, why);
-        r.evidence = ev(&all);
-        return r;
+        });
+        return NodeResult::new(Outcome::Unknown, why).with_evidence(cx, || ev(&all));
     }
     if classes.is_empty() && without.is_empty() {
-        let mut r = NodeResult::new(
-            Outcome::Met,
+        let why = cx.say(|| {
             format!(
-                "{kind} biopsy {scope}: {}",
+                "{kind} biopsy {}: {}",
+                scope(),
                 in_window
                     .iter()
                     .map(|b| format!("{} on {}", b.resource, fmt_time(b.time)))
                     .collect::<Vec<_>>()
                     .join(", ")
-            ),
-        );
-        r.evidence = ev(&in_window);
-        return r;
+            )
+        });
+        return NodeResult::new(Outcome::Met, why).with_evidence(cx, || ev(&in_window));
     }
-    let classed: Vec<_> = in_window.iter().copied().filter(|b| !b.classes.is_empty()).collect();
     // The most recent classed biopsy in the window is the one that describes the disease now.
-    let Some(b) = classed.iter().max_by_key(|b| b.time) else {
-        let mut r = NodeResult::new(
-            Outcome::Unknown,
-            format!("{kind} biopsy {scope} found, but its class is not coded (read the pathology report)"),
+    let Some(b) = in_window.iter().copied().filter(|b| !b.classes.is_empty()).max_by_key(|b| b.time) else {
+        let why = why!(
+            cx,
+            "{kind} biopsy {} found, but its class is not coded (read the pathology report)",
+            scope()
         );
-        r.evidence = ev(&in_window);
-        return r;
+        return NodeResult::new(Outcome::Unknown, why).with_evidence(cx, || ev(&in_window));
     };
     let has = classes.is_empty() || b.classes.iter().any(|c| classes.contains(c));
     let lacks = !b.classes.iter().any(|c| without.contains(c));
-    let mut want = String::new();
-    if !classes.is_empty() {
-        want = format!("class {}", classes.join("/"));
-    }
-    if !without.is_empty() {
-        want = format!("{want} without {}", without.join("/"));
-    }
-    let mut r = NodeResult::new(
-        if has && lacks { Outcome::Met } else { Outcome::NotMet },
+    let why = cx.say(|| {
+        let mut want = String::new();
+        if !classes.is_empty() {
+            want = format!("class {}", classes.join("/"));
+        }
+        if !without.is_empty() {
+            want = format!("{want} without {}", without.join("/"));
+        }
         format!(
             "{kind} biopsy on {} shows class {} (required {})",
             fmt_time(b.time),
             b.classes.join("+"),
             want.trim()
-        ),
-    );
-    r.evidence = ev(&[b]);
-    r
+        )
+    });
+    NodeResult::new(if has && lacks { Outcome::Met } else { Outcome::NotMet }, why).with_evidence(cx, || ev(&[b]))
 }
 
 /// One criterion's result as reported.
@@ -1172,7 +1245,9 @@ pub struct CriterionResult {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub decision: Option<super::decisions::Applied>,
+    /// Boxed: rarely present, and inline it would nearly double the size of every
+    /// criterion's result (232 bytes instead of 136; a screening makes millions of them).
+    pub decision: Option<Box<super::decisions::Applied>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -1196,35 +1271,44 @@ pub struct TrialResult {
     pub facts: Vec<FactOut>,
 }
 
-/// Evaluates every criterion of `trial` for one patient.
-pub fn evaluate(trial: &Trial, facts: &PatientFacts, m: &Mappings, as_of: Date, decisions: &super::decisions::Decisions) -> TrialResult {
-    let cx = Ctx { facts, m, as_of };
+/// Evaluates every criterion of `trial` for one patient. With [`Detail::Outcome`] the result
+/// holds the same outcomes, status and deciders, without the explanations (see [`Detail`]).
+pub fn evaluate(
+    trial: &Trial,
+    facts: &PatientFacts,
+    m: &Mappings,
+    as_of: Date,
+    decisions: &super::decisions::Decisions,
+    detail: Detail,
+) -> TrialResult {
+    let explain = detail == Detail::Full;
+    let cx = Ctx { facts, m, as_of, explain };
     let mut criteria = Vec::with_capacity(trial.criteria.len());
     let mut all_facts: Vec<FactOut> = Vec::new();
     for c in &trial.criteria {
         let mut r = match &c.decide {
-            Decide::Manual(reason) => NodeResult::new(Outcome::Manual, reason.clone()),
+            Decide::Manual(reason) => NodeResult::new(Outcome::Manual, cx.say(|| reason.clone())),
             Decide::Rule(node) => eval_node(&cx, node),
         };
         if let Some(why) = &c.suspect {
-            r.reason = format!("as written the rule gives {}: {}; but {why}", r.outcome.as_str(), r.reason);
+            r.reason = why!(cx, "as written the rule gives {}: {}; but {why}", r.outcome.as_str(), r.reason);
             r.outcome = Outcome::Manual;
         }
         let mut result = CriterionResult {
             id: c.id.clone(),
             kind: c.kind,
-            text: c.text.clone(),
+            text: cx.say(|| c.text.clone()),
             outcome: r.outcome,
             reason: r.reason,
             evidence: r.evidence,
-            note: c.note.clone(),
+            note: if explain { c.note.clone() } else { None },
             decision: None,
         };
         if matches!(result.outcome, Outcome::Manual | Outcome::Unknown) {
             if let Some(d) = decisions.find(&facts.key, &trial.id, &c.id, as_of) {
-                result.reason = format!("{} (computed: {}; {})", d.reason(), result.outcome.as_str(), result.reason);
+                result.reason = why!(cx, "{} (computed: {}; {})", d.reason(), result.outcome.as_str(), result.reason);
                 result.outcome = d.answer;
-                result.decision = Some(d.applied());
+                result.decision = Some(Box::new(d.applied()));
             }
         }
         for f in r.facts {
@@ -1234,16 +1318,16 @@ pub fn evaluate(trial: &Trial, facts: &PatientFacts, m: &Mappings, as_of: Date, 
         }
         criteria.push(result);
     }
-    let deciding: Vec<&CriterionResult> = criteria
-        .iter()
-        .filter(|c| (c.kind == Kind::Inclusion && c.outcome == Outcome::NotMet) || (c.kind == Kind::Exclusion && c.outcome == Outcome::Met))
-        .collect();
+    let deciding = |c: &&CriterionResult| {
+        (c.kind == Kind::Inclusion && c.outcome == Outcome::NotMet) || (c.kind == Kind::Exclusion && c.outcome == Outcome::Met)
+    };
     let all_clear = criteria.iter().all(|c| match c.kind {
         Kind::Inclusion => c.outcome == Outcome::Met,
         Kind::Exclusion => c.outcome == Outcome::NotMet,
     });
     let d = &facts.demographics;
     // A death dated after the screening date did not stop the patient being screened then.
+    // The record's reason is kept at every detail: the CSV prints it.
     let record = d
         .deceased
         .as_ref()
@@ -1251,7 +1335,15 @@ pub fn evaluate(trial: &Trial, facts: &PatientFacts, m: &Mappings, as_of: Date, 
         .map(|x| x.text.clone())
         .or_else(|| d.replaced_by.as_ref().map(|r| format!("merged: replaced by {r}")))
         .or_else(|| d.inactive.then(|| "inactive record (Patient.active is false)".to_string()));
-    let status = if record.is_some() || !deciding.is_empty() {
+    let decided_by: Vec<Decider> = criteria
+        .iter()
+        .filter(deciding)
+        .map(|c| Decider {
+            id: c.id.clone(),
+            text: cx.say(|| c.text.clone()),
+        })
+        .collect();
+    let status = if record.is_some() || !decided_by.is_empty() {
         Status::Ineligible
     } else if all_clear {
         Status::Eligible
@@ -1260,17 +1352,11 @@ pub fn evaluate(trial: &Trial, facts: &PatientFacts, m: &Mappings, as_of: Date, 
     };
     TrialResult {
         patient: facts.key.clone(),
-        person: d.person.clone(),
+        person: if explain { d.person.clone() } else { None },
         trial: trial.id.clone(),
         status,
         record,
-        decided_by: deciding
-            .iter()
-            .map(|c| Decider {
-                id: c.id.clone(),
-                text: c.text.clone(),
-            })
-            .collect(),
+        decided_by,
         criteria,
         facts: all_facts,
     }

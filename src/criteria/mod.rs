@@ -64,3 +64,18 @@ impl Status {
         }
     }
 }
+
+/// How much of the "why" an evaluation builds. The outcomes are the same at every level (the
+/// same rule functions compute them); only the explanations differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Detail {
+    /// Reasons, evidence and facts for every criterion: what the JSON, text and HTML reports,
+    /// the sweep's state and write-back read.
+    #[default]
+    Full,
+    /// Outcomes only: per-criterion id, kind, outcome and applied decision, the status, what
+    /// decided it and the record's reason (deceased, merged, inactive). Reasons are empty, texts
+    /// and notes are empty, no evidence, no facts, no person. For outputs that print no
+    /// explanation (CSV), where building them would be most of the evaluation's cost.
+    Outcome,
+}

@@ -59,6 +59,18 @@ pub enum Format {
     Html,
 }
 
+impl Format {
+    /// The detail of evaluation this format needs: CSV prints criterion ids only (never a
+    /// reason, evidence or fact), so it is written from outcome-only results; every other
+    /// format shows the explanations.
+    pub fn detail(self) -> crate::criteria::Detail {
+        match self {
+            Format::Csv => crate::criteria::Detail::Outcome,
+            Format::Json | Format::Text | Format::Html => crate::criteria::Detail::Full,
+        }
+    }
+}
+
 /// Writes a report as the results come, so that a cohort of any size is reported without
 /// holding its results: the JSON contract puts `results` first and everything that needs
 /// the whole run (provenance with its inputs, unmapped codes, input issues, the summary) after.
@@ -70,6 +82,9 @@ pub struct Writer<W: std::io::Write> {
     current: String,
     error: Option<std::io::Error>,
     rows: Vec<page::PageRow>,
+    /// The CSV row being written, and one field of it: kept to be reused.
+    row: String,
+    field: String,
     as_of: crate::time::Date,
     version: String,
     link_base: Option<String>,
@@ -101,6 +116,8 @@ impl<W: std::io::Write> Writer<W> {
             current: String::new(),
             error: None,
             rows: Vec::new(),
+            row: String::new(),
+            field: String::new(),
             as_of,
             version: version.to_string(),
             link_base: None,
@@ -132,7 +149,15 @@ impl<W: std::io::Write> Writer<W> {
                 let one = serde_json::to_string_pretty(r).unwrap_or_default().replace('\n', "\n    ");
                 format!("{}\n    {one}", if self.results == 0 { "" } else { "," })
             }
-            Format::Csv => csv_row(r),
+            Format::Csv => {
+                // One row per result, and 100,000s of them: written through reused buffers.
+                let (mut row, mut field) = (std::mem::take(&mut self.row), std::mem::take(&mut self.field));
+                csv_row(&mut row, &mut field, r);
+                self.results += 1;
+                self.put(row.as_bytes());
+                (self.row, self.field) = (row, field);
+                return;
+            }
             Format::Html => {
                 self.rows.push(page::PageRow::of(r));
                 String::new()
@@ -302,33 +327,52 @@ fn ids(r: &TrialResult, outcome: Outcome) -> Vec<&str> {
     r.criteria.iter().filter(|c| c.outcome == outcome).map(|c| c.id.as_str()).collect()
 }
 
-fn csv_field(s: &str) -> String {
+/// Appends `s` as a CSV field: quoted when it holds a comma, a quote or a line break.
+fn csv_field(out: &mut String, s: &str) {
     if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
+        out.push('"');
+        out.push_str(&s.replace('"', "\"\""));
+        out.push('"');
     } else {
-        s.to_string()
+        out.push_str(s);
     }
 }
 
-fn csv_row(r: &TrialResult) -> String {
-    let deciding: Vec<&str> = r.decided_by.iter().map(|d| d.id.as_str()).collect();
-    let mut deciding = deciding.join(" ");
-    if let Some(rec) = &r.record {
-        deciding = if deciding.is_empty() {
-            format!("record: {rec}")
-        } else {
-            format!("record: {rec}; {deciding}")
-        };
+/// Appends `ids`, separated by spaces.
+fn push_ids<'a>(out: &mut String, ids: impl Iterator<Item = &'a str>) {
+    for (i, id) in ids.enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        out.push_str(id);
     }
-    format!(
-        "{},{},{},{},{},{}\n",
-        csv_field(&r.patient),
-        csv_field(&r.trial),
-        r.status.as_str(),
-        csv_field(&deciding),
-        ids(r, Outcome::Unknown).join(" "),
-        ids(r, Outcome::Manual).join(" ")
-    )
+}
+
+/// Writes `r` as one CSV row into `row` (cleared first); `field` is scratch space.
+fn csv_row(row: &mut String, field: &mut String, r: &TrialResult) {
+    row.clear();
+    csv_field(row, &r.patient);
+    row.push(',');
+    csv_field(row, &r.trial);
+    row.push(',');
+    row.push_str(r.status.as_str());
+    row.push(',');
+    // decided_by: the record's reason first, then the deciding criteria; one field.
+    field.clear();
+    if let Some(rec) = &r.record {
+        field.push_str("record: ");
+        field.push_str(rec);
+        if !r.decided_by.is_empty() {
+            field.push_str("; ");
+        }
+    }
+    push_ids(field, r.decided_by.iter().map(|d| d.id.as_str()));
+    csv_field(row, field);
+    for outcome in [Outcome::Unknown, Outcome::Manual] {
+        row.push(',');
+        push_ids(row, r.criteria.iter().filter(|c| c.outcome == outcome).map(|c| c.id.as_str()));
+    }
+    row.push('\n');
 }
 
 fn short(s: &str, n: usize) -> String {
