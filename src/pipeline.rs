@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::channel;
+use std::sync::mpsc::sync_channel;
 
 /// Bytes per block handed to a worker: large enough that handing over costs nothing next to
 /// parsing, small enough that the blocks in flight stay a few tens of MB.
@@ -237,7 +237,11 @@ fn read_ndjson(
     *seq += blocks;
     let taken = AtomicU64::new(0);
     let failed: Mutex<Option<std::io::Error>> = Mutex::new(None);
-    let (done_tx, done_rx) = channel::<Reduced>();
+    // Bounded: blocks reduced faster than the main thread absorbs them (a Patient file, whose
+    // Patients are parsed whole and registered one by one) would otherwise pile up in the
+    // channel, a peak that grows with the file. The main thread never stops receiving, so a
+    // worker waits only while it is ahead.
+    let (done_tx, done_rx) = sync_channel::<Reduced>(threads);
     std::thread::scope(|s| {
         for _ in 0..threads.min(blocks as usize).max(1) {
             let (done_tx, reg, file, taken, failed) = (done_tx.clone(), &reg, &file, &taken, &failed);

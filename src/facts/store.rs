@@ -270,6 +270,50 @@ struct Deferred {
     parsed: Parsed,
 }
 
+/// A Patient or Medication to register once its run is absorbed, in input order. A Patient
+/// is reduced, on the thread that parsed it, to what registering it needs: whole Patients
+/// (a few KB each) held for every block in flight made the peak of a Patient file, and grew
+/// with the number of blocks.
+#[derive(Debug)]
+enum Structural {
+    Patient {
+        id: Option<String>,
+        full_url: Option<String>,
+        demographics: Demographics,
+    },
+    Medication {
+        med: Box<crate::fhir::model::Medication>,
+        full_url: Option<String>,
+    },
+}
+
+/// A resource sorted: to register, or to reduce.
+enum Sorted {
+    Register(Structural),
+    Reduce(Parsed),
+}
+
+impl Structural {
+    /// The registration of a Patient or Medication; anything else is handed back.
+    fn of(parsed: Parsed) -> Sorted {
+        match parsed.resource {
+            Resource::Patient(patient) => Sorted::Register(Structural::Patient {
+                demographics: demographics(&patient),
+                id: patient.id,
+                full_url: parsed.full_url,
+            }),
+            Resource::Medication(med) => Sorted::Register(Structural::Medication {
+                med,
+                full_url: parsed.full_url,
+            }),
+            resource => Sorted::Reduce(Parsed {
+                resource,
+                full_url: parsed.full_url,
+            }),
+        }
+    }
+}
+
 /// `patient`'s facts in a [`Partial`], made empty when first met.
 fn facts_of<'a>(
     facts: &'a mut Vec<(usize, PatientFacts)>,
@@ -292,7 +336,7 @@ pub struct Partial {
     facts: Vec<(usize, PatientFacts)>,
     at: HashMap<usize, usize, FastHash>,
     /// Patients and Medications, registered when the partial is absorbed.
-    structural: Vec<Deferred>,
+    structural: Vec<Structural>,
     deferred: Vec<Deferred>,
     unreferenced: usize,
     unmapped: Unmapped,
@@ -364,12 +408,14 @@ impl Partial {
 
     /// Reduces one resource; `order` is its place in the input (for resources kept aside).
     pub fn add(&mut self, reg: &Registry, order: u64, parsed: Parsed, m: &Mappings) {
-        let later = Deferred { order, parsed };
+        let later = match Structural::of(parsed) {
+            Sorted::Register(structural) => {
+                self.structural.push(structural);
+                return;
+            }
+            Sorted::Reduce(parsed) => Deferred { order, parsed },
+        };
         let resource = &later.parsed.resource;
-        if matches!(resource, Resource::Patient(_) | Resource::Medication(_)) {
-            self.structural.push(later);
-            return;
-        }
         let Some(target) = resource.patient_reference() else {
             self.unreferenced += 1;
             return;
@@ -457,20 +503,24 @@ impl FactStore {
         self.registry.clone()
     }
 
-    fn register(&mut self, d: Deferred) {
+    fn register(&mut self, s: Structural) {
         // Only a nameless Patient or Medication (no id, no fullUrl) is named by number.
         let i = self.facts.len();
         let registry = Arc::make_mut(&mut self.registry);
-        match d.parsed.resource {
-            Resource::Patient(patient) => {
-                let key = match (&patient.id, &d.parsed.full_url) {
+        match s {
+            Structural::Patient {
+                id,
+                full_url,
+                demographics,
+            } => {
+                let key = match (&id, &full_url) {
                     (Some(id), _) => format!("Patient/{id}"),
                     (None, Some(url)) => url.clone(),
                     (None, None) => format!("Patient#{i}"),
                 };
                 let existing = registry.alias.get(&key);
                 let index = existing.unwrap_or(self.facts.len());
-                if let Some(url) = &d.parsed.full_url {
+                if let Some(url) = &full_url {
                     registry.alias.insert(url.clone(), index);
                 }
                 if existing.is_some() {
@@ -479,18 +529,17 @@ impl FactStore {
                     return;
                 }
                 registry.alias.insert(key.clone(), index);
-                registry.demographics.push(demographics(&patient));
+                registry.demographics.push(demographics);
                 registry.mine.push(self.shard.is_none_or(|s| s.holds(&key)));
                 self.facts.push(PatientFacts { key, ..Default::default() });
             }
-            Resource::Medication(med) => {
-                let reference = reference_for(&Resource::Medication(med.clone()), d.parsed.full_url.as_deref(), i);
-                if let Some(url) = &d.parsed.full_url {
+            Structural::Medication { med, full_url } => {
+                let reference = reference_for(&Resource::Medication(med.clone()), full_url.as_deref(), i);
+                if let Some(url) = &full_url {
                     registry.meds.insert(url.clone(), (*med).clone());
                 }
                 registry.meds.insert(reference, *med);
             }
-            _ => {}
         }
     }
 
@@ -530,10 +579,13 @@ impl FactStore {
     pub fn feed(&mut self, parsed: Parsed, m: &Mappings) {
         let order = FED_BASE + self.fed;
         self.fed += 1;
-        if matches!(parsed.resource, Resource::Patient(_) | Resource::Medication(_)) {
-            self.register(Deferred { order, parsed });
-            return;
-        }
+        let parsed = match Structural::of(parsed) {
+            Sorted::Register(structural) => {
+                self.register(structural);
+                return;
+            }
+            Sorted::Reduce(parsed) => parsed,
+        };
         let mut p = Partial::default();
         p.add(&self.registry, order, parsed, m);
         self.absorb(p);
