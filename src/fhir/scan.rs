@@ -438,59 +438,41 @@ impl<'a> Scanner<'a> {
     /// value, which `each` must consume.
     #[inline]
     pub fn object(&mut self, mut each: impl FnMut(&mut Self, &'a str) -> R<()>) -> R<()> {
-        self.eat(b'{')?;
-        self.depth += 1;
-        if self.depth > MAX_DEPTH {
-            return Err(Bail);
-        }
-        self.ws();
-        if self.peek() == b'}' {
-            self.i += 1;
-            self.depth -= 1;
-            return Ok(());
-        }
-        loop {
-            let k = self.key()?;
-            each(self, k)?;
-            self.ws();
-            match self.peek() {
-                b',' => {
-                    self.i += 1;
-                    self.ws();
-                }
-                b'}' => {
-                    self.i += 1;
-                    self.depth -= 1;
-                    return Ok(());
-                }
-                _ => return Err(Bail),
-            }
-        }
+        self.container(b'{', b'}', |s| {
+            let k = s.key()?;
+            each(s, k)
+        })
     }
 
     /// Walks an array (at its `[`), calling `each` with the scanner at every element.
     #[inline]
-    pub fn array(&mut self, mut each: impl FnMut(&mut Self) -> R<()>) -> R<()> {
-        self.eat(b'[')?;
+    pub fn array(&mut self, each: impl FnMut(&mut Self) -> R<()>) -> R<()> {
+        self.container(b'[', b']', each)
+    }
+
+    /// An object's or array's brackets, commas and depth, with `item` reading each member.
+    #[inline(always)]
+    fn container(&mut self, open: u8, close: u8, mut item: impl FnMut(&mut Self) -> R<()>) -> R<()> {
+        self.eat(open)?;
         self.depth += 1;
         if self.depth > MAX_DEPTH {
             return Err(Bail);
         }
         self.ws();
-        if self.peek() == b']' {
+        if self.peek() == close {
             self.i += 1;
             self.depth -= 1;
             return Ok(());
         }
         loop {
-            each(self)?;
+            item(self)?;
             self.ws();
             match self.peek() {
                 b',' => {
                     self.i += 1;
                     self.ws();
                 }
-                b']' => {
+                c if c == close => {
                     self.i += 1;
                     self.depth -= 1;
                     return Ok(());
