@@ -109,9 +109,8 @@ fn child_peak_kb(data: &Path) -> Result<u64, String> {
         .ok_or_else(|| format!("no figure from the child: {}", String::from_utf8_lossy(&out.stderr)))
 }
 
-/// The NDJSON folder of a cohort of `n` patients under `target/bench-ln`, generated if missing.
-fn cohort(root: &Path, bench: &Path, n: usize, seed: u64) -> PathBuf {
-    let data = root.join(format!("target/bench-ln/n{n}-seed{seed}/data"));
+/// `data`, the NDJSON folder of a cohort of `n` patients, generated there if missing.
+fn cohort(data: PathBuf, bench: &Path, n: usize, seed: u64) -> PathBuf {
     if !data.join("Observation.ndjson").is_file() {
         std::fs::create_dir_all(&data).expect("the data folder can be made");
         eprintln!("generating N = {n} (seed {seed}) into {} ...", data.display());
@@ -128,6 +127,11 @@ fn cohort(root: &Path, bench: &Path, n: usize, seed: u64) -> PathBuf {
         .unwrap_or_else(|e| panic!("gen_cohort.py failed (is ../shared beside the checkout?): {e}"));
     }
     data
+}
+
+/// Where a cohort of `n` patients is cached under `target/bench-ln`.
+fn cached(root: &Path, n: usize, seed: u64) -> PathBuf {
+    root.join(format!("target/bench-ln/n{n}-seed{seed}"))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -165,23 +169,8 @@ fn main() {
     let runs: usize = env_or("BENCH_RUNS", 3).max(1);
     let dir = std::env::var("BENCH_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join(format!("target/bench-ln/n{n}-seed{seed}")));
-    let data = dir.join("data");
-    if !data.join("Observation.ndjson").is_file() {
-        std::fs::create_dir_all(&data).expect("the data folder can be made");
-        eprintln!("generating N = {n} (seed {seed}) into {} ...", data.display());
-        let generator = bench.join("gen_cohort.py");
-        python(&[
-            generator.to_str().unwrap_or_default(),
-            "--patients",
-            &n.to_string(),
-            "--out",
-            data.to_str().unwrap_or_default(),
-            "--seed",
-            &seed.to_string(),
-        ])
-        .unwrap_or_else(|e| panic!("gen_cohort.py failed (is ../shared beside the checkout?): {e}"));
-    }
+        .unwrap_or_else(|_| cached(&root, n, seed));
+    let data = cohort(dir.join("data"), &bench, n, seed);
     let bytes: u64 = std::fs::read_dir(&data)
         .expect("the data folder")
         .filter_map(|e| e.ok()?.metadata().ok())
@@ -265,7 +254,7 @@ fn main() {
         let small_n = n / 4;
         let small = std::env::var("BENCH_SMALL_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|_| cohort(&root, &bench, small_n, seed));
+            .unwrap_or_else(|_| cohort(cached(&root, small_n, seed).join("data"), &bench, small_n, seed));
         let patients = |d: &Path| {
             std::fs::read_to_string(d.join("Patient.ndjson"))
                 .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
