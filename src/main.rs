@@ -1224,14 +1224,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 link_base: (!g.server.url.is_empty()).then(|| g.server.url.clone()),
                 board_rows: g.serve.board_rows as usize,
             };
-            let app = trialgate::serve::App::with_page(
+            let app = trialgate::serve::App::with(
                 cfg,
                 if no_auth { Vec::new() } else { tokens },
                 (g.serve.max_body_mb as usize) << 20,
-                fhir,
-                state,
-                live,
-                page,
+                trialgate::serve::Services { fhir, state, live, page },
             );
             // The scheduled sweeps run in the same process, on a thread of their own (each is a
             // `sweep` run with its own runtime); each batch is checkpointed as it is made.

@@ -51,45 +51,28 @@ pub struct App {
     console: crate::console::Console,
 }
 
+/// What a service may have besides its trials and tokens; each part left out is a feature
+/// not served (the default: none of them).
+#[derive(Default)]
+pub struct Services {
+    /// The FHIR server `/health` checks (`GET metadata`).
+    pub fhir: Option<crate::fhir::client::FhirClient>,
+    /// The state database `/health` checks and the page's verdict history is read from.
+    pub state: Option<crate::state::Location>,
+    /// The configured FHIR server, for `$screen`, `/notify` and write-back.
+    pub live: Option<Arc<crate::live::Live>>,
+    /// How the coordinator's page is served.
+    pub page: crate::console::PageOptions,
+}
+
 impl App {
     pub fn new(cfg: Config, tokens: Vec<String>, max_body: usize) -> Arc<App> {
-        App::checking(cfg, tokens, max_body, None, None)
+        App::with(cfg, tokens, max_body, Services::default())
     }
 
-    /// Has `/health` also check that this FHIR server answers (`GET metadata`) and that this
-    /// state database opens.
-    pub fn checking(
-        cfg: Config,
-        tokens: Vec<String>,
-        max_body: usize,
-        fhir: Option<crate::fhir::client::FhirClient>,
-        state: Option<crate::state::Location>,
-    ) -> Arc<App> {
-        App::live(cfg, tokens, max_body, fhir, state, None)
-    }
-
-    /// As `checking`, and also serving `$screen` and `/notify` against `live`'s server.
-    pub fn live(
-        cfg: Config,
-        tokens: Vec<String>,
-        max_body: usize,
-        fhir: Option<crate::fhir::client::FhirClient>,
-        state: Option<crate::state::Location>,
-        live: Option<Arc<crate::live::Live>>,
-    ) -> Arc<App> {
-        App::with_page(cfg, tokens, max_body, fhir, state, live, crate::console::PageOptions::default())
-    }
-
-    /// As `live`, with the coordinator's page served as `page` says.
-    pub fn with_page(
-        cfg: Config,
-        tokens: Vec<String>,
-        max_body: usize,
-        fhir: Option<crate::fhir::client::FhirClient>,
-        state: Option<crate::state::Location>,
-        live: Option<Arc<crate::live::Live>>,
-        page: crate::console::PageOptions,
-    ) -> Arc<App> {
+    /// A service with the `services` given.
+    pub fn with(cfg: Config, tokens: Vec<String>, max_body: usize, services: Services) -> Arc<App> {
+        let Services { fhir, state, live, page } = services;
         let trial_ids = cfg.trials.iter().map(|t| t.id.clone()).collect();
         let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
         Arc::new(App {

@@ -174,7 +174,16 @@ async fn serve_trials(ehr: &Ehr, db: &std::path::Path, write: bool, trials: &[&s
     let location = trialgate::state::Location::File(db.to_path_buf());
     let ledger = trialgate::state::Ledger::open(&location).unwrap();
     let live = trialgate::live::Live::new(client, writer, Default::default(), true, Some(ledger));
-    let app = trialgate::serve::App::live(cfg, vec!["tok".into()], 1 << 20, None, Some(location), Some(Arc::new(live)));
+    let app = trialgate::serve::App::with(
+        cfg,
+        vec!["tok".into()],
+        1 << 20,
+        trialgate::serve::Services {
+            state: Some(location),
+            live: Some(Arc::new(live)),
+            ..Default::default()
+        },
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(trialgate::serve::serve(listener, app));

@@ -490,7 +490,15 @@ async fn a_notified_lab_result_reaches_a_written_status_on_the_real_server() {
         true,
         Some(ledger),
     );
-    let app = trialgate::serve::App::live(cfg, vec!["tok".into()], 1 << 20, None, None, Some(Arc::new(live)));
+    let app = trialgate::serve::App::with(
+        cfg,
+        vec!["tok".into()],
+        1 << 20,
+        trialgate::serve::Services {
+            live: Some(Arc::new(live)),
+            ..Default::default()
+        },
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let svc = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(trialgate::serve::serve(listener, app));

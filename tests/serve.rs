@@ -203,7 +203,16 @@ async fn health_checks_the_fhir_server_and_the_database() {
     let check = |server: &str, state: Option<trialgate::state::Location>| {
         let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[]).unwrap();
         let client = trialgate::fhir::client::FhirClient::new(server, quick.clone()).unwrap();
-        trialgate::serve::App::checking(cfg, vec!["t".into()], 1 << 20, Some(client), state)
+        trialgate::serve::App::with(
+            cfg,
+            vec!["t".into()],
+            1 << 20,
+            trialgate::serve::Services {
+                fhir: Some(client),
+                state,
+                ..Default::default()
+            },
+        )
     };
     let health = |app| async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -258,7 +267,15 @@ async fn the_page_signs_in_with_a_token_for_a_session_that_opens_only_the_page()
         link_base: Some("https://fhir.example.org/r4/".into()),
         ..Default::default()
     };
-    let app = trialgate::serve::App::with_page(cfg, vec!["t0k3n".into()], 16 << 20, None, None, None, page);
+    let app = trialgate::serve::App::with(
+        cfg,
+        vec!["t0k3n".into()],
+        16 << 20,
+        trialgate::serve::Services {
+            page,
+            ..Default::default()
+        },
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(trialgate::serve::serve(listener, app.clone()));
@@ -387,7 +404,15 @@ async fn the_page_signs_in_with_a_token_for_a_session_that_opens_only_the_page()
 async fn a_trusted_proxy_header_signs_in_only_when_configured() {
     let serve_with = |page: trialgate::console::PageOptions| async move {
         let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[]).unwrap();
-        let app = trialgate::serve::App::with_page(cfg, vec!["t0k3n".into()], 16 << 20, None, None, None, page);
+        let app = trialgate::serve::App::with(
+            cfg,
+            vec!["t0k3n".into()],
+            16 << 20,
+            trialgate::serve::Services {
+                page,
+                ..Default::default()
+            },
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(trialgate::serve::serve(listener, app));
