@@ -330,7 +330,8 @@ struct AuthArgs {
 }
 
 impl AuthArgs {
-    /// The `[auth]` section alone (for `serve` and `subscribe`, which take no auth flags).
+    /// The `[auth]` section alone (`serve` and `subscribe` take no auth flags; `sweep`'s go
+    /// over it).
     fn from_config(g: &trialgate::gateway::Gateway) -> AuthArgs {
         let nonempty = |s: &String| (!s.is_empty()).then(|| s.clone());
         let (bearer, smart) = (g.auth.method == "bearer", g.auth.method == "smart");
@@ -894,16 +895,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 timeout.unwrap_or(g.server.timeout_secs),
                 max_retries.unwrap_or(g.server.max_retries),
             );
-            let bearer_from_config = g.auth.method == "bearer" && token_env.is_none() && token_file.is_none() && smart_client_id.is_none();
-            let token_env = token_env.or_else(|| nonempty(&g.auth.token_env).filter(|_| bearer_from_config));
-            let token_file = token_file.or_else(|| nonempty(&g.auth.token_file).filter(|_| bearer_from_config).map(PathBuf::from));
-            let smart_from_config = g.auth.method == "smart" && smart_client_id.is_none() && token_env.is_none() && token_file.is_none();
-            let smart_client_id = smart_client_id.or_else(|| nonempty(&g.auth.smart_client_id).filter(|_| smart_from_config));
-            let smart_key = smart_key.or_else(|| nonempty(&g.auth.smart_key_file).filter(|_| smart_from_config).map(PathBuf::from));
-            let smart_alg = smart_alg.unwrap_or_else(|| g.auth.smart_alg.clone());
-            let smart_kid = smart_kid.or_else(|| nonempty(&g.auth.smart_kid));
-            let smart_scope = smart_scope.or_else(|| nonempty(&g.auth.smart_scope));
-            let smart_token_endpoint = smart_token_endpoint.or_else(|| nonempty(&g.auth.smart_token_endpoint));
+            // Flags over `[auth]`: a flag naming a way in (a token or a SMART client) replaces the
+            // configured method whole; the SMART details are taken flag by flag.
+            let mut auth = AuthArgs::from_config(&g);
+            if token_env.is_some() || token_file.is_some() || smart_client_id.is_some() {
+                (auth.token_env, auth.token_file, auth.smart_client_id, auth.smart_key) =
+                    (token_env, token_file, smart_client_id, smart_key);
+            }
+            auth.smart_alg = smart_alg.unwrap_or(auth.smart_alg);
+            auth.smart_kid = smart_kid.or(auth.smart_kid);
+            auth.smart_scope = smart_scope.or(auth.smart_scope);
+            auth.smart_token_endpoint = smart_token_endpoint.or(auth.smart_token_endpoint);
             let write_back = write_back || g.write_back.enabled;
             let write_ineligible = write_ineligible || g.write_back.write_ineligible;
             let write_to = write_to.or_else(|| nonempty(&g.write_back.target_url));
@@ -917,16 +919,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut as_of = parse_as_of(as_of)?;
             let cfg = load_config(&cli.mappings, &cli.trials_dir, &trials)?;
             let loaded = load_decisions(&decisions, &cfg)?;
-            let auth = AuthArgs {
-                token_env,
-                token_file,
-                smart_client_id,
-                smart_key,
-                smart_alg,
-                smart_kid,
-                smart_scope,
-                smart_token_endpoint,
-            };
             let opts = auth.options(&g, timeout, max_retries, write_back)?;
             let client = FhirClient::new(&server, opts.clone()).map_err(bad)?;
             let writer = match (&write_to, write_back) {
