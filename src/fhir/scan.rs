@@ -279,37 +279,25 @@ impl<'a> Scanner<'a> {
         if b.get(i) == Some(&b'-') {
             i += 1;
         }
+        // The end of the digits from `i`, which must be at least one.
+        let digits = |i: usize| {
+            let end = i + b[i.min(b.len())..].iter().take_while(|c| c.is_ascii_digit()).count();
+            if end == i { Err(Bail) } else { Ok(end) }
+        };
         match b.get(i) {
             Some(b'0') => i += 1,
-            Some(b'1'..=b'9') => {
-                while b.get(i).is_some_and(u8::is_ascii_digit) {
-                    i += 1;
-                }
-            }
+            Some(b'1'..=b'9') => i = digits(i)?,
             _ => return Err(Bail),
         }
         if b.get(i) == Some(&b'.') {
-            i += 1;
-            let d = i;
-            while b.get(i).is_some_and(u8::is_ascii_digit) {
-                i += 1;
-            }
-            if i == d {
-                return Err(Bail);
-            }
+            i = digits(i + 1)?;
         }
         if matches!(b.get(i), Some(b'e' | b'E')) {
             i += 1;
             if matches!(b.get(i), Some(b'+' | b'-')) {
                 i += 1;
             }
-            let d = i;
-            while b.get(i).is_some_and(u8::is_ascii_digit) {
-                i += 1;
-            }
-            if i == d {
-                return Err(Bail);
-            }
+            i = digits(i)?;
         }
         self.i = i;
         Ok(&self.s[start..i])
