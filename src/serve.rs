@@ -360,21 +360,13 @@ fn live_metrics(out: &mut String, live: &crate::live::Live) {
     }
     for (role, c) in clients {
         let s = &c.stats;
-        let _ = writeln!(
-            out,
-            "trialgate_fhir_requests_total{{use=\"{role}\",outcome=\"sent\"}} {}",
-            s.requests.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "trialgate_fhir_requests_total{{use=\"{role}\",outcome=\"retried\"}} {}",
-            s.retries.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "trialgate_fhir_requests_total{{use=\"{role}\",outcome=\"failed\"}} {}",
-            s.failures.load(Ordering::Relaxed)
-        );
+        for (outcome, n) in [("sent", &s.requests), ("retried", &s.retries), ("failed", &s.failures)] {
+            let _ = writeln!(
+                out,
+                "trialgate_fhir_requests_total{{use=\"{role}\",outcome=\"{outcome}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
     }
 }
 
