@@ -12,6 +12,8 @@ use trialgate::fhir::client::{ClientOptions, FhirClient};
 use wiremock::matchers::{method, path, query_param};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
+mod mock;
+
 const TRIAL: &str = "NCT06406205";
 const MRN_SYSTEM: &str = "urn:oid:2.16.840.1.113883.19.5";
 
@@ -51,13 +53,8 @@ struct Ehr {
 
 impl Ehr {
     async fn start() -> Ehr {
-        let server = MockServer::start().await;
+        let server = mock::server_without_capabilities().await;
         let subjects: Arc<Mutex<Vec<Value>>> = Arc::default();
-        Mock::given(method("GET"))
-            .and(path("/metadata"))
-            .respond_with(ResponseTemplate::new(404))
-            .mount(&server)
-            .await;
         Mock::given(method("GET"))
             .and(path("/Patient"))
             .and(query_param("_id", "p1"))
@@ -70,14 +67,7 @@ impl Ehr {
             .respond_with(fhir(searchset(vec![json!({"resourceType": "Patient", "id": "p1"})])))
             .mount(&server)
             .await;
-        Mock::given(method("POST"))
-            .and(path("/ResearchStudy"))
-            .respond_with(ResponseTemplate::new(201).set_body_raw(
-                json!({"resourceType": "ResearchStudy", "id": "st1", "status": "active"}).to_string(),
-                "application/fhir+json",
-            ))
-            .mount(&server)
-            .await;
+        mock::accepts_research_study(&server).await;
         let kept = subjects.clone();
         Mock::given(method("GET"))
             .and(path("/ResearchSubject"))

@@ -8,6 +8,7 @@ use trialgate::state::{Location, State, StateError};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
+mod mock;
 mod pg;
 
 fn root() -> PathBuf {
@@ -25,12 +26,7 @@ fn searchset(resources: Vec<Value>) -> Value {
 
 /// Twelve patients; the odd ones are too young for the trial, so verdicts differ.
 async fn cohort_server() -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/metadata"))
-        .respond_with(ResponseTemplate::new(404))
-        .mount(&server)
-        .await;
+    let server = mock::server_without_capabilities().await;
     Mock::given(method("GET"))
         .and(path("/Patient"))
         .respond_with(|req: &Request| {

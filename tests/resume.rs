@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use wiremock::matchers::{method, path, query_param};
-use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+use wiremock::{Mock, Request, ResponseTemplate};
 
+mod mock;
 mod pg;
 
 fn root() -> PathBuf {
@@ -109,12 +110,7 @@ async fn a_killed_sweep_resumes_from_state_in_postgres() {
 }
 
 async fn killed_and_resumed(dir: &Path, db: Store) {
-    let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/metadata"))
-        .respond_with(ResponseTemplate::new(404))
-        .mount(&server)
-        .await;
+    let server = mock::server_without_capabilities().await;
     Mock::given(method("GET"))
         .and(path("/Patient"))
         .respond_with(|req: &Request| {

@@ -14,6 +14,8 @@ use trialgate::time::Date;
 use wiremock::matchers::{method, path, query_param};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
+mod mock;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -83,17 +85,6 @@ async fn empty_searches(server: &MockServer, types: &[&str]) {
             .mount(server)
             .await;
     }
-}
-
-/// A mock server that publishes no CapabilityStatement (`/metadata` is 404).
-async fn server_without_capabilities() -> MockServer {
-    let server = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path("/metadata"))
-        .respond_with(ResponseTemplate::new(404))
-        .mount(&server)
-        .await;
-    server
 }
 
 fn statuses(results: &[trialgate::criteria::eval::TrialResult]) -> BTreeMap<(String, String), Status> {
@@ -208,7 +199,7 @@ async fn sweep_of_the_fixture_cohort_matches_screen() {
 /// and the server's Retry-After waited for.
 #[tokio::test]
 async fn throttling_and_server_errors_are_retried() {
-    let server = server_without_capabilities().await;
+    let server = mock::server_without_capabilities().await;
     Mock::given(method("GET"))
         .and(path("/Observation"))
         .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "1"))
@@ -256,7 +247,7 @@ async fn throttling_and_server_errors_are_retried() {
 /// with the reason, while the others in the batch are still screened.
 #[tokio::test]
 async fn a_failing_patient_is_reported_and_does_not_stop_the_others() {
-    let server = server_without_capabilities().await;
+    let server = mock::server_without_capabilities().await;
     Mock::given(method("GET"))
         .and(path("/Patient"))
         .and(query_param("_id", "good,bad"))
@@ -341,7 +332,7 @@ async fn a_failing_patient_is_reported_and_does_not_stop_the_others() {
 /// ends up `error` with a reason that says so.
 #[tokio::test]
 async fn timeouts_end_in_an_error_with_the_reason() {
-    let server = server_without_capabilities().await;
+    let server = mock::server_without_capabilities().await;
     Mock::given(method("GET"))
         .and(path("/Patient"))
         .respond_with(ok(&searchset(&[patient("slow")], None)))
@@ -377,7 +368,7 @@ async fn timeouts_end_in_an_error_with_the_reason() {
 /// shown in the server's own words; an unreadable cohort stops the sweep with that reason.
 #[tokio::test]
 async fn operation_outcomes_are_shown_and_client_errors_not_retried() {
-    let server = server_without_capabilities().await;
+    let server = mock::server_without_capabilities().await;
     let oo = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-supported",
         "diagnostics": "Search parameter 'code' is not supported for Condition"}]});
     Mock::given(method("GET"))
@@ -482,7 +473,7 @@ async fn the_sweep_command_sends_the_token_and_never_prints_it() {
 /// status 1 after the report is written.
 #[tokio::test]
 async fn the_gateway_configuration_drives_the_sweep() {
-    let server = server_without_capabilities().await;
+    let server = mock::server_without_capabilities().await;
     Mock::given(method("GET"))
         .and(path("/Patient"))
         .and(query_param("_id", "p1"))
@@ -704,7 +695,7 @@ async fn long_searches_go_as_post_and_their_pages_are_followed() {
 /// that together are the whole of it.
 #[tokio::test]
 async fn shards_of_a_server_cohort_are_disjoint_and_complete() {
-    let server = server_without_capabilities().await;
+    let server = mock::server_without_capabilities().await;
     // Answers any Patient?_id=a,b,... with those patients.
     Mock::given(method("GET"))
         .and(path("/Patient"))
@@ -764,7 +755,7 @@ async fn shards_of_a_server_cohort_are_disjoint_and_complete() {
 /// second run is compared with the first; a bad cron is refused naming the key.
 #[tokio::test]
 async fn the_daemon_runs_the_configured_sweep_with_state_and_reports() {
-    let server = server_without_capabilities().await;
+    let server = mock::server_without_capabilities().await;
     Mock::given(method("GET"))
         .and(path("/Patient"))
         .respond_with(ok(&searchset(&[patient("p1")], None)))

@@ -13,6 +13,8 @@ use trialgate::writeback::{SUBJECT_SYSTEM, WriteOptions, write_back};
 use wiremock::matchers::{body_partial_json, header, method, path, query_param};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
+mod mock;
+
 fn trial() -> trialgate::criteria::trial::Trial {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let cfg = trialgate::load_config(&root.join("mappings"), &root.join("config/trials"), &["NCT06406205".into()]).unwrap();
@@ -297,14 +299,7 @@ async fn everything_written_is_valid_r4_for_an_independent_validator() {
     let as_of = Date::parse("2026-06-01").unwrap();
     let s = trialgate::screen(&root.join("fixtures"), &cfg, as_of, &Default::default()).unwrap();
     let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .and(path("/ResearchStudy"))
-        .respond_with(ResponseTemplate::new(201).set_body_raw(
-            json!({"resourceType": "ResearchStudy", "id": "st1", "status": "active"}).to_string(),
-            "application/fhir+json",
-        ))
-        .mount(&server)
-        .await;
+    mock::accepts_research_study(&server).await;
     Mock::given(method("GET"))
         .and(path("/ResearchSubject"))
         .respond_with(ResponseTemplate::new(200).set_body_raw(

@@ -1,0 +1,31 @@
+//! Mock FHIR server pieces that several test binaries share.
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use serde_json::json;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+/// A mock FHIR server that publishes no CapabilityStatement (`GET /metadata` is 404): the
+/// client then falls back to what it assumes of an R4 server.
+pub async fn server_without_capabilities() -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/metadata"))
+        .respond_with(ResponseTemplate::new(404))
+        .mount(&server)
+        .await;
+    server
+}
+
+/// Answers every ResearchStudy creation with the study `st1`.
+pub async fn accepts_research_study(server: &MockServer) {
+    Mock::given(method("POST"))
+        .and(path("/ResearchStudy"))
+        .respond_with(ResponseTemplate::new(201).set_body_raw(
+            json!({"resourceType": "ResearchStudy", "id": "st1", "status": "active"}).to_string(),
+            "application/fhir+json",
+        ))
+        .mount(server)
+        .await;
+}
