@@ -174,10 +174,7 @@ async fn serve_trials(ehr: &Ehr, db: &std::path::Path, write: bool, trials: &[&s
             ..Default::default()
         },
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(trialgate::serve::serve(listener, app));
-    base
+    mock::listen(app).await
 }
 
 async fn post(url: &str, body: Value) -> (u16, Value) {

@@ -21,6 +21,8 @@ use trialgate::sweep::{Cohort, SweepOptions, sweep};
 use trialgate::time::Date;
 use trialgate::writeback::{WriteOptions, write_back};
 
+mod mock;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -499,9 +501,7 @@ async fn a_notified_lab_result_reaches_a_written_status_on_the_real_server() {
             ..Default::default()
         },
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let svc = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(trialgate::serve::serve(listener, app));
+    let svc = mock::listen(app).await;
     let http = reqwest::Client::new();
     let post = |url: String, body: Value| {
         let http = http.clone();

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use trialgate::criteria::decisions::Decisions;
 use trialgate::time::Date;
 
+mod mock;
 mod pg;
 
 fn root() -> PathBuf {
@@ -16,10 +17,7 @@ fn root() -> PathBuf {
 async fn start(max_body: usize) -> String {
     let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[]).unwrap();
     let app = trialgate::serve::App::new(cfg, vec!["t0k3n".into(), "second-token".into()], max_body);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(trialgate::serve::serve(listener, app));
-    base
+    mock::listen(app).await
 }
 
 async fn post(base: &str, query: &str, body: impl Into<reqwest::Body>, token: Option<&str>) -> (u16, Value) {
@@ -215,9 +213,7 @@ async fn health_checks_the_fhir_server_and_the_database() {
         )
     };
     let health = |app| async move {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(trialgate::serve::serve(listener, app));
+        let base = mock::listen(app).await;
         let r = reqwest::get(format!("{base}/health")).await.unwrap();
         let status = r.status().as_u16();
         (status, serde_json::from_str::<Value>(&r.text().await.unwrap()).unwrap())
@@ -276,9 +272,7 @@ async fn the_page_signs_in_with_a_token_for_a_session_that_opens_only_the_page()
             ..Default::default()
         },
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(trialgate::serve::serve(listener, app.clone()));
+    let base = mock::listen(app.clone()).await;
     let file = root().join("fixtures/bundles/02-rosa-delgado.json");
     let (s, _) = post(&base, "?as_of=2026-06-01", std::fs::read(&file).unwrap(), Some("t0k3n")).await;
     assert_eq!(s, 200);
@@ -413,9 +407,7 @@ async fn a_trusted_proxy_header_signs_in_only_when_configured() {
                 ..Default::default()
             },
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(trialgate::serve::serve(listener, app));
+        let base = mock::listen(app).await;
         let file = root().join("fixtures/bundles/01-meilin-zhou.json");
         let (s, _) = post(&base, "?as_of=2026-06-01", std::fs::read(&file).unwrap(), Some("t0k3n")).await;
         assert_eq!(s, 200);

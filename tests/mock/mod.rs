@@ -29,3 +29,11 @@ pub async fn accepts_research_study(server: &MockServer) {
         .mount(server)
         .await;
 }
+
+/// Serves `app` on a free port of 127.0.0.1, in the background; its base URL.
+pub async fn listen(app: std::sync::Arc<trialgate::serve::App>) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(trialgate::serve::serve(listener, app));
+    base
+}
