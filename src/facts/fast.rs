@@ -344,23 +344,7 @@ pub fn scan_observation_with<'a>(line: &'a str, o: &mut ObsLine<'a>, mut on_subj
             }
             "effectivePeriod" => {
                 once32(&mut seen, 32)?;
-                if !s.null()? {
-                    let mut start = None;
-                    let mut seen = 0u8;
-                    s.object(|s, k| match k {
-                        "start" => {
-                            once(&mut seen, 1)?;
-                            start = opt_str(s)?;
-                            Ok(())
-                        }
-                        "end" => {
-                            once(&mut seen, 2)?;
-                            s.typed(Ty::Str, false)
-                        }
-                        _ => s.skip(),
-                    })?;
-                    o.effective_period = Some(start);
-                }
+                o.effective_period = period(s)?.map(|(start, _)| start);
             }
             "effectiveInstant" => {
                 once32(&mut seen, 64)?;
