@@ -253,25 +253,26 @@ async fn health_checks_the_fhir_server_and_the_database() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A service of the seed trials, token `t0k3n`, with the coordinator's page served as `page`
+/// says.
+fn page_app(page: trialgate::console::PageOptions) -> std::sync::Arc<trialgate::serve::App> {
+    let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[]).unwrap();
+    let services = trialgate::serve::Services {
+        page,
+        ..Default::default()
+    };
+    trialgate::serve::App::with(cfg, vec!["t0k3n".into()], 16 << 20, services)
+}
+
 /// The coordinator's page at `/`: a sign-in form and nothing about anyone without a session;
 /// a token posted in a form (never a URL) for an HttpOnly, SameSite=Strict session cookie that
 /// opens the page but not the API; sign-out ends it.
 #[tokio::test]
 async fn the_page_signs_in_with_a_token_for_a_session_that_opens_only_the_page() {
-    let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[]).unwrap();
-    let page = trialgate::console::PageOptions {
+    let app = page_app(trialgate::console::PageOptions {
         link_base: Some("https://fhir.example.org/r4/".into()),
         ..Default::default()
-    };
-    let app = trialgate::serve::App::with(
-        cfg,
-        vec!["t0k3n".into()],
-        16 << 20,
-        trialgate::serve::Services {
-            page,
-            ..Default::default()
-        },
-    );
+    });
     let base = mock::listen(app.clone()).await;
     let file = root().join("fixtures/bundles/02-rosa-delgado.json");
     let (s, _) = post(&base, "?as_of=2026-06-01", std::fs::read(&file).unwrap(), Some("t0k3n")).await;
@@ -397,17 +398,7 @@ async fn the_page_signs_in_with_a_token_for_a_session_that_opens_only_the_page()
 #[tokio::test]
 async fn a_trusted_proxy_header_signs_in_only_when_configured() {
     let serve_with = |page: trialgate::console::PageOptions| async move {
-        let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[]).unwrap();
-        let app = trialgate::serve::App::with(
-            cfg,
-            vec!["t0k3n".into()],
-            16 << 20,
-            trialgate::serve::Services {
-                page,
-                ..Default::default()
-            },
-        );
-        let base = mock::listen(app).await;
+        let base = mock::listen(page_app(page)).await;
         let file = root().join("fixtures/bundles/01-meilin-zhou.json");
         let (s, _) = post(&base, "?as_of=2026-06-01", std::fs::read(&file).unwrap(), Some("t0k3n")).await;
         assert_eq!(s, 200);
