@@ -305,7 +305,8 @@ pub fn screen_each(
 
 /// Every patient's facts under `path`, with what the reading found.
 pub struct FactsRead {
-    pub facts: Vec<facts::PatientFacts>,
+    /// Sorted by patient key; decoded as each patient is evaluated.
+    pub facts: Vec<facts::held::Held>,
     pub issues: Vec<InputIssue>,
     pub unmapped: Unmapped,
     pub inputs: Vec<SourceFile>,

@@ -11,6 +11,7 @@
 use crate::criteria::decisions::Decisions;
 use crate::criteria::eval::{TrialResult, evaluate};
 use crate::facts::PatientFacts;
+use crate::facts::held::Held;
 use crate::facts::mappings::Mappings;
 use crate::facts::store::{FactStore, Partial, Registry};
 use crate::fhir::InputIssue;
@@ -179,6 +180,7 @@ fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings
     if text.last() == Some(&b'\n') {
         lines -= 1;
     }
+    partial.pack();
     Reduced {
         seq,
         partial,
@@ -431,7 +433,7 @@ pub fn apply_delta(
             orphans += 1;
             continue;
         };
-        let demo = facts[i].demographics.clone();
+        let demo = crate::facts::Basics::of(&facts[i].demographics);
         extract_one(&reference, &resource, &demo, &meds, m, Some(&spans), &mut unmapped, &mut facts[i]);
     }
     if orphans > 0 {
@@ -456,7 +458,7 @@ pub fn apply_delta(
         })
         .collect();
     Ok(crate::FactsRead {
-        facts,
+        facts: facts.into_iter().map(Held::from).collect(),
         issues: out.issues,
         unmapped,
         inputs,
@@ -478,7 +480,7 @@ const ROUND: usize = 128;
 /// afterwards (for 20,000 patients with their labs that was ~40 ms, the whole of the time
 /// between the last result and the end of `screen`).
 pub fn evaluate_each(
-    facts: Vec<PatientFacts>,
+    facts: Vec<Held>,
     cfg: &Config,
     as_of: Date,
     decisions: &Decisions,
@@ -505,15 +507,17 @@ pub fn evaluate_each(
                         let Ok(mut q) = queue.lock() else { return };
                         let k = q.0;
                         q.0 += 1;
-                        (k, q.1.by_ref().take(per_chunk).collect::<Vec<PatientFacts>>())
+                        (k, q.1.by_ref().take(per_chunk).collect::<Vec<Held>>())
                     };
                     if part.is_empty() {
                         return;
                     }
                     let mut results = Vec::with_capacity(part.len() * cfg.trials.len());
-                    for f in &part {
+                    for held in &part {
+                        // Decoded one at a time: only held facts are kept for every patient.
+                        let f = held.facts();
                         for t in &cfg.trials {
-                            results.push(evaluate(t, f, &cfg.mappings, as_of, decisions, detail));
+                            results.push(evaluate(t, &f, &cfg.mappings, as_of, decisions, detail));
                         }
                     }
                     if tx.send((k, part.len(), results)).is_err() {

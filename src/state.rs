@@ -292,16 +292,16 @@ impl State {
     }
 
     /// Replaces the fact state with `facts`, current to the export of `transaction_time`.
-    pub fn save_facts(&mut self, facts: &[crate::facts::PatientFacts], transaction_time: &str) -> Result<(), StateError> {
+    pub fn save_facts(&mut self, facts: &[crate::facts::held::Held], transaction_time: &str) -> Result<(), StateError> {
         let key = Val::text(&self.cohort_key);
         let rows = facts
             .iter()
             // Serializing plain structs of strings and numbers cannot fail.
-            .map(|f| {
+            .map(|h| {
                 vec![
                     key.clone(),
-                    Val::text(&f.key),
-                    Val::Text(serde_json::to_string(f).unwrap_or_default()),
+                    Val::text(h.key()),
+                    Val::Text(serde_json::to_string(&h.facts()).unwrap_or_default()),
                 ]
             })
             .collect();

@@ -18,7 +18,7 @@ const OBS_VALID: &[&str] = &["final", "amended", "corrected"];
 pub fn extract_one(
     reference: &str,
     resource: &Resource,
-    demo: &Demographics,
+    demo: &Basics,
     meds: &MedicationIndex,
     m: &Mappings,
     spans: Option<&[Option<crate::time::Window>]>,
@@ -208,7 +208,7 @@ pub(crate) fn observation(
     reference: &str,
     o: &Observation,
     raw: Option<&serde_json::value::RawValue>,
-    demo: &Demographics,
+    demo: &Basics,
     m: &Mappings,
     spans: Option<&[Option<crate::time::Window>]>,
     unmapped: &mut Unmapped,
@@ -289,7 +289,7 @@ fn lab_value(
     code: &SystemCode,
     parts: &ValueParts,
     json_value: Option<f64>,
-    demo: &Demographics,
+    demo: &Basics,
     m: &Mappings,
     unmapped: &mut Unmapped,
 ) -> Option<LabValue> {
@@ -402,7 +402,7 @@ fn uln_of(
     ranges: &[ReferenceRange],
     lab: usize,
     value_unit: Option<&str>,
-    demo: &Demographics,
+    demo: &Basics,
     time: crate::time::Instant,
     m: &Mappings,
 ) -> Option<f64> {

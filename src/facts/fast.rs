@@ -9,7 +9,7 @@
 
 use super::extract::observation;
 use super::mappings::Mappings;
-use super::{Demographics, LabValue, Unmapped};
+use super::{Basics, LabValue, Unmapped};
 use crate::fhir::model::*;
 use crate::fhir::scan::{self, Bail, R, Scanner, Ty};
 use crate::time::{Instant, Window, parse_fhir_instant};
@@ -459,7 +459,7 @@ fn unit_key<'a>(o: &ObsLine<'a>) -> Option<&'a str> {
 #[allow(clippy::too_many_arguments)]
 pub fn reduce_observation(
     o: &ObsLine,
-    demo: &Demographics,
+    demo: &Basics,
     m: &Mappings,
     spans: Option<&[Option<Window>]>,
     unmapped_key: &mut String,
@@ -543,7 +543,7 @@ pub fn reduce_observation(
 /// Builds the Observation (only what `extract::observation` reads) and reduces it there.
 fn build(
     o: &ObsLine,
-    demo: &Demographics,
+    demo: &Basics,
     m: &Mappings,
     spans: Option<&[Option<Window>]>,
     unmapped: &mut Unmapped,
@@ -722,7 +722,7 @@ mod tests {
         let id = parsed.resource.id()?.to_string();
         let mut f = PatientFacts::default();
         let mut u = Unmapped::default();
-        let demo = Demographics::default();
+        let demo = Basics::default();
         extract_one(
             &format!("Observation/{id}"),
             &parsed.resource,
@@ -740,7 +740,7 @@ mod tests {
         let o = scan_observation(line).ok()?;
         o.id?;
         let (mut key, mut counts, mut u, mut labs) = (String::new(), HashMap::default(), Unmapped::default(), HashMap::new());
-        let demo = Demographics::default();
+        let demo = Basics::default();
         if let Outcome::Full = reduce_observation(&o, &demo, m, Some(spans), &mut key, &mut counts, &mut u, &mut labs) {
             return None;
         }

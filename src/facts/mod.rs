@@ -7,6 +7,7 @@
 pub mod derive;
 pub mod extract;
 pub mod fast;
+pub mod held;
 pub mod mappings;
 pub mod person;
 pub mod store;
@@ -149,6 +150,24 @@ pub struct Demographics {
     pub person: Option<Person>,
 }
 
+/// What reducing a resource reads of its patient: the sex and birth date that reference
+/// ranges (and so ULN multiples) depend on. Held for every patient while a cohort is read,
+/// apart from the rest of the demographics, which only the rules read.
+#[derive(Debug, Clone, Default)]
+pub struct Basics {
+    pub birth_date: Option<Date>,
+    pub gender: Option<Box<str>>,
+}
+
+impl Basics {
+    pub fn of(d: &Demographics) -> Basics {
+        Basics {
+            birth_date: d.birth_date,
+            gender: d.gender.as_deref().map(Box::from),
+        }
+    }
+}
+
 /// Who the patient is, for authorised staff: shown in reports and on the coordinator's page,
 /// never logged.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -172,6 +191,19 @@ pub struct Present {
     pub reports: bool,
 }
 
+impl Present {
+    /// Adds the kinds of record `b` saw.
+    pub fn or(&mut self, b: Present) {
+        self.observations |= b.observations;
+        self.conditions |= b.conditions;
+        self.medications |= b.medications;
+        self.procedures |= b.procedures;
+        self.immunizations |= b.immunizations;
+        self.allergies |= b.allergies;
+        self.reports |= b.reports;
+    }
+}
+
 /// Everything the rules may read about one patient.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct PatientFacts {
@@ -189,24 +221,6 @@ pub struct PatientFacts {
 }
 
 impl PatientFacts {
-    /// Gives back the spare capacity of every list, for stores that hold many patients.
-    pub fn shrink(&mut self) {
-        // Only lists with real slack: re-allocating every list of every patient each time
-        // a block mentions them costs more than the memory it gives back.
-        fn trim<T>(v: &mut Vec<T>) {
-            if v.capacity() > v.len() + 1 {
-                v.shrink_to_fit();
-            }
-        }
-        self.labs.values_mut().for_each(trim);
-        trim(&mut self.conditions);
-        trim(&mut self.medications);
-        trim(&mut self.procedures);
-        trim(&mut self.immunizations);
-        trim(&mut self.allergies);
-        trim(&mut self.biopsies);
-    }
-
     /// Drops every fact taken from `resource` (`Observation/123`): it was amended, entered in
     /// error or deleted, and its new version (if any) is read again.
     pub fn forget(&mut self, resource: &str) {
@@ -241,37 +255,6 @@ impl PatientFacts {
             .chain(self.immunizations.iter().map(|x| x.resource.as_str()))
             .chain(self.allergies.iter().map(|x| x.resource.as_str()))
             .chain(self.biopsies.iter().map(|x| x.resource.as_str()))
-    }
-
-    /// Adds facts gathered elsewhere (another chunk of the input) about the same patient.
-    pub fn absorb(&mut self, other: PatientFacts) {
-        // Grown to the exact size: a patient gains a few values per block, and doubling would
-        // leave slack that [`PatientFacts::shrink`] then pays a second copy to give back.
-        fn append<T>(held: &mut Vec<T>, more: Vec<T>) {
-            if held.is_empty() {
-                *held = more;
-            } else {
-                held.reserve_exact(more.len());
-                held.extend(more);
-            }
-        }
-        for (lab, values) in other.labs {
-            append(self.labs.entry(lab).or_default(), values);
-        }
-        append(&mut self.conditions, other.conditions);
-        append(&mut self.medications, other.medications);
-        append(&mut self.procedures, other.procedures);
-        append(&mut self.immunizations, other.immunizations);
-        append(&mut self.allergies, other.allergies);
-        append(&mut self.biopsies, other.biopsies);
-        let (a, b) = (&mut self.present, other.present);
-        a.observations |= b.observations;
-        a.conditions |= b.conditions;
-        a.medications |= b.medications;
-        a.procedures |= b.procedures;
-        a.immunizations |= b.immunizations;
-        a.allergies |= b.allergies;
-        a.reports |= b.reports;
     }
 }
 

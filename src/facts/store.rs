@@ -12,8 +12,9 @@
 
 use super::extract::{demographics, extract_one};
 use super::fast::{self, Outcome};
+use super::held::{self, Held};
 use super::mappings::Mappings;
-use super::{Demographics, PatientFacts, Unmapped};
+use super::{Basics, Demographics, PatientFacts, Present, Unmapped};
 use crate::fhir::files::Parsed;
 use crate::fhir::record::{MedicationIndex, normalize_reference, reference_for};
 use crate::fhir::{InputIssue, Resource};
@@ -247,7 +248,8 @@ impl Names {
 #[derive(Debug, Default, Clone)]
 pub struct Registry {
     alias: Names,
-    demographics: Vec<Demographics>,
+    /// Per patient, what reducing their resources reads of them.
+    basics: Vec<Basics>,
     /// Per patient, whether this process screens it (see [`Shard`]).
     mine: Vec<bool>,
     meds: MedicationIndex,
@@ -335,6 +337,10 @@ pub struct Partial {
     /// holding the facts themselves moves every one of them, hundreds of bytes, as it grows.)
     facts: Vec<(usize, PatientFacts)>,
     at: HashMap<usize, usize, FastHash>,
+    /// The facts, once packed: per patient, the kinds of record seen and where their
+    /// encoded facts end in `bytes` (each starts where the one before ends).
+    packed: Vec<(usize, Present, usize)>,
+    bytes: Vec<u8>,
     /// Patients and Medications, registered when the partial is absorbed.
     structural: Vec<Structural>,
     deferred: Vec<Deferred>,
@@ -369,7 +375,7 @@ impl Partial {
         }
         let mut labs = HashMap::new();
         let spans = reg.spans.as_deref().map(Vec::as_slice);
-        let demo = &reg.demographics[patient];
+        let demo = &reg.basics[patient];
         let (key, counts, slow) = (&mut self.key, &mut self.unmapped_fast, &mut self.unmapped);
         if let Outcome::Full = fast::reduce_observation(&o, demo, m, spans, key, counts, slow, &mut labs) {
             return false;
@@ -435,7 +441,7 @@ impl Partial {
         extract_one(
             &reference,
             resource,
-            &reg.demographics[patient],
+            &reg.basics[patient],
             &reg.meds,
             m,
             reg.spans.as_deref().map(Vec::as_slice),
@@ -445,13 +451,25 @@ impl Partial {
     }
 }
 
+impl Partial {
+    /// Encodes the facts gathered (see [`held`]), on the thread that gathered them: the
+    /// thread absorbing runs in order then only copies bytes.
+    pub fn pack(&mut self) {
+        self.at.clear();
+        for (patient, f) in self.facts.drain(..) {
+            let present = held::encode(f, &mut self.bytes);
+            self.packed.push((patient, present, self.bytes.len()));
+        }
+    }
+}
+
 /// Every patient's facts so far.
 #[derive(Debug, Default)]
 pub struct FactStore {
     /// Shared with the threads reducing a run; copied only if a Patient or Medication is
     /// registered while they hold it (during the Patient file, when it is small).
     registry: Arc<Registry>,
-    facts: Vec<PatientFacts>,
+    facts: Vec<Held>,
     deferred: Vec<Deferred>,
     unreferenced: usize,
     duplicates: usize,
@@ -529,9 +547,9 @@ impl FactStore {
                     return;
                 }
                 registry.alias.insert(key.clone(), index);
-                registry.demographics.push(demographics);
+                registry.basics.push(Basics::of(&demographics));
                 registry.mine.push(self.shard.is_none_or(|s| s.holds(&key)));
-                self.facts.push(PatientFacts { key, ..Default::default() });
+                self.facts.push(Held::new(key, demographics));
             }
             Structural::Medication { med, full_url } => {
                 let reference = reference_for(&Resource::Medication(med.clone()), full_url.as_deref(), i);
@@ -548,17 +566,17 @@ impl FactStore {
     pub fn release(&mut self) {}
 
     /// Merges a run reduced elsewhere. Runs must be absorbed in input order.
-    pub fn absorb(&mut self, p: Partial) {
-        for d in p.structural {
+    pub fn absorb(&mut self, mut p: Partial) {
+        for d in std::mem::take(&mut p.structural) {
             self.register(d);
         }
         // Lab values outside their span were never built (extract_one skips them): nothing
         // to prune here.
-        for (patient, f) in p.facts {
-            let held = &mut self.facts[patient];
-            held.absorb(f);
-            // Vectors grow by doubling: trimmed, a patient costs what it holds, not up to twice.
-            held.shrink();
+        p.pack();
+        let mut from = 0;
+        for &(patient, present, to) in &p.packed {
+            self.facts[patient].append(present, &p.bytes[from..to]);
+            from = to;
         }
         set_bits(&mut self.observed, &p.observed);
         set_bits(&mut self.diagnosed, &p.diagnosed);
@@ -593,7 +611,7 @@ impl FactStore {
 
     /// Reduces what was kept aside, now that everything is known, and hands over every
     /// patient's facts (sorted by patient key), the issues found and the unmapped codes.
-    pub fn finish(mut self, m: &Mappings) -> (Vec<PatientFacts>, Vec<InputIssue>, Unmapped) {
+    pub fn finish(mut self, m: &Mappings) -> (Vec<Held>, Vec<InputIssue>, Unmapped) {
         let registry = Arc::unwrap_or_clone(std::mem::take(&mut self.registry));
         let mut deferred = std::mem::take(&mut self.deferred);
         deferred.sort_by_key(|d| d.order);
@@ -615,17 +633,18 @@ impl FactStore {
                     reference_for(resource, None, nameless)
                 }
             };
-            let f = &mut self.facts[patient];
+            let mut f = PatientFacts::default();
             extract_one(
                 &reference,
                 resource,
-                &registry.demographics[patient],
+                &registry.basics[patient],
                 &registry.meds,
                 m,
                 registry.spans.as_deref().map(Vec::as_slice),
                 &mut self.unmapped,
-                f,
+                &mut f,
             );
+            self.facts[patient].add(f);
         }
         let mut issues = Vec::new();
         let mut say = |n: usize, message: String| {
@@ -664,21 +683,20 @@ impl FactStore {
         let bit = |bits: &[u64], i: usize| bits.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1);
         // In place: a second vector of every patient's facts would double the peak.
         let mut facts = self.facts;
-        for (i, (f, d)) in facts.iter_mut().zip(registry.demographics).enumerate() {
-            f.demographics = d;
-            f.present.observations |= bit(&self.observed, i);
-            f.present.conditions |= bit(&self.diagnosed, i);
+        for (i, f) in facts.iter_mut().enumerate() {
+            let present = f.present_mut();
+            present.observations |= bit(&self.observed, i);
+            present.conditions |= bit(&self.diagnosed, i);
         }
         if registry.mine.iter().any(|m| !m) {
             let mut mine = registry.mine.into_iter();
             facts.retain(|_| mine.next().unwrap_or(false));
         }
         facts.shrink_to_fit();
-        facts.sort_unstable_by(|a, b| a.key.cmp(&b.key)); // keys are unique; no merge buffer
+        facts.sort_unstable_by(|a, b| a.key().cmp(b.key())); // keys are unique; no merge buffer
         tracing::debug!(
             patients = facts.len(),
-            lab_values = facts.iter().map(|f| f.labs.values().map(Vec::len).sum::<usize>()).sum::<usize>(),
-            conditions = facts.iter().map(|f| f.conditions.len()).sum::<usize>(),
+            bytes = facts.iter().map(Held::len).sum::<usize>(),
             "facts held"
         );
         (facts, issues, self.unmapped)
