@@ -132,13 +132,24 @@ pub fn encode(f: PatientFacts, out: &mut Vec<u8>) -> Present {
 impl Held {
     /// A patient with no facts yet.
     pub fn new(key: String, demographics: Demographics) -> Held {
+        Held::with(key, Self::demographics(demographics))
+    }
+
+    /// Encodes demographics for [`Held::with`] (on the thread that read the Patient: the
+    /// one that registers patients is the one that waits).
+    pub fn demographics(d: Demographics) -> Vec<u8> {
         let mut bytes = Vec::new();
-        put(&Item::Demographics(demographics.into()), &mut bytes);
+        put(&Item::Demographics(d.into()), &mut bytes);
         bytes.shrink_to_fit();
+        bytes
+    }
+
+    /// A patient with no facts yet, and demographics encoded by [`Held::demographics`].
+    pub fn with(key: String, demographics: Vec<u8>) -> Held {
         Held {
             key: key.into_boxed_str(),
             present: Present::default(),
-            bytes,
+            bytes: demographics,
         }
     }
 
@@ -177,7 +188,7 @@ impl Held {
     /// The patient's facts, decoded.
     pub fn facts(&self) -> PatientFacts {
         let mut f = PatientFacts {
-            key: self.key.to_string(),
+            key: String::from(&*self.key),
             present: self.present,
             ..Default::default()
         };

@@ -14,7 +14,7 @@ use super::extract::{demographics, extract_one};
 use super::fast::{self, Outcome};
 use super::held::{self, Held};
 use super::mappings::Mappings;
-use super::{Basics, Demographics, PatientFacts, Present, Unmapped};
+use super::{Basics, PatientFacts, Present, Unmapped};
 use crate::fhir::files::Parsed;
 use crate::fhir::record::{MedicationIndex, normalize_reference, reference_for};
 use crate::fhir::{InputIssue, Resource};
@@ -281,7 +281,9 @@ enum Structural {
     Patient {
         id: Option<String>,
         full_url: Option<String>,
-        demographics: Demographics,
+        basics: Basics,
+        /// Encoded by [`Held::demographics`].
+        demographics: Vec<u8>,
     },
     Medication {
         med: Box<crate::fhir::model::Medication>,
@@ -299,11 +301,15 @@ impl Structural {
     /// The registration of a Patient or Medication; anything else is handed back.
     fn of(parsed: Parsed) -> Sorted {
         match parsed.resource {
-            Resource::Patient(patient) => Sorted::Register(Structural::Patient {
-                demographics: demographics(&patient),
-                id: patient.id,
-                full_url: parsed.full_url,
-            }),
+            Resource::Patient(patient) => {
+                let d = demographics(&patient);
+                Sorted::Register(Structural::Patient {
+                    basics: Basics::of(&d),
+                    demographics: Held::demographics(d),
+                    id: patient.id,
+                    full_url: parsed.full_url,
+                })
+            }
             Resource::Medication(med) => Sorted::Register(Structural::Medication {
                 med,
                 full_url: parsed.full_url,
@@ -529,6 +535,7 @@ impl FactStore {
             Structural::Patient {
                 id,
                 full_url,
+                basics,
                 demographics,
             } => {
                 let key = match (&id, &full_url) {
@@ -547,9 +554,9 @@ impl FactStore {
                     return;
                 }
                 registry.alias.insert(key.clone(), index);
-                registry.basics.push(Basics::of(&demographics));
+                registry.basics.push(basics);
                 registry.mine.push(self.shard.is_none_or(|s| s.holds(&key)));
-                self.facts.push(Held::new(key, demographics));
+                self.facts.push(Held::with(key, demographics));
             }
             Structural::Medication { med, full_url } => {
                 let reference = reference_for(&Resource::Medication(med.clone()), full_url.as_deref(), i);
