@@ -418,6 +418,16 @@ impl Partial {
         true
     }
 
+    /// Encodes the facts gathered (see [`held`]), on the thread that gathered them: the
+    /// thread absorbing runs in order then only copies bytes.
+    pub fn pack(&mut self) {
+        self.at.clear();
+        for (patient, f) in self.facts.drain(..) {
+            let present = held::encode(f, &mut self.bytes);
+            self.packed.push((patient, present, self.bytes.len()));
+        }
+    }
+
     /// Reduces one resource; `order` is its place in the input (for resources kept aside).
     pub fn add(&mut self, reg: &Registry, order: u64, parsed: Parsed, m: &Mappings) {
         let later = match Structural::of(parsed) {
@@ -454,18 +464,6 @@ impl Partial {
             &mut self.unmapped,
             f,
         );
-    }
-}
-
-impl Partial {
-    /// Encodes the facts gathered (see [`held`]), on the thread that gathered them: the
-    /// thread absorbing runs in order then only copies bytes.
-    pub fn pack(&mut self) {
-        self.at.clear();
-        for (patient, f) in self.facts.drain(..) {
-            let present = held::encode(f, &mut self.bytes);
-            self.packed.push((patient, present, self.bytes.len()));
-        }
     }
 }
 
