@@ -25,6 +25,12 @@ pub enum StateError {
     Postgres { path: String, message: String },
     #[error("sweep state {path}: a stored verdict cannot be read ({source}); the file may come from another version")]
     Stored { path: String, source: serde_json::Error },
+    /// Not stored rather than stored in part: later deltas would build on what was lost.
+    #[error("sweep state {path}: the fact state was not saved: {source}")]
+    Facts {
+        path: String,
+        source: crate::facts::held::HeldError,
+    },
     #[error(
         "sweep state {path}: another process is running this sweep now (same cohort, trials, shard and date); \
          wait for it, or give each process its own --shard"
@@ -294,17 +300,19 @@ impl State {
     /// Replaces the fact state with `facts`, current to the export of `transaction_time`.
     pub fn save_facts(&mut self, facts: &[crate::facts::held::Held], transaction_time: &str) -> Result<(), StateError> {
         let key = Val::text(&self.cohort_key);
-        let rows = facts
-            .iter()
+        let mut rows = Vec::with_capacity(facts.len());
+        for h in facts {
+            let f = h.try_facts().map_err(|source| StateError::Facts {
+                path: self.db.shown.clone(),
+                source,
+            })?;
             // Serializing plain structs of strings and numbers cannot fail.
-            .map(|h| {
-                vec![
-                    key.clone(),
-                    Val::text(h.key()),
-                    Val::Text(serde_json::to_string(&h.facts()).unwrap_or_default()),
-                ]
-            })
-            .collect();
+            rows.push(vec![
+                key.clone(),
+                Val::text(h.key()),
+                Val::Text(serde_json::to_string(&f).unwrap_or_default()),
+            ]);
+        }
         self.db.write(vec![
             Step {
                 sql: "DELETE FROM facts WHERE cohort_key = ?1",

@@ -5,8 +5,10 @@
 //! so what one patient costs there is what memory grows by per patient. As structs, a
 //! patient with two lab values and a diagnosis is about 1.7 KB (a 400-byte `PatientFacts`
 //! with a map of labs, 200-byte lab values each with four strings, the demographics twice);
-//! encoded (postcard: variable-length integers, strings inline) it is about 400 bytes.
-//! Encoding and decoding each fact once costs far less than the allocations it replaces.
+//! encoded (postcard: variable-length integers, strings inline) it is about 350 bytes.
+//! Encoding each fact once (on the worker that reduced it) and decoding it once (on the
+//! worker that evaluates it) costs about what merging and trimming the structs on the main
+//! thread did; with fewer pages to fault in, BENCH-LN got faster, not slower.
 
 use super::*;
 
@@ -87,11 +89,19 @@ impl From<Wire> for Demographics {
 
 const OBSERVATION: &str = "Observation/";
 
+/// A patient's held facts could not be decoded: a fact type and its encoding disagree (a
+/// bug, such as a serde attribute the format cannot read back), never bad input.
+#[derive(Debug, thiserror::Error)]
+#[error("a patient's held facts cannot be decoded ({0}); this is a bug in trialgate")]
+pub struct HeldError(postcard::Error);
+
 fn put(item: &Item, out: &mut Vec<u8>) {
     // Into a Vec, from plain structs of strings, numbers and enums: postcard fails only on
-    // what these types do not have (maps of unknown length, `deserialize_any`), which the
-    // round-trip tests below would show.
+    // what these types do not have (maps of unknown length), which the round-trip tests
+    // below would show. A failed item is cut off, so that the ones after it still decode.
+    let start = out.len();
     if let Err(e) = postcard::to_io(item, &mut *out) {
+        out.truncate(start);
         tracing::error!(error = %e, "a fact could not be encoded; it is left out");
     }
 }
@@ -157,7 +167,7 @@ impl Held {
         &self.key
     }
 
-    /// The size of the encoded facts, in bytes.
+    /// The size of the encoded demographics and facts, in bytes.
     pub fn len(&self) -> usize {
         self.bytes.len()
     }
@@ -185,8 +195,21 @@ impl Held {
         &mut self.present
     }
 
-    /// The patient's facts, decoded.
+    /// The patient's facts, decoded, for evaluation. Should they not decode (a bug), the
+    /// patient is evaluated knowing nothing (every rule that reads a record says unknown,
+    /// never a verdict taken from part of the record) and the error is logged.
     pub fn facts(&self) -> PatientFacts {
+        self.try_facts().unwrap_or_else(|e| {
+            tracing::error!("{e}; the patient is screened as if no record were known");
+            PatientFacts {
+                key: String::from(&*self.key),
+                ..Default::default()
+            }
+        })
+    }
+
+    /// The patient's facts, decoded.
+    pub fn try_facts(&self) -> Result<PatientFacts, HeldError> {
         let mut f = PatientFacts {
             key: String::from(&*self.key),
             present: self.present,
@@ -194,14 +217,7 @@ impl Held {
         };
         let mut rest = self.bytes.as_slice();
         while !rest.is_empty() {
-            let (item, more) = match postcard::take_from_bytes::<Item>(rest) {
-                Ok(x) => x,
-                Err(e) => {
-                    // Only this module writes these bytes: a failure is a bug, not bad input.
-                    tracing::error!(error = %e, "held facts could not be decoded; the patient's remaining facts are lost");
-                    break;
-                }
-            };
+            let (item, more) = postcard::take_from_bytes::<Item>(rest).map_err(HeldError)?;
             rest = more;
             match item {
                 Item::Demographics(w) => f.demographics = w.into(),
@@ -219,7 +235,7 @@ impl Held {
                 Item::Biopsy(x) => f.biopsies.push(x),
             }
         }
-        f
+        Ok(f)
     }
 }
 
@@ -236,7 +252,7 @@ mod tests {
     use super::*;
     use crate::time::{Date, Instant};
 
-    /// Every kind of fact, with every optional field filled and left empty somewhere.
+    /// Every kind of fact, with most optional fields filled (see [`bare`] for the others).
     fn sample() -> PatientFacts {
         let t = |s: i64| Instant(s);
         let lab = |id: &str, reading: Reading| LabValue {
@@ -351,7 +367,7 @@ mod tests {
 
     /// As JSON, with the labs in a fixed order: what the rules and the fact state see.
     fn text(f: &PatientFacts) -> String {
-        let mut v = serde_json::to_value(f).unwrap_or_default();
+        let mut v = serde_json::to_value(f).expect("facts serialize");
         if let Some(labs) = v.get_mut("labs").and_then(|l| l.as_object_mut()) {
             labs.sort_keys();
         }
@@ -370,6 +386,50 @@ mod tests {
             g.demographics.person = person.clone();
             assert_eq!(Held::from(g).facts().demographics.person, person);
         }
+    }
+
+    /// The sample with every optional field empty and every list empty: a field the encoding
+    /// leaves out when empty (`skip_serializing_if`) would not decode back.
+    fn bare() -> PatientFacts {
+        let mut f = sample();
+        f.demographics = Demographics::default();
+        for values in f.labs.values_mut() {
+            for v in values {
+                (v.equation, v.raw_value, v.raw_text, v.raw_unit, v.uln) = (None, None, None, None, None);
+                v.reading = Reading::Number(Bounded { value: 1.0, bound: None });
+            }
+        }
+        for c in &mut f.conditions {
+            (c.sets, c.clinical, c.onset, c.abatement, c.recorded) = (vec![], None, None, None, None);
+        }
+        for x in &mut f.medications {
+            (x.sets, x.start, x.end, x.routes, x.dose_g, x.dose_text) = (vec![], None, None, vec![], None, None);
+        }
+        for x in f.procedures.iter_mut().chain(&mut f.immunizations) {
+            (x.sets, x.time, x.end) = (vec![], None, None);
+        }
+        for x in &mut f.biopsies {
+            (x.time, x.classes) = (None, vec![]);
+        }
+        f
+    }
+
+    #[test]
+    fn empty_fields_come_back_empty() {
+        let f = bare();
+        assert_eq!(text(&Held::from(f.clone()).try_facts().expect("decodes")), text(&f));
+    }
+
+    #[test]
+    fn facts_that_do_not_decode_say_nothing_rather_than_part() {
+        let mut held = Held::from(sample());
+        // A lab value cut short: what came before it decodes, the rest cannot.
+        held.bytes.truncate(held.bytes.len() - 3);
+        assert!(held.try_facts().is_err());
+        let f = held.facts();
+        assert_eq!(f.key, "Patient/p1");
+        assert!(f.labs.is_empty() && f.conditions.is_empty() && f.demographics.gender.is_none());
+        assert!(!f.present.observations && !f.present.conditions && !f.present.allergies);
     }
 
     #[test]
