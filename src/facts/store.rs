@@ -487,6 +487,10 @@ pub struct FactStore {
     diagnosed: Vec<u64>,
     /// Resources fed one at a time so far (their order, for those kept aside).
     fed: u64,
+    /// Resources fed and reduced but not absorbed yet, and how many: absorbed as one run
+    /// (see [`FactStore::feed`]).
+    pending: Partial,
+    pending_count: usize,
     shard: Option<Shard>,
 }
 
@@ -571,7 +575,19 @@ impl FactStore {
     pub fn release(&mut self) {}
 
     /// Merges a run reduced elsewhere. Runs must be absorbed in input order.
-    pub fn absorb(&mut self, mut p: Partial) {
+    pub fn absorb(&mut self, p: Partial) {
+        self.flush();
+        self.merge(p);
+    }
+
+    /// Absorbs the resources fed and not absorbed yet.
+    fn flush(&mut self) {
+        let p = std::mem::take(&mut self.pending);
+        self.pending_count = 0;
+        self.merge(p);
+    }
+
+    fn merge(&mut self, mut p: Partial) {
         for d in std::mem::take(&mut p.structural) {
             self.register(d);
         }
@@ -598,8 +614,12 @@ impl FactStore {
         self.unmapped.merge(p.unmapped);
     }
 
-    /// Reduces one resource now, against everything read so far.
+    /// Reduces one resource now, against everything read so far. Its facts are absorbed
+    /// with those of the next few thousand resources fed, as one run: a patient's held bytes
+    /// are then extended once per run, not copied again for every resource (a Bundle or a
+    /// server's pages holding one patient's long history).
     pub fn feed(&mut self, parsed: Parsed, m: &Mappings) {
+        const RUN: usize = 4096;
         let order = FED_BASE + self.fed;
         self.fed += 1;
         let parsed = match Structural::of(parsed) {
@@ -609,19 +629,24 @@ impl FactStore {
             }
             Sorted::Reduce(parsed) => parsed,
         };
-        let mut p = Partial::default();
-        p.add(&self.registry, order, parsed, m);
-        self.absorb(p);
+        self.pending.add(&self.registry, order, parsed, m);
+        self.pending_count += 1;
+        if self.pending_count >= RUN {
+            self.flush();
+        }
     }
 
     /// Reduces what was kept aside, now that everything is known, and hands over every
     /// patient's facts (sorted by patient key), the issues found and the unmapped codes.
     pub fn finish(mut self, m: &Mappings) -> (Vec<Held>, Vec<InputIssue>, Unmapped) {
+        self.flush();
         let registry = Arc::unwrap_or_clone(std::mem::take(&mut self.registry));
         let mut deferred = std::mem::take(&mut self.deferred);
         deferred.sort_by_key(|d| d.order);
         let mut orphans = 0usize;
         let mut nameless = 0usize;
+        // Gathered per patient and appended once each (see `feed`).
+        let (mut late, mut at) = (Vec::new(), HashMap::default());
         for d in deferred {
             let resource = &d.parsed.resource;
             let Some(patient) = resource.patient_reference().and_then(|t| registry.patient_of(t)) else {
@@ -638,7 +663,6 @@ impl FactStore {
                     reference_for(resource, None, nameless)
                 }
             };
-            let mut f = PatientFacts::default();
             extract_one(
                 &reference,
                 resource,
@@ -647,8 +671,10 @@ impl FactStore {
                 m,
                 registry.spans.as_deref().map(Vec::as_slice),
                 &mut self.unmapped,
-                &mut f,
+                facts_of(&mut late, &mut at, patient),
             );
+        }
+        for (patient, f) in late {
             self.facts[patient].add(f);
         }
         let mut issues = Vec::new();
@@ -731,5 +757,53 @@ mod names_tests {
         assert_eq!(n.get("Patient/5000"), None);
         n.insert("Patient/000000000000000000000000000000000001".into(), 42);
         assert_eq!(n.get("Patient/000000000000000000000000000000000001"), Some(42));
+    }
+}
+
+#[cfg(test)]
+mod feed_tests {
+    use super::*;
+    use crate::fhir::files::{ReadOptions, ReadOutput, read_text};
+
+    fn observation(id: &str, patient: &str, value: u32) -> String {
+        format!(
+            r#"{{"resourceType":"Observation","id":"{id}","status":"final","code":{{"coding":[{{"system":"http://loinc.org","code":"777-3"}}]}},"subject":{{"reference":"Patient/{patient}"}},"effectiveDateTime":"2026-01-01T00:00:00Z","valueQuantity":{{"value":{value},"unit":"10*9/L","system":"http://unitsofmeasure.org","code":"10*9/L"}}}}"#
+        )
+    }
+
+    /// Resources fed one at a time are absorbed in runs: across a run's end, kept aside until
+    /// their patient is known, or for no patient at all, each counts once and in input order.
+    #[test]
+    fn fed_resources_count_once_in_order_across_runs() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let m = Mappings::load_dir(&root.join("mappings")).expect("mappings load");
+        let lab = m.lab("platelets").expect("a platelets lab");
+        let mut lines = vec![observation("early", "p", 1)];
+        lines.push(r#"{"resourceType":"Patient","id":"p","gender":"female"}"#.to_string());
+        lines.extend((0..5000).map(|i| observation(&format!("o{i}"), "p", 100 + i)));
+        lines.push(observation("stray", "nobody", 7));
+        let mut out = ReadOutput::default();
+        read_text("t.ndjson", &lines.join("\n"), true, ReadOptions::default(), &mut out);
+        assert!(out.issues.is_empty(), "{:?}", out.issues);
+        let mut store = FactStore::default();
+        for p in out.resources {
+            store.feed(p, &m);
+        }
+        let (facts, issues, _) = store.finish(&m);
+        assert_eq!(facts.len(), 1);
+        let f = facts[0].try_facts().expect("held facts decode");
+        assert!(f.present.observations);
+        assert_eq!(f.demographics.gender.as_deref(), Some("female"));
+        let ids: Vec<&str> = f.labs[&lab].iter().map(|v| v.tie.as_str()).collect();
+        let mut want: Vec<String> = (0..5000).map(|i| format!("o{i}")).collect();
+        want.push("early".into()); // kept aside until the end
+        assert_eq!(ids, want);
+        assert_eq!(f.labs[&lab][0].resource, "Observation/o0");
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert!(
+            issues[0]
+                .message
+                .starts_with("1 resource(s) refer to a patient that is not in the input")
+        );
     }
 }
