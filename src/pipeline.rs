@@ -163,6 +163,8 @@ fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings
             partial.observation_line(reg, t, m)
         } else if t.starts_with("{\"resourceType\":\"Condition\"") {
             partial.condition_line(reg, t, m)
+        } else if t.starts_with("{\"resourceType\":\"Patient\"") {
+            partial.patient_line(t)
         } else {
             false
         };

@@ -298,18 +298,20 @@ enum Sorted {
 }
 
 impl Structural {
+    fn patient(patient: crate::fhir::model::Patient, full_url: Option<String>) -> Structural {
+        let d = demographics(&patient);
+        Structural::Patient {
+            basics: Basics::of(&d),
+            demographics: Held::demographics(d),
+            id: patient.id,
+            full_url,
+        }
+    }
+
     /// The registration of a Patient or Medication; anything else is handed back.
     fn of(parsed: Parsed) -> Sorted {
         match parsed.resource {
-            Resource::Patient(patient) => {
-                let d = demographics(&patient);
-                Sorted::Register(Structural::Patient {
-                    basics: Basics::of(&d),
-                    demographics: Held::demographics(d),
-                    id: patient.id,
-                    full_url: parsed.full_url,
-                })
-            }
+            Resource::Patient(patient) => Sorted::Register(Structural::patient(patient, parsed.full_url)),
             Resource::Medication(med) => Sorted::Register(Structural::Medication {
                 med,
                 full_url: parsed.full_url,
@@ -426,6 +428,14 @@ impl Partial {
             let present = held::encode(f, &mut self.bytes);
             self.packed.push((patient, present, self.bytes.len()));
         }
+    }
+
+    /// Registers one NDJSON Patient line read the fast way (see [`super::fast`]). False:
+    /// the line was left alone, for the full parse.
+    pub fn patient_line(&mut self, line: &str) -> bool {
+        let Ok(p) = fast::scan_patient(line) else { return false };
+        self.structural.push(Structural::patient(p.owned(), None));
+        true
     }
 
     /// Reduces one resource; `order` is its place in the input (for resources kept aside).
