@@ -150,6 +150,13 @@ struct SystemCodes {
     patterns: Vec<(Pattern, usize)>,
 }
 
+impl SystemCodes {
+    /// Whether (normalized) `code` names set `i` here.
+    fn holds(&self, code: &str, i: usize) -> bool {
+        self.exact.get(code).is_some_and(|v| v.contains(&i)) || self.patterns.iter().any(|(p, j)| *j == i && p.matches(code))
+    }
+}
+
 /// A compiled lab: its spec plus the per-code equation lookup.
 #[derive(Debug)]
 pub struct Lab {
@@ -455,25 +462,21 @@ impl Mappings {
 
     /// Every set `code` belongs to (including the sets that include those sets).
     pub fn sets_of(&self, sc: &SystemCode, out: &mut Vec<usize>) {
-        let Some(sys) = self.set_codes.get(&sc.system) else { return };
-        let norm = normalize_code(&sc.system, &sc.code);
-        let mut direct: Vec<usize> = sys.exact.get(&norm).cloned().unwrap_or_default();
-        for (p, i) in &sys.patterns {
-            if p.matches(&norm) {
-                direct.push(*i);
+        self.sets_of_str(&sc.system, &sc.code, out);
+    }
+
+    /// [`Mappings::sets_of`] for a system key and code as borrowed. Allocates nothing for a
+    /// code that needs no normalizing: it runs for every coded record of a cohort.
+    pub fn sets_of_str(&self, system: &str, code: &str, out: &mut Vec<usize>) {
+        let Some(sys) = self.set_codes.get(system) else { return };
+        let norm = normalize_code(system, code);
+        let excludes = self.set_excludes.get(system);
+        let direct = sys.exact.get(norm.as_ref()).map(Vec::as_slice).unwrap_or_default();
+        let matched = sys.patterns.iter().filter(|(p, _)| p.matches(&norm)).map(|(_, i)| *i);
+        for i in direct.iter().copied().chain(matched) {
+            if !excludes.is_some_and(|ex| ex.holds(&norm, i)) {
+                self.push_with_parents(i, out);
             }
-        }
-        if let Some(ex) = self.set_excludes.get(&sc.system) {
-            let mut excluded: Vec<usize> = ex.exact.get(&norm).cloned().unwrap_or_default();
-            for (p, i) in &ex.patterns {
-                if p.matches(&norm) {
-                    excluded.push(*i);
-                }
-            }
-            direct.retain(|i| !excluded.contains(i));
-        }
-        for i in direct {
-            self.push_with_parents(i, out);
         }
     }
 
@@ -502,16 +505,17 @@ impl Mappings {
 }
 
 /// ICD-10 codes arrive with and without the dot (`M32.14`, `M3214`): compare them without it.
-fn normalize_code(system: &str, code: &str) -> String {
-    if system == "icd10" {
-        code.trim().replace('.', "").to_ascii_uppercase()
+fn normalize_code<'a>(system: &str, code: &'a str) -> std::borrow::Cow<'a, str> {
+    let code = code.trim();
+    if system == "icd10" && code.bytes().any(|b| b == b'.' || b.is_ascii_lowercase()) {
+        code.replace('.', "").to_ascii_uppercase().into()
     } else {
-        code.trim().to_string()
+        code.into()
     }
 }
 
 fn add_code(entry: &mut SystemCodes, system: &str, c: &str, set: usize) {
-    let norm = |s: &str| normalize_code(system, s);
+    let norm = |s: &str| normalize_code(system, s).into_owned();
     if let Some(prefix) = c.strip_suffix('*') {
         entry.patterns.push((Pattern::Prefix(norm(prefix)), set));
     } else if let Some((a, b)) = c.split_once('-').filter(|(a, b)| is_icd_category(a) && is_icd_category(b)) {
@@ -566,7 +570,7 @@ mod tests {
         let s = codes(&["C00-C96", "M32*", "Z99.2"]);
         let hit = |c: &str| {
             let n = normalize_code("icd10", c);
-            s.exact.contains_key(&n) || s.patterns.iter().any(|(p, _)| p.matches(&n))
+            s.exact.contains_key(n.as_ref()) || s.patterns.iter().any(|(p, _)| p.matches(&n))
         };
         assert!(hit("C50.911"));
         assert!(hit("C96.Z"));
