@@ -18,6 +18,9 @@ use super::*;
 pub struct Held {
     key: Box<str>,
     present: Present,
+    /// Some fact could not be encoded: the patient is screened as if nothing were known
+    /// (see [`Held::facts`]), never on the facts that were.
+    broken: bool,
     bytes: Vec<u8>,
 }
 
@@ -89,26 +92,36 @@ impl From<Wire> for Demographics {
 
 const OBSERVATION: &str = "Observation/";
 
-/// A patient's held facts could not be decoded: a fact type and its encoding disagree (a
-/// bug, such as a serde attribute the format cannot read back), never bad input.
+/// A patient's held facts are not whole: a fact type and its encoding disagree (a bug, such
+/// as a serde attribute the format cannot carry), never bad input.
 #[derive(Debug, thiserror::Error)]
-#[error("a patient's held facts cannot be decoded ({0}); this is a bug in trialgate")]
-pub struct HeldError(postcard::Error);
+pub enum HeldError {
+    #[error("a patient's held facts cannot be decoded ({0}); this is a bug in trialgate")]
+    Decode(postcard::Error),
+    #[error("some of a patient's facts could not be encoded; this is a bug in trialgate")]
+    Encode,
+}
 
-fn put(item: &Item, out: &mut Vec<u8>) {
-    // Into a Vec, from plain structs of strings, numbers and enums: postcard fails only on
-    // what these types do not have (maps of unknown length), which the round-trip tests
-    // below would show. A failed item is cut off, so that the ones after it still decode.
+/// Appends `item`; false when it could not be encoded. Into a Vec, from plain structs of
+/// strings, numbers and enums, postcard fails only on what these types do not have (maps of
+/// unknown length), which the round-trip tests below would show. A failed item is cut off,
+/// so that the ones after it still decode.
+fn put(item: &Item, out: &mut Vec<u8>) -> bool {
     let start = out.len();
-    if let Err(e) = postcard::to_io(item, &mut *out) {
-        out.truncate(start);
-        tracing::error!(error = %e, "a fact could not be encoded; it is left out");
+    match postcard::to_io(item, &mut *out) {
+        Ok(_) => true,
+        Err(e) => {
+            out.truncate(start);
+            tracing::error!(error = %e, "a fact could not be encoded");
+            false
+        }
     }
 }
 
 /// Encodes the facts of `f` (not its key nor its demographics) onto `out`; returns which
-/// kinds of record the patient has, which the encoding does not carry.
-pub fn encode(f: PatientFacts, out: &mut Vec<u8>) -> Present {
+/// kinds of record the patient has, which the encoding does not carry, or `None` when some
+/// fact could not be encoded.
+pub fn encode(f: PatientFacts, out: &mut Vec<u8>) -> Option<Present> {
     let PatientFacts {
         key: _,
         demographics: _,
@@ -121,22 +134,26 @@ pub fn encode(f: PatientFacts, out: &mut Vec<u8>) -> Present {
         biopsies,
         present,
     } = f;
+    let mut whole = true;
     for (lab, values) in labs {
         for mut v in values {
             let named = v.resource.strip_prefix(OBSERVATION) == Some(v.tie.as_str());
             if named {
                 v.resource = String::new();
             }
-            put(&Item::Lab(lab, named, v), out);
+            whole &= put(&Item::Lab(lab, named, v), out);
         }
     }
-    conditions.into_iter().for_each(|x| put(&Item::Condition(x), out));
-    medications.into_iter().for_each(|x| put(&Item::Medication(x), out));
-    procedures.into_iter().for_each(|x| put(&Item::Procedure(x), out));
-    immunizations.into_iter().for_each(|x| put(&Item::Immunization(x), out));
-    allergies.into_iter().for_each(|x| put(&Item::Allergy(x), out));
-    biopsies.into_iter().for_each(|x| put(&Item::Biopsy(x), out));
-    present
+    let items = (conditions.into_iter().map(Item::Condition))
+        .chain(medications.into_iter().map(Item::Medication))
+        .chain(procedures.into_iter().map(Item::Procedure))
+        .chain(immunizations.into_iter().map(Item::Immunization))
+        .chain(allergies.into_iter().map(Item::Allergy))
+        .chain(biopsies.into_iter().map(Item::Biopsy));
+    for item in items {
+        whole &= put(&item, out);
+    }
+    whole.then_some(present)
 }
 
 impl Held {
@@ -146,20 +163,22 @@ impl Held {
     }
 
     /// Encodes demographics for [`Held::with`] (on the thread that read the Patient: the
-    /// one that registers patients is the one that waits).
-    pub fn demographics(d: Demographics) -> Vec<u8> {
+    /// one that registers patients is the one that waits). `None`: they could not be.
+    pub fn demographics(d: Demographics) -> Option<Vec<u8>> {
         let mut bytes = Vec::new();
-        put(&Item::Demographics(d.into()), &mut bytes);
-        bytes.shrink_to_fit();
-        bytes
+        put(&Item::Demographics(d.into()), &mut bytes).then(|| {
+            bytes.shrink_to_fit();
+            bytes
+        })
     }
 
     /// A patient with no facts yet, and demographics encoded by [`Held::demographics`].
-    pub fn with(key: String, demographics: Vec<u8>) -> Held {
+    pub fn with(key: String, demographics: Option<Vec<u8>>) -> Held {
         Held {
             key: key.into_boxed_str(),
             present: Present::default(),
-            bytes: demographics,
+            broken: demographics.is_none(),
+            bytes: demographics.unwrap_or_default(),
         }
     }
 
@@ -176,10 +195,14 @@ impl Held {
         self.bytes.is_empty()
     }
 
-    /// Adds facts encoded by [`encode`]. Grown to the exact size: a patient gains a few facts
-    /// at a time, and doubling would leave up to half of every patient's bytes unused.
-    pub fn append(&mut self, present: Present, encoded: &[u8]) {
-        self.present.or(present);
+    /// Adds facts encoded by [`encode`] (`present` is what it returned). Grown to the exact
+    /// size: a patient gains a few facts at a time, and doubling would leave up to half of
+    /// every patient's bytes unused.
+    pub fn append(&mut self, present: Option<Present>, encoded: &[u8]) {
+        match present {
+            Some(p) => self.present.or(p),
+            None => self.broken = true,
+        }
         self.bytes.reserve_exact(encoded.len());
         self.bytes.extend_from_slice(encoded);
     }
@@ -195,7 +218,7 @@ impl Held {
         &mut self.present
     }
 
-    /// The patient's facts, decoded, for evaluation. Should they not decode (a bug), the
+    /// The patient's facts, decoded, for evaluation. Should they not be whole (a bug), the
     /// patient is evaluated knowing nothing (every rule that reads a record says unknown,
     /// never a verdict taken from part of the record) and the error is logged.
     pub fn facts(&self) -> PatientFacts {
@@ -210,6 +233,9 @@ impl Held {
 
     /// The patient's facts, decoded.
     pub fn try_facts(&self) -> Result<PatientFacts, HeldError> {
+        if self.broken {
+            return Err(HeldError::Encode);
+        }
         let mut f = PatientFacts {
             key: String::from(&*self.key),
             present: self.present,
@@ -217,7 +243,7 @@ impl Held {
         };
         let mut rest = self.bytes.as_slice();
         while !rest.is_empty() {
-            let (item, more) = postcard::take_from_bytes::<Item>(rest).map_err(HeldError)?;
+            let (item, more) = postcard::take_from_bytes::<Item>(rest).map_err(HeldError::Decode)?;
             rest = more;
             match item {
                 Item::Demographics(w) => f.demographics = w.into(),
@@ -430,6 +456,18 @@ mod tests {
         assert_eq!(f.key, "Patient/p1");
         assert!(f.labs.is_empty() && f.conditions.is_empty() && f.demographics.gender.is_none());
         assert!(!f.present.observations && !f.present.conditions && !f.present.allergies);
+    }
+
+    #[test]
+    fn a_fact_that_could_not_be_encoded_leaves_nothing_known() {
+        let mut held = Held::from(sample());
+        assert!(held.try_facts().is_ok());
+        // What `encode` hands over when one of the facts failed.
+        held.append(None, &[]);
+        assert!(matches!(held.try_facts(), Err(HeldError::Encode)));
+        let f = held.facts();
+        assert!(f.labs.is_empty() && f.conditions.is_empty() && !f.present.observations);
+        assert!(Held::with("Patient/x".into(), None).try_facts().is_err());
     }
 
     #[test]
