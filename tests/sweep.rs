@@ -394,6 +394,29 @@ async fn operation_outcomes_are_shown_and_client_errors_not_retried() {
     assert_eq!(client.stats.retries.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
 
+/// A server that says it cannot do something (501) is not asked again.
+#[tokio::test]
+async fn not_implemented_is_not_retried() {
+    let server = mock::server_without_capabilities().await;
+    Mock::given(method("GET"))
+        .and(path("/Condition"))
+        .respond_with(ResponseTemplate::new(501))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let cfg = config("NCT06406205");
+    let client = FhirClient::new(&server.uri(), fast()).unwrap();
+    let opts = SweepOptions {
+        cohort: Cohort::Search("Condition?code=http://snomed.info/sct|55464009".into()),
+        ..Default::default()
+    };
+    let Err(err) = sweep(&client, &cfg, as_of(), &Decisions::default(), &opts, None).await else {
+        panic!("an unreadable cohort must stop the sweep");
+    };
+    assert!(err.to_string().contains("HTTP 501"), "{err}");
+    assert_eq!(client.stats.retries.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
 /// The real binary: `sweep --server` with a bearer token from an environment variable. Every
 /// request carries the token; the token appears in no output; the summary goes to stderr.
 #[tokio::test]

@@ -2,7 +2,7 @@
 //!
 //! Real servers time out, throttle (429), fail (5xx), reset connections and now and then send
 //! a truncated body. Every GET here therefore has connect and read timeouts and is retried
-//! with exponential backoff and full jitter on connection errors, 429, 5xx and unreadable
+//! with exponential backoff and full jitter on connection errors, 429, 5xx (not 501 or 505) and unreadable
 //! bodies, honouring `Retry-After`, under a per-request limit and a budget shared by the whole
 //! run (a server that is down must not be hammered for hours). When a request still fails, the
 //! error carries the server's OperationOutcome in its own words.
@@ -11,6 +11,14 @@ use serde::Deserialize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
+
+/// Whether an error status may pass if asked again: throttling and server errors, except the
+/// two that say the server cannot do this at all (501 Not Implemented, 505 HTTP Version Not
+/// Supported): retrying those only waits out the backoff (a server that cannot DELETE a
+/// finished export answered 501 five times).
+fn transient(status: reqwest::StatusCode) -> bool {
+    status.as_u16() == 429 || (status.is_server_error() && !matches!(status.as_u16(), 501 | 505))
+}
 
 #[derive(Clone)]
 pub struct ClientOptions {
@@ -452,7 +460,7 @@ impl FhirClient {
                 *self.token.lock().await = None;
                 return Attempt::Retry { error, wait: None };
             }
-            return if status.as_u16() == 429 || status.is_server_error() {
+            return if transient(status) {
                 Attempt::Retry { error, wait }
             } else {
                 Attempt::Fail(error)
@@ -614,7 +622,7 @@ impl FhirClient {
                     status: status.as_u16(),
                     message: outcome_text(&body).unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string()),
                 };
-                if status.as_u16() == 429 || status.is_server_error() {
+                if transient(status) {
                     self.backoff(url, &mut retries, error, wait).await?;
                     continue;
                 }
