@@ -364,16 +364,13 @@ async fn timeouts_end_in_an_error_with_the_reason() {
     assert!(reason.to_lowercase().contains("time"), "{reason}");
 }
 
-/// A client error from the server (a bad search) is not retried, and the OperationOutcome is
-/// shown in the server's own words; an unreadable cohort stops the sweep with that reason.
-#[tokio::test]
-async fn operation_outcomes_are_shown_and_client_errors_not_retried() {
+/// A sweep of a search the server answers with `status` and `body`, once (`expect(1)`): the
+/// error it stops with, and how many retries the client made.
+async fn sweep_refused(status: u16, body: String) -> (String, u64) {
     let server = mock::server_without_capabilities().await;
-    let oo = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-supported",
-        "diagnostics": "Search parameter 'code' is not supported for Condition"}]});
     Mock::given(method("GET"))
         .and(path("/Condition"))
-        .respond_with(ResponseTemplate::new(400).set_body_raw(oo.to_string(), "application/fhir+json"))
+        .respond_with(ResponseTemplate::new(status).set_body_raw(body, "application/fhir+json"))
         .expect(1)
         .mount(&server)
         .await;
@@ -386,35 +383,29 @@ async fn operation_outcomes_are_shown_and_client_errors_not_retried() {
     let Err(err) = sweep(&client, &cfg, as_of(), &Decisions::default(), &opts, None).await else {
         panic!("an unreadable cohort must stop the sweep");
     };
-    let err = err.to_string();
+    (err.to_string(), client.stats.retries.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// A client error from the server (a bad search) is not retried, and the OperationOutcome is
+/// shown in the server's own words; an unreadable cohort stops the sweep with that reason.
+#[tokio::test]
+async fn operation_outcomes_are_shown_and_client_errors_not_retried() {
+    let oo = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-supported",
+        "diagnostics": "Search parameter 'code' is not supported for Condition"}]});
+    let (err, retries) = sweep_refused(400, oo.to_string()).await;
     assert!(
         err.contains("HTTP 400") && err.contains("Search parameter 'code' is not supported for Condition"),
         "{err}"
     );
-    assert_eq!(client.stats.retries.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(retries, 0);
 }
 
 /// A server that says it cannot do something (501) is not asked again.
 #[tokio::test]
 async fn not_implemented_is_not_retried() {
-    let server = mock::server_without_capabilities().await;
-    Mock::given(method("GET"))
-        .and(path("/Condition"))
-        .respond_with(ResponseTemplate::new(501))
-        .expect(1)
-        .mount(&server)
-        .await;
-    let cfg = config("NCT06406205");
-    let client = FhirClient::new(&server.uri(), fast()).unwrap();
-    let opts = SweepOptions {
-        cohort: Cohort::Search("Condition?code=http://snomed.info/sct|55464009".into()),
-        ..Default::default()
-    };
-    let Err(err) = sweep(&client, &cfg, as_of(), &Decisions::default(), &opts, None).await else {
-        panic!("an unreadable cohort must stop the sweep");
-    };
-    assert!(err.to_string().contains("HTTP 501"), "{err}");
-    assert_eq!(client.stats.retries.load(std::sync::atomic::Ordering::Relaxed), 0);
+    let (err, retries) = sweep_refused(501, String::new()).await;
+    assert!(err.contains("HTTP 501"), "{err}");
+    assert_eq!(retries, 0);
 }
 
 /// The real binary: `sweep --server` with a bearer token from an environment variable. Every
