@@ -660,9 +660,7 @@ fn finish(
 ) -> anyhow::Result<()> {
     note_inputs(&mut s.provenance, &s.issues, decisions)?;
     let sink = ReportSink::open(output.as_deref())?;
-    let text = trialgate::report::render_marked(s, format.into(), Some(server), previous);
-    let mut w = sink.writer();
-    let written = w.write_all(text.as_bytes()).and_then(|()| w.flush()).map(|()| w);
+    let written = trialgate::report::write_marked(sink.writer(), s, format.into(), Some(server), previous);
     sink.close(written)
 }
 
