@@ -53,7 +53,8 @@ pub struct WriteSummary {
     pub not_written: usize,
     /// Writes the server refused, with its reason.
     pub failed: Vec<(String, String)>,
-    /// The batch entries, as sent (or, in a dry run, as they would be).
+    /// In a dry run, the batch entries that would be sent (empty otherwise: a cohort's
+    /// worth of ResearchSubjects is sent batch by batch, not kept).
     pub planned: Vec<Value>,
 }
 
@@ -258,6 +259,10 @@ pub async fn write_back(
 ) -> Result<WriteSummary, ClientError> {
     let mut summary = WriteSummary::default();
     let mut entries: Vec<(String, Value)> = Vec::new();
+    // Updates the server refused because the subject changed since it was read (412): most
+    // often our own earlier attempt, applied before its response was lost and the batch sent
+    // again; otherwise someone else's edit. Either way, look again rather than overwrite.
+    let mut conflicts: Vec<(String, String)> = Vec::new();
     for trial in trials {
         let mine: Vec<&TrialResult> = results.iter().filter(|r| r.trial == trial.id).collect();
         if mine.is_empty() {
@@ -300,66 +305,20 @@ pub async fn write_back(
                     entries.push((ident, json!({"resource": resource, "request": request})));
                 }
             }
-        }
-    }
-    summary.planned = entries.iter().map(|(_, e)| e.clone()).collect();
-    if opts.dry_run {
-        return Ok(summary);
-    }
-    #[derive(Deserialize)]
-    struct EntryResponse {
-        status: Option<String>,
-        outcome: Option<Value>,
-    }
-    #[derive(Deserialize)]
-    struct RespEntry {
-        response: Option<EntryResponse>,
-    }
-    #[derive(Deserialize)]
-    struct BatchResponse {
-        #[serde(default)]
-        entry: Vec<RespEntry>,
-    }
-    // Updates the server refused because the subject changed since it was read (412): most
-    // often our own earlier attempt, applied before its response was lost and the batch sent
-    // again; otherwise someone else's edit. Either way, look again rather than overwrite.
-    let mut conflicts: Vec<(String, String)> = Vec::new();
-    for chunk in entries.chunks(BATCH) {
-        let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": chunk.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>()});
-        let resp = client.post("", bundle.to_string(), Vec::new()).await?;
-        let parsed: BatchResponse = serde_json::from_str(&resp.body).map_err(|e| ClientError::Body {
-            url: client.base().to_string(),
-            message: e.to_string(),
-        })?;
-        for (i, (ident, entry)) in chunk.iter().enumerate() {
-            let code = parsed
-                .entry
-                .get(i)
-                .and_then(|e| e.response.as_ref())
-                .and_then(|r| r.status.clone())
-                .unwrap_or_default();
-            let created = entry["request"]["method"] == "POST";
-            match code.split_whitespace().next().and_then(|c| c.parse::<u16>().ok()) {
-                Some(201) => summary.created += 1,
-                // 200 to a conditional create: it already existed (another process wrote it).
-                Some(200) if created => summary.unchanged += 1,
-                Some(200) => summary.updated += 1,
-                Some(412) if !created => {
-                    let wanted = entry["resource"]["status"].as_str().unwrap_or_default().to_string();
-                    conflicts.push((ident.clone(), wanted));
-                }
-                _ => {
-                    let outcome = parsed
-                        .entry
-                        .get(i)
-                        .and_then(|e| e.response.as_ref())
-                        .and_then(|r| r.outcome.as_ref())
-                        .map(|o| o.to_string())
-                        .unwrap_or_default();
-                    summary.failed.push((ident.clone(), format!("{code} {outcome}").trim().to_string()));
-                }
+            // Sent as soon as a batch is full: a cohort's ResearchSubjects (a few KB each,
+            // with their narrative) are never all held at once.
+            if !opts.dry_run && entries.len() == BATCH {
+                send_batch(client, &entries, &mut summary, &mut conflicts).await?;
+                entries.clear();
             }
         }
+    }
+    if opts.dry_run {
+        summary.planned = entries.into_iter().map(|(_, e)| e).collect();
+        return Ok(summary);
+    }
+    if !entries.is_empty() {
+        send_batch(client, &entries, &mut summary, &mut conflicts).await?;
     }
     for (ident, wanted) in conflicts {
         let search = format!("ResearchSubject?identifier={}", query_encode(&format!("{SUBJECT_SYSTEM}|{ident}")));
@@ -374,6 +333,66 @@ pub async fn write_back(
         }
     }
     Ok(summary)
+}
+
+/// Sends one batch of ResearchSubject writes and counts what the server answered; updates
+/// refused with 412 go to `conflicts`, to be read again.
+async fn send_batch(
+    client: &FhirClient,
+    chunk: &[(String, Value)],
+    summary: &mut WriteSummary,
+    conflicts: &mut Vec<(String, String)>,
+) -> Result<(), ClientError> {
+    #[derive(Deserialize)]
+    struct EntryResponse {
+        status: Option<String>,
+        outcome: Option<Value>,
+    }
+    #[derive(Deserialize)]
+    struct RespEntry {
+        response: Option<EntryResponse>,
+    }
+    #[derive(Deserialize)]
+    struct BatchResponse {
+        #[serde(default)]
+        entry: Vec<RespEntry>,
+    }
+    let bundle = json!({"resourceType": "Bundle", "type": "batch", "entry": chunk.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>()});
+    let resp = client.post("", bundle.to_string(), Vec::new()).await?;
+    let parsed: BatchResponse = serde_json::from_str(&resp.body).map_err(|e| ClientError::Body {
+        url: client.base().to_string(),
+        message: e.to_string(),
+    })?;
+    for (i, (ident, entry)) in chunk.iter().enumerate() {
+        let code = parsed
+            .entry
+            .get(i)
+            .and_then(|e| e.response.as_ref())
+            .and_then(|r| r.status.clone())
+            .unwrap_or_default();
+        let created = entry["request"]["method"] == "POST";
+        match code.split_whitespace().next().and_then(|c| c.parse::<u16>().ok()) {
+            Some(201) => summary.created += 1,
+            // 200 to a conditional create: it already existed (another process wrote it).
+            Some(200) if created => summary.unchanged += 1,
+            Some(200) => summary.updated += 1,
+            Some(412) if !created => {
+                let wanted = entry["resource"]["status"].as_str().unwrap_or_default().to_string();
+                conflicts.push((ident.clone(), wanted));
+            }
+            _ => {
+                let outcome = parsed
+                    .entry
+                    .get(i)
+                    .and_then(|e| e.response.as_ref())
+                    .and_then(|r| r.outcome.as_ref())
+                    .map(|o| o.to_string())
+                    .unwrap_or_default();
+                summary.failed.push((ident.clone(), format!("{code} {outcome}").trim().to_string()));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -226,6 +226,41 @@ async fn ineligible_patients_are_written_when_asked_and_a_dry_run_sends_nothing(
     assert_eq!(w.created, 0);
 }
 
+/// A cohort is written batch by batch as its subjects are built: 250 new subjects go in
+/// three batches (100, 100, 50), each answered entry by entry, and nothing is kept after.
+#[tokio::test]
+async fn a_cohort_is_written_in_batches_of_a_hundred() {
+    let server = server_with_state(&[], 201).await;
+    Mock::given(method("POST"))
+        .and(path("/"))
+        .respond_with(|req: &Request| {
+            let sent: Value = serde_json::from_slice(&req.body).unwrap_or_default();
+            let n = sent["entry"].as_array().map_or(0, Vec::len);
+            batch_response(&vec!["201 Created"; n])
+        })
+        .expect(3)
+        .mount(&server)
+        .await;
+    let results: Vec<TrialResult> = (0..250).map(|i| result(&format!("p{i}"), Status::Eligible)).collect();
+    let opts = WriteOptions {
+        write_ineligible: false,
+        dry_run: false,
+    };
+    let as_of = Date::parse("2026-06-01").unwrap();
+    let w = write_back(&client(&server), &[trial()], &results, as_of, &opts).await.unwrap();
+    assert_eq!(w.created, 250);
+    assert!(w.failed.is_empty() && w.planned.is_empty());
+    let sizes: Vec<usize> = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.method.as_str() == "POST" && r.url.path() == "/")
+        .map(|r| serde_json::from_slice::<Value>(&r.body).unwrap()["entry"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(sizes, [100, 100, 50]);
+}
+
 #[tokio::test]
 async fn a_refused_write_is_reported_with_the_servers_reason() {
     let server = server_with_state(&[], 201).await;
