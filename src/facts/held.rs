@@ -27,7 +27,10 @@ pub struct Held {
 /// One fact, tagged with the list of [`PatientFacts`] it goes to.
 #[derive(serde::Serialize, serde::Deserialize)]
 enum Item {
-    Demographics(Wire),
+    /// Demographics, with their `person` apart as (name, MRN): `Person` leaves its empty
+    /// fields out when serialized (for the reports), which a format without field names
+    /// could not read back.
+    Demographics(Demographics, Option<(Option<String>, Option<String>)>),
     /// A lab value; true: its `resource` was `Observation/<tie>` and is left out (what every
     /// value read from NDJSON is: the id would otherwise be held twice).
     Lab(usize, bool, LabValue),
@@ -37,57 +40,6 @@ enum Item {
     Immunization(EventFact),
     Allergy(AllergyFact),
     Biopsy(BiopsyFact),
-}
-
-/// [`Demographics`] as encoded: `Person` leaves its empty fields out when serialized (for
-/// the reports), which a format without field names could not read back.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Wire {
-    birth_date: Option<crate::time::Date>,
-    birth_text: Option<String>,
-    gender: Option<String>,
-    deceased: Option<Deceased>,
-    inactive: bool,
-    replaced_by: Option<String>,
-    person: Option<(Option<String>, Option<String>)>,
-}
-
-impl From<Demographics> for Wire {
-    fn from(d: Demographics) -> Wire {
-        // Destructured whole: a field added to `Demographics` must be added here too.
-        let Demographics {
-            birth_date,
-            birth_text,
-            gender,
-            deceased,
-            inactive,
-            replaced_by,
-            person,
-        } = d;
-        Wire {
-            birth_date,
-            birth_text,
-            gender,
-            deceased,
-            inactive,
-            replaced_by,
-            person: person.map(|p| (p.name, p.mrn)),
-        }
-    }
-}
-
-impl From<Wire> for Demographics {
-    fn from(w: Wire) -> Demographics {
-        Demographics {
-            birth_date: w.birth_date,
-            birth_text: w.birth_text,
-            gender: w.gender,
-            deceased: w.deceased,
-            inactive: w.inactive,
-            replaced_by: w.replaced_by,
-            person: w.person.map(|(name, mrn)| Person { name, mrn }),
-        }
-    }
 }
 
 const OBSERVATION: &str = "Observation/";
@@ -164,9 +116,10 @@ impl Held {
 
     /// Encodes demographics for [`Held::with`] (on the thread that read the Patient: the
     /// one that registers patients is the one that waits). `None`: they could not be.
-    pub fn demographics(d: Demographics) -> Option<Vec<u8>> {
+    pub fn demographics(mut d: Demographics) -> Option<Vec<u8>> {
         let mut bytes = Vec::new();
-        put(&Item::Demographics(d.into()), &mut bytes).then(|| {
+        let person = d.person.take().map(|p| (p.name, p.mrn));
+        put(&Item::Demographics(d, person), &mut bytes).then(|| {
             bytes.shrink_to_fit();
             bytes
         })
@@ -246,7 +199,10 @@ impl Held {
             let (item, more) = postcard::take_from_bytes::<Item>(rest).map_err(HeldError::Decode)?;
             rest = more;
             match item {
-                Item::Demographics(w) => f.demographics = w.into(),
+                Item::Demographics(d, person) => {
+                    f.demographics = d;
+                    f.demographics.person = person.map(|(name, mrn)| Person { name, mrn });
+                }
                 Item::Lab(lab, named, mut v) => {
                     if named {
                         v.resource = format!("{OBSERVATION}{}", v.tie);
