@@ -242,7 +242,7 @@ fn read_ndjson(
     let taken = AtomicU64::new(0);
     let failed: Mutex<Option<std::io::Error>> = Mutex::new(None);
     // Bounded: blocks reduced faster than the main thread absorbs them (a Patient file, whose
-    // Patients are parsed whole and registered one by one) would otherwise pile up in the
+    // Patients the main thread registers one by one) would otherwise pile up in the
     // channel, a peak that grows with the file. The main thread never stops receiving, so a
     // worker waits only while it is ahead.
     let (done_tx, done_rx) = sync_channel::<Reduced>(threads);
