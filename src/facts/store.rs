@@ -613,12 +613,7 @@ impl FactStore {
         set_bits(&mut self.observed, &p.observed);
         set_bits(&mut self.diagnosed, &p.diagnosed);
         for (k, n) in p.unmapped_fast {
-            match self.unmapped_fast.get_mut(&k) {
-                Some(count) => *count += n,
-                None => {
-                    self.unmapped_fast.insert(k, n);
-                }
-            }
+            *self.unmapped_fast.entry(k).or_default() += n;
         }
         self.deferred.extend(p.deferred);
         self.unreferenced += p.unreferenced;
