@@ -21,7 +21,7 @@ use crate::{Config, read_options};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::sync_channel;
 
 /// Bytes per block handed to a worker: large enough that handing over costs nothing next to
@@ -473,14 +473,7 @@ pub fn apply_delta(
 const ROUND: usize = 128;
 
 /// Evaluates every trial for every patient, on every core, handing each result to `each` in
-/// patient order. The workers take chunks of patients in turn; the calling thread hands the
-/// finished chunks over (writing a report row, freeing the result) while the workers go on,
-/// so that no core waits for the writing. At most a few chunks per worker are in flight.
-///
-/// The facts are consumed: each worker frees its chunk's facts once evaluated, on its own
-/// core, while they are still in cache, instead of the caller freeing them all on one thread
-/// afterwards (for 20,000 patients with their labs that was ~40 ms, the whole of the time
-/// between the last result and the end of `screen`).
+/// patient order. The facts are consumed (see [`evaluate_held`], which borrows them).
 pub fn evaluate_each(
     facts: Vec<Held>,
     cfg: &Config,
@@ -489,57 +482,87 @@ pub fn evaluate_each(
     detail: crate::criteria::Detail,
     each: &mut dyn FnMut(TrialResult),
 ) {
+    evaluate_held(&facts, cfg, as_of, decisions, detail, Some(&PROGRESS), &mut |results| {
+        results.into_iter().for_each(&mut *each);
+        true
+    });
+}
+
+/// Evaluates every trial for every patient, on every core, handing the results to `each` in
+/// patient order, a chunk at a time, until `each` answers false. The workers take chunks of
+/// patients in turn; the calling thread hands the finished chunks over (writing a report
+/// row, freeing the result) while the workers go on, so that no core waits for the writing.
+/// At most a few chunks per worker are in flight. With `progress`, the patients evaluated are
+/// counted there.
+///
+/// The facts are only borrowed, so that a sweep can evaluate them again for each thing it
+/// writes rather than hold every verdict: a held patient is a few hundred bytes, a result
+/// with its explanations several kilobytes per trial.
+pub fn evaluate_held(
+    facts: &[Held],
+    cfg: &Config,
+    as_of: Date,
+    decisions: &Decisions,
+    detail: crate::criteria::Detail,
+    progress: Option<&Progress>,
+    each: &mut dyn FnMut(Vec<TrialResult>) -> bool,
+) {
     let threads = std::thread::available_parallelism().map(usize::from).unwrap_or(1).max(1);
-    PROGRESS.patients_total.store(facts.len() as u64, Ordering::Relaxed);
-    PROGRESS.patients_done.store(0, Ordering::Relaxed);
+    if let Some(p) = progress {
+        p.patients_total.store(facts.len() as u64, Ordering::Relaxed);
+        p.patients_done.store(0, Ordering::Relaxed);
+    }
     let per_chunk = (ROUND / cfg.trials.len().max(1)).max(1);
     let chunks = facts.len().div_ceil(per_chunk);
-    // The next chunk's number and the patients not yet taken: taken together, under the lock,
-    // so that chunk k holds the k-th run of patients.
-    let queue = Mutex::new((0usize, facts.into_iter()));
+    // The next chunk's number: chunk k holds the k-th run of patients.
+    let next_chunk = AtomicUsize::new(0);
     // Bounded: a worker far ahead of the writer waits rather than piling results up.
     let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, usize, Vec<TrialResult>)>(threads);
     std::thread::scope(|s| {
         for _ in 0..threads.min(chunks) {
-            let (tx, queue) = (tx.clone(), &queue);
+            let (tx, next_chunk) = (tx.clone(), &next_chunk);
             s.spawn(move || {
                 loop {
-                    let (k, part) = {
-                        // Poisoned only if another worker panicked: the scope reports that.
-                        let Ok(mut q) = queue.lock() else { return };
-                        let k = q.0;
-                        q.0 += 1;
-                        (k, q.1.by_ref().take(per_chunk).collect::<Vec<Held>>())
-                    };
-                    if part.is_empty() {
+                    let k = next_chunk.fetch_add(1, Ordering::Relaxed);
+                    let start = k.saturating_mul(per_chunk);
+                    let Some(part) = facts
+                        .get(start..facts.len().min(start.saturating_add(per_chunk)))
+                        .filter(|p| !p.is_empty())
+                    else {
                         return;
-                    }
+                    };
                     let mut results = Vec::with_capacity(part.len() * cfg.trials.len());
-                    for held in &part {
+                    for held in part {
                         // Decoded one at a time: only held facts are kept for every patient.
                         let f = held.facts();
                         for t in &cfg.trials {
                             results.push(evaluate(t, &f, &cfg.mappings, as_of, decisions, detail));
                         }
                     }
+                    // Refused once the caller stopped listening: nothing more is wanted.
                     if tx.send((k, part.len(), results)).is_err() {
                         return;
                     }
-                    drop(part);
                 }
             });
         }
         drop(tx);
         let mut ready = BTreeMap::new();
         let mut next = 0usize;
-        for (k, n, results) in rx {
+        'hand: for (k, n, results) in rx.iter() {
             ready.insert(k, (n, results));
             while let Some((n, results)) = ready.remove(&next) {
-                results.into_iter().for_each(&mut *each);
-                PROGRESS.patients_done.fetch_add(n as u64, Ordering::Relaxed);
+                if !each(results) {
+                    break 'hand;
+                }
+                if let Some(p) = progress {
+                    p.patients_done.fetch_add(n as u64, Ordering::Relaxed);
+                }
                 next += 1;
             }
         }
+        // Workers blocked on a full channel see it closed and stop.
+        drop(rx);
     });
 }
 
