@@ -257,82 +257,146 @@ pub async fn write_back(
     as_of: Date,
     opts: &WriteOptions,
 ) -> Result<WriteSummary, ClientError> {
-    let mut summary = WriteSummary::default();
-    let mut entries: Vec<(String, Value)> = Vec::new();
-    // Updates the server refused because the subject changed since it was read (412): most
-    // often our own earlier attempt, applied before its response was lost and the batch sent
-    // again; otherwise someone else's edit. Either way, look again rather than overwrite.
-    let mut conflicts: Vec<(String, String)> = Vec::new();
-    for trial in trials {
-        let mine: Vec<&TrialResult> = results.iter().filter(|r| r.trial == trial.id).collect();
-        if mine.is_empty() {
-            continue;
+    let most = trials
+        .iter()
+        .map(|t| results.iter().filter(|r| r.trial == t.id).count())
+        .max()
+        .unwrap_or(0);
+    let mut w = Writer::new(client, trials, as_of, opts, most);
+    w.add(results).await?;
+    w.finish().await
+}
+
+/// Writes ResearchSubjects as a run's results come, a run of them at a time, so that a
+/// cohort is written without holding its verdicts: each trial's ResearchStudy is bound, and
+/// the subjects it already has are listed, once for the whole cohort, not once per run.
+pub struct Writer<'a> {
+    client: &'a FhirClient,
+    trials: &'a [Trial],
+    as_of: Date,
+    opts: WriteOptions,
+    /// A few patients (a notification, one posted patient) have their subjects looked up by
+    /// identifier; listing every subject of a study would cost pages per event at hospital
+    /// scale.
+    few: bool,
+    /// Per trial id: its ResearchStudy's id and (unless `few`) the subjects it has.
+    bound: HashMap<String, (String, HashMap<String, Existing>)>,
+    entries: Vec<(String, Value)>,
+    /// Updates the server refused because the subject changed since it was read (412): most
+    /// often our own earlier attempt, applied before its response was lost and the batch sent
+    /// again; otherwise someone else's edit. Either way, look again rather than overwrite.
+    conflicts: Vec<(String, String)>,
+    summary: WriteSummary,
+}
+
+impl<'a> Writer<'a> {
+    /// A writer for the results of up to `patients` patients per trial.
+    pub fn new(client: &'a FhirClient, trials: &'a [Trial], as_of: Date, opts: &WriteOptions, patients: usize) -> Writer<'a> {
+        Writer {
+            client,
+            trials,
+            as_of,
+            opts: opts.clone(),
+            few: patients <= FEW,
+            bound: HashMap::new(),
+            entries: Vec::new(),
+            conflicts: Vec::new(),
+            summary: WriteSummary::default(),
         }
-        let study = bind_study(client, trial).await?;
-        // A few patients (a notification, one posted patient) are looked up by identifier;
-        // listing every subject of a study would cost pages per event at hospital scale.
-        let have = if mine.len() <= FEW {
-            let idents: Vec<String> = mine
-                .iter()
-                .map(|r| query_encode(&format!("{SUBJECT_SYSTEM}|{}:{}", trial.id, r.patient)))
-                .collect();
-            subjects(client, &format!("ResearchSubject?identifier={}", idents.join(","))).await?
-        } else {
-            existing(client, &study).await?
-        };
-        for r in mine {
-            let Some(status) = r4_status(r.status) else {
-                summary.not_written += 1;
+    }
+
+    /// Writes (or, in a dry run, plans) the ResearchSubjects of some results; full batches are
+    /// sent as they fill.
+    pub async fn add(&mut self, results: &[TrialResult]) -> Result<(), ClientError> {
+        let (client, trials, as_of) = (self.client, self.trials, self.as_of);
+        for trial in trials {
+            let mine: Vec<&TrialResult> = results.iter().filter(|r| r.trial == trial.id).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            if !self.bound.contains_key(&trial.id) {
+                let study = bind_study(client, trial).await?;
+                let have = if self.few {
+                    HashMap::new()
+                } else {
+                    existing(client, &study).await?
+                };
+                self.bound.insert(trial.id.clone(), (study, have));
+            }
+            let Some((study, listed)) = self.bound.get(&trial.id) else {
                 continue;
             };
-            let ident = format!("{}:{}", trial.id, r.patient);
-            match have.get(&ident) {
-                Some(e) if !OWNED.contains(&e.status.as_str()) => summary.left_alone += 1,
-                Some(e) if e.status == status => summary.unchanged += 1,
-                Some(e) => {
-                    let mut request = json!({"method": "PUT", "url": format!("ResearchSubject/{}", e.id)});
-                    if let Some(v) = &e.version {
-                        request["ifMatch"] = json!(format!("W/\"{v}\""));
+            let looked_up;
+            let have = if self.few {
+                let idents: Vec<String> = mine
+                    .iter()
+                    .map(|r| query_encode(&format!("{SUBJECT_SYSTEM}|{}:{}", trial.id, r.patient)))
+                    .collect();
+                looked_up = subjects(client, &format!("ResearchSubject?identifier={}", idents.join(","))).await?;
+                &looked_up
+            } else {
+                listed
+            };
+            for r in mine {
+                let Some(status) = r4_status(r.status) else {
+                    self.summary.not_written += 1;
+                    continue;
+                };
+                let ident = format!("{}:{}", trial.id, r.patient);
+                match have.get(&ident) {
+                    Some(e) if !OWNED.contains(&e.status.as_str()) => self.summary.left_alone += 1,
+                    Some(e) if e.status == status => self.summary.unchanged += 1,
+                    Some(e) => {
+                        let mut request = json!({"method": "PUT", "url": format!("ResearchSubject/{}", e.id)});
+                        if let Some(v) = &e.version {
+                            request["ifMatch"] = json!(format!("W/\"{v}\""));
+                        }
+                        let resource = research_subject(trial, study, r, status, as_of, Some(&e.id));
+                        self.entries.push((ident, json!({"resource": resource, "request": request})));
                     }
-                    let resource = research_subject(trial, &study, r, status, as_of, Some(&e.id));
-                    entries.push((ident, json!({"resource": resource, "request": request})));
+                    None if status == "ineligible" && !self.opts.write_ineligible => self.summary.not_written += 1,
+                    None => {
+                        let resource = research_subject(trial, study, r, status, as_of, None);
+                        let request = json!({"method": "POST", "url": "ResearchSubject", "ifNoneExist": format!("identifier={SUBJECT_SYSTEM}|{ident}")});
+                        self.entries.push((ident, json!({"resource": resource, "request": request})));
+                    }
                 }
-                None if status == "ineligible" && !opts.write_ineligible => summary.not_written += 1,
-                None => {
-                    let resource = research_subject(trial, &study, r, status, as_of, None);
-                    let request =
-                        json!({"method": "POST", "url": "ResearchSubject", "ifNoneExist": format!("identifier={SUBJECT_SYSTEM}|{ident}")});
-                    entries.push((ident, json!({"resource": resource, "request": request})));
+                // Sent as soon as a batch is full: a cohort's ResearchSubjects (a few KB each,
+                // with their narrative) are never all held at once.
+                if !self.opts.dry_run && self.entries.len() == BATCH {
+                    send_batch(client, &self.entries, &mut self.summary, &mut self.conflicts).await?;
+                    self.entries.clear();
                 }
             }
-            // Sent as soon as a batch is full: a cohort's ResearchSubjects (a few KB each,
-            // with their narrative) are never all held at once.
-            if !opts.dry_run && entries.len() == BATCH {
-                send_batch(client, &entries, &mut summary, &mut conflicts).await?;
-                entries.clear();
+        }
+        Ok(())
+    }
+
+    /// Sends what is left, reads again the subjects that changed under this run, and says
+    /// what was done (in a dry run, the entries that would have been sent).
+    pub async fn finish(mut self) -> Result<WriteSummary, ClientError> {
+        let client = self.client;
+        if self.opts.dry_run {
+            self.summary.planned = self.entries.into_iter().map(|(_, e)| e).collect();
+            return Ok(self.summary);
+        }
+        if !self.entries.is_empty() {
+            send_batch(client, &self.entries, &mut self.summary, &mut self.conflicts).await?;
+        }
+        for (ident, wanted) in std::mem::take(&mut self.conflicts) {
+            let search = format!("ResearchSubject?identifier={}", query_encode(&format!("{SUBJECT_SYSTEM}|{ident}")));
+            let now = subjects(client, &search).await?;
+            match now.get(&ident) {
+                Some(e) if e.status == wanted => self.summary.updated += 1,
+                Some(e) if !OWNED.contains(&e.status.as_str()) => self.summary.left_alone += 1,
+                _ => self.summary.failed.push((
+                    ident,
+                    "412: the ResearchSubject changed on the server while this run wrote it; run again to re-decide".into(),
+                )),
             }
         }
+        Ok(self.summary)
     }
-    if opts.dry_run {
-        summary.planned = entries.into_iter().map(|(_, e)| e).collect();
-        return Ok(summary);
-    }
-    if !entries.is_empty() {
-        send_batch(client, &entries, &mut summary, &mut conflicts).await?;
-    }
-    for (ident, wanted) in conflicts {
-        let search = format!("ResearchSubject?identifier={}", query_encode(&format!("{SUBJECT_SYSTEM}|{ident}")));
-        let now = subjects(client, &search).await?;
-        match now.get(&ident) {
-            Some(e) if e.status == wanted => summary.updated += 1,
-            Some(e) if !OWNED.contains(&e.status.as_str()) => summary.left_alone += 1,
-            _ => summary.failed.push((
-                ident,
-                "412: the ResearchSubject changed on the server while this run wrote it; run again to re-decide".into(),
-            )),
-        }
-    }
-    Ok(summary)
 }
 
 /// Sends one batch of ResearchSubject writes and counts what the server answered; updates
