@@ -394,6 +394,12 @@ pub fn screen_read(
     decisions: &Decisions,
     detail: criteria::Detail,
 ) -> Screening {
+    screen_facts(read_resources(read, inputs, cfg, as_of), cfg, as_of, decisions, detail)
+}
+
+/// Reduces resources already read (pages from a server) to every patient's facts (the first
+/// half of [`screen_read`]).
+pub fn read_resources(read: fhir::files::ReadOutput, inputs: Vec<SourceFile>, cfg: &Config, as_of: Date) -> FactsRead {
     let mut store = FactStore::keeping(criteria::eval::lab_spans(&cfg.trials, &cfg.mappings, as_of));
     for p in read.resources {
         store.feed(p, &cfg.mappings);
@@ -401,11 +407,10 @@ pub fn screen_read(
     let (facts, more, unmapped) = store.finish(&cfg.mappings);
     let mut issues = read.issues;
     issues.extend(more);
-    let read = FactsRead {
+    FactsRead {
         facts,
         issues,
         unmapped,
         inputs,
-    };
-    screen_facts(read, cfg, as_of, decisions, detail)
+    }
 }

@@ -650,20 +650,6 @@ fn note_inputs(
     Ok(())
 }
 
-fn finish(
-    s: &mut trialgate::Screening,
-    decisions: &Option<PathBuf>,
-    format: Format,
-    output: Option<PathBuf>,
-    server: &str,
-    previous: std::collections::HashMap<(String, String), trialgate::criteria::Status>,
-) -> anyhow::Result<()> {
-    note_inputs(&mut s.provenance, &s.issues, decisions)?;
-    let sink = ReportSink::open(output.as_deref())?;
-    let written = trialgate::report::write_marked(sink.writer(), s, format.into(), Some(server), previous);
-    sink.close(written)
-}
-
 impl From<Format> for trialgate::report::Format {
     fn from(f: Format) -> Self {
         match f {
@@ -980,7 +966,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "--shard with --bulk would export the whole cohort once per shard: export once (--bulk --bulk-dir DIR), then run `trialgate screen --bundle DIR --shard K/N` in each process",
                 ));
             }
-            let (mut s, errors, unfetched) = if bulk {
+            let (mut swept, errors, unfetched) = if bulk {
                 let group = match &sweep_opts.cohort {
                     Cohort::Group(g) => Some(g.clone()),
                     Cohort::All => None,
@@ -1000,21 +986,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     code_filter: sweep_opts.code_filter,
                     max_poll: std::time::Duration::from_secs(bulk_poll_max),
                 };
-                let outcome = runtime.block_on(trialgate::sweep::bulk_sweep(
-                    &client,
-                    &cfg,
-                    as_of,
-                    &loaded,
-                    &bulk_opts,
-                    &dir,
-                    state.as_mut(),
-                ));
+                let outcome = runtime.block_on(trialgate::sweep::bulk_read(&client, &cfg, as_of, &bulk_opts, &dir, state.as_mut()));
                 if temporary {
                     let _ = std::fs::remove_dir_all(&dir);
                 }
-                let (s, outcome) = outcome?;
+                let (read, outcome) = outcome?;
+                let s = trialgate::sweep::Swept::of_facts(read, &cfg, as_of);
+                // The verdicts are not held (a cohort's can be gigabytes with their explanations):
+                // this pass stores them, the one below writes them back and reports them.
                 if let Some(st) = state.as_mut() {
-                    st.save(&s.results)?;
+                    s.each_run(&cfg, &loaded, trialgate::criteria::Detail::Full, &mut |run| st.save(run))?;
                 }
                 let exported = &outcome.exported;
                 match &outcome.incremental_since {
@@ -1037,7 +1018,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("sweep: {} patient(s); {:.1} s", s.patients, started.elapsed().as_secs_f64());
                 (s, 0, 0)
             } else {
-                let (s, summary) = runtime.block_on(trialgate::sweep::sweep(&client, &cfg, as_of, &loaded, &sweep_opts, state.as_mut()))?;
+                let (s, summary) = runtime.block_on(trialgate::sweep::sweep_held(
+                    &client,
+                    &cfg,
+                    as_of,
+                    &loaded,
+                    &sweep_opts,
+                    state.as_mut(),
+                ))?;
                 eprintln!(
                     "sweep: {} patient(s), {} in error; {} read request(s), {} retried, {} failed; {:.1} s",
                     summary.patients,
@@ -1088,11 +1076,53 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))?;
                 }
             }
-            if let Some(writer) = writer {
-                let wopts = WriteOptions { write_ineligible, dry_run };
-                let w = runtime
-                    .block_on(trialgate::writeback::write_back(&writer, &cfg.trials, &s.results, as_of, &wopts))
-                    .context("writing ResearchSubjects")?;
+            // Write-back and the report take the verdicts in one pass, a run at a time.
+            note_inputs(&mut swept.provenance, &swept.issues, &decisions)?;
+            let wopts = WriteOptions { write_ineligible, dry_run };
+            let mut back = writer
+                .as_ref()
+                .map(|w| trialgate::writeback::Writer::new(w, &cfg.trials, as_of, &wopts, swept.patients));
+            // A dry run prints the writes it would make instead of a report.
+            let sink = if dry_run {
+                None
+            } else {
+                Some(ReportSink::open(output.as_deref())?)
+            };
+            let mut report = sink.as_ref().map(|k| {
+                trialgate::report::Writer::new(k.writer(), format.into(), as_of, &swept.provenance.version, swept.patients)
+                    .changes(previous)
+                    .link_to(&server)
+            });
+            // Write-back writes the reasons; a report alone may need less.
+            let detail = if back.is_some() {
+                trialgate::criteria::Detail::Full
+            } else {
+                trialgate::report::Format::from(format).detail()
+            };
+            let passed = swept.each_run(&cfg, &loaded, detail, &mut |run| {
+                if let Some(b) = back.as_mut() {
+                    runtime.block_on(b.add(run)).context("writing ResearchSubjects")?;
+                }
+                if let Some(r) = report.as_mut() {
+                    run.iter().for_each(|x| r.result(x));
+                }
+                anyhow::Ok(())
+            });
+            let written = match (passed, back) {
+                (Err(e), _) => Err(e),
+                (Ok(()), None) => Ok(None),
+                (Ok(()), Some(b)) => runtime.block_on(b.finish()).context("writing ResearchSubjects").map(Some),
+            };
+            let written = match written {
+                Ok(w) => w,
+                Err(e) => {
+                    if let Some(k) = &sink {
+                        k.discard();
+                    }
+                    return Err(e);
+                }
+            };
+            if let (Some(w), Some(writer)) = (&written, &writer) {
                 eprintln!(
                     "write-back{}: {} created, {} updated, {} unchanged, {} left alone (moved on by a person), {} not written, {} refused; {} request(s), {} retried",
                     if dry_run { " (dry run: nothing sent)" } else { "" },
@@ -1113,15 +1143,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("{}", serde_json::to_string_pretty(&bundle).unwrap_or_default());
                     return Ok(());
                 }
-                if !w.failed.is_empty() {
-                    finish(&mut s, &decisions, format, output, &server, previous)?;
-                    anyhow::bail!(
-                        "{} ResearchSubject write(s) were refused by the server (see the warnings above)",
-                        w.failed.len()
-                    );
-                }
             }
-            finish(&mut s, &decisions, format, output, &server, previous)?;
+            if let (Some(k), Some(r)) = (sink, report) {
+                let totals = trialgate::report::Totals {
+                    patients: swept.patients,
+                    provenance: &swept.provenance,
+                    unmapped: &swept.unmapped,
+                    issues: &swept.issues,
+                };
+                k.close(r.finish(&totals))?;
+            }
+            if let Some(w) = written.filter(|w| !w.failed.is_empty()) {
+                anyhow::bail!(
+                    "{} ResearchSubject write(s) were refused by the server (see the warnings above)",
+                    w.failed.len()
+                );
+            }
             // The report is written either way; the exit status tells a scheduler that some
             // patients could not be screened.
             if errors > 0 {

@@ -349,8 +349,23 @@ pub async fn sweep(
     as_of: Date,
     decisions: &Decisions,
     opts: &SweepOptions,
-    mut state: Option<&mut crate::state::State>,
+    state: Option<&mut crate::state::State>,
 ) -> Result<(Screening, SweepSummary), SweepError> {
+    let (swept, summary) = sweep_held(client, cfg, as_of, decisions, opts, state).await?;
+    Ok((swept.into_screening(cfg, decisions), summary))
+}
+
+/// [`sweep`], its verdicts not held but given by [`Swept::each_run`]: what a large cohort
+/// needs. Each batch is screened as it arrives (and checkpointed in the `state`); what is
+/// kept of it is its patients' facts.
+pub async fn sweep_held(
+    client: &FhirClient,
+    cfg: &Config,
+    as_of: Date,
+    decisions: &Decisions,
+    opts: &SweepOptions,
+    mut state: Option<&mut crate::state::State>,
+) -> Result<(Swept, SweepSummary), SweepError> {
     let needed: BTreeSet<&str> = cfg.trials.iter().flat_map(|t| t.resource_types()).collect();
     let served = served(client).await;
     if !served.known() {
@@ -400,7 +415,9 @@ pub async fn sweep(
     }
 
     // A resumed run starts from its last checkpoint: those patients are not fetched again.
+    // Their results are held as they were; the others' facts are (see `Swept`).
     let mut results: Vec<TrialResult> = Vec::new();
+    let mut held: Vec<crate::facts::held::Held> = Vec::new();
     let mut done: BTreeSet<String> = BTreeSet::new();
     if let Some(st) = state.as_deref() {
         let earlier = st.done().map_err(SweepError::State)?;
@@ -449,9 +466,9 @@ pub async fn sweep(
         };
         progress.patients_done.fetch_add(ids.len() as u64, Ordering::Relaxed);
         failed.extend(errors);
-        let s = screen_batch(&ids, pages, &failed, &mut listed, cfg, as_of, decisions);
+        let read = read_batch(&ids, pages, &failed, &mut listed, cfg, as_of);
         // Patients of the cohort the server returned nothing for are reported, not lost.
-        let got: BTreeSet<&str> = s.results.iter().map(|r| r.patient.trim_start_matches("Patient/")).collect();
+        let got: BTreeSet<&str> = read.facts.iter().map(|h| h.key().trim_start_matches("Patient/")).collect();
         let missing: Vec<String> = ids
             .iter()
             .filter(|id| !got.contains(id.as_str()) && !failed.contains_key(*id))
@@ -462,13 +479,21 @@ pub async fn sweep(
             failed.insert(id, "the server returned no Patient resource for this id".into());
         }
         if let Some(st) = state.as_deref_mut() {
-            st.save(&s.results).map_err(SweepError::State)?;
+            // Full detail: the state stores each result whole (as JSON).
+            let mut results = Vec::new();
+            crate::pipeline::evaluate_held(&read.facts, cfg, as_of, decisions, crate::criteria::Detail::Full, None, &mut |r| {
+                results.extend(r);
+                true
+            });
+            st.save(&results).map_err(SweepError::State)?;
         }
-        screened += s.patients;
-        unmapped.merge(s.unmapped);
-        batch_issues.insert(n, s.issues);
-        results.extend(s.results);
+        screened += read.facts.len();
+        unmapped.merge(read.unmapped);
+        batch_issues.insert(n, read.issues);
+        held.extend(read.facts);
     }
+    // Batches finish in any order; the report's is the patients'.
+    held.sort_by(|a, b| a.key().cmp(b.key()));
     for (id, reason) in &failed {
         for t in &cfg.trials {
             results.push(TrialResult {
@@ -499,9 +524,10 @@ pub async fn sweep(
         sha256: None,
         bytes: None,
     });
-    let s = Screening {
+    let s = Swept {
         as_of,
         patients: screened + failed.len(),
+        facts: held,
         results,
         unmapped,
         issues: all_issues,
@@ -519,16 +545,16 @@ pub async fn sweep(
     Ok((s, summary))
 }
 
-/// Screens one batch from its pages (and the Patients the cohort listing brought for it).
-fn screen_batch(
+/// Reads one batch from its pages (and the Patients the cohort listing brought for it) into
+/// its patients' facts.
+fn read_batch(
     ids: &[String],
     mut pages: Vec<(String, Vec<String>)>,
     failed: &BTreeMap<String, String>,
     listed: &mut HashMap<String, crate::fhir::files::Parsed>,
     cfg: &Config,
     as_of: Date,
-    decisions: &Decisions,
-) -> Screening {
+) -> crate::FactsRead {
     let mut read = ReadOutput::default();
     read.resources.extend(ids.iter().filter_map(|id| listed.remove(id)));
     // Sorted so that the same server state gives the same report, whatever the timing.
@@ -545,9 +571,7 @@ fn screen_batch(
             .and_then(crate::fhir::record::normalize_reference)
             .is_some_and(|n| n.strip_prefix("Patient/").is_some_and(|id| failed.contains_key(id))),
     });
-    // Full detail whatever the report's format: the state stores each result whole (as JSON)
-    // and write-back writes the reasons.
-    crate::screen_read(read, Vec::new(), cfg, as_of, decisions, crate::criteria::Detail::Full)
+    crate::read_resources(read, Vec::new(), cfg, as_of)
 }
 
 /// The codes of every lab the trials read and, with `panels`, of the panels that carry one as
@@ -600,6 +624,25 @@ pub async fn bulk_sweep(
     dir: &std::path::Path,
     state: Option<&mut crate::state::State>,
 ) -> Result<(Screening, BulkOutcome), crate::bulk::BulkError> {
+    let (read, outcome) = bulk_read(client, cfg, as_of, opts, dir, state).await?;
+    // Full detail whatever the report's format: the state stores each result whole (as JSON)
+    // and write-back writes the reasons.
+    Ok((
+        crate::screen_facts(read, cfg, as_of, decisions, crate::criteria::Detail::Full),
+        outcome,
+    ))
+}
+
+/// The first half of [`bulk_sweep`]: export and read every patient's facts, not yet
+/// evaluated (see [`Swept`]).
+pub async fn bulk_read(
+    client: &FhirClient,
+    cfg: &Config,
+    as_of: Date,
+    opts: &BulkOptions,
+    dir: &std::path::Path,
+    state: Option<&mut crate::state::State>,
+) -> Result<(crate::FactsRead, BulkOutcome), crate::bulk::BulkError> {
     let mut types: BTreeSet<&str> = cfg.trials.iter().flat_map(|t| t.resource_types()).collect();
     if types.iter().any(|t| t.starts_with("Medication")) {
         types.insert("Medication");
@@ -644,16 +687,104 @@ pub async fn bulk_sweep(
     if let (Some(st), Some(t), true) = (state, &exported.transaction_time, full || incremental_since.is_some()) {
         st.save_facts(&read.facts, t)?;
     }
-    // Full detail whatever the report's format: the state stores each result whole (as JSON)
-    // and write-back writes the reasons.
-    let s = crate::screen_facts(read, cfg, as_of, decisions, crate::criteria::Detail::Full);
     Ok((
-        s,
+        read,
         BulkOutcome {
             exported,
             incremental_since,
         },
     ))
+}
+
+/// Results handed over per run: enough that the state stores them in few transactions, few
+/// enough that a run with its explanations (kilobytes a result) stays small.
+const RUN: usize = 2048;
+
+/// A sweep's outcome, read in passes (the state, then write-back and the report) without
+/// holding its verdicts: a patient's facts are a few hundred bytes, its results with their
+/// explanations several kilobytes per trial, and a cohort can be millions of patients. The
+/// facts are evaluated again at each pass.
+pub struct Swept {
+    pub as_of: Date,
+    pub patients: usize,
+    /// Every screened patient's facts, in patient order.
+    pub facts: Vec<crate::facts::held::Held>,
+    /// Results not made from `facts`: patients in error, and those a resumed run screened
+    /// before its interruption (read back from the state); in report order.
+    pub results: Vec<TrialResult>,
+    pub unmapped: crate::facts::Unmapped,
+    pub issues: Vec<InputIssue>,
+    pub provenance: crate::Provenance,
+}
+
+impl Swept {
+    pub fn of_facts(read: crate::FactsRead, cfg: &Config, as_of: Date) -> Swept {
+        let mut provenance = cfg.provenance.clone();
+        provenance.sources.extend(read.inputs);
+        Swept {
+            as_of,
+            patients: read.facts.len(),
+            facts: read.facts,
+            results: Vec::new(),
+            unmapped: read.unmapped,
+            issues: read.issues,
+            provenance,
+        }
+    }
+
+    /// Hands the results to `each` in report order (patient, then trial), a run at a time,
+    /// and stops at its first error. The facts are evaluated in `detail`; the results held
+    /// are given as they are. Every call evaluates again: the same facts give the same results.
+    pub fn each_run<E>(
+        &self,
+        cfg: &Config,
+        decisions: &Decisions,
+        detail: crate::criteria::Detail,
+        each: &mut dyn FnMut(&[TrialResult]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut held = self.results.iter().peekable();
+        let mut run: Vec<TrialResult> = Vec::with_capacity(RUN);
+        let mut failed = None;
+        crate::pipeline::evaluate_held(&self.facts, cfg, self.as_of, decisions, detail, None, &mut |results| {
+            for r in results {
+                // The two are disjoint and each in patient order: merged.
+                while let Some(h) = held.next_if(|h| h.patient < r.patient) {
+                    run.push(h.clone());
+                }
+                run.push(r);
+            }
+            if run.len() >= RUN {
+                if let Err(e) = each(&run) {
+                    failed = Some(e);
+                    return false;
+                }
+                run.clear();
+            }
+            true
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        run.extend(held.cloned());
+        run.chunks(RUN).try_for_each(each)
+    }
+
+    /// Every result, held: for a cohort small enough.
+    pub fn into_screening(self, cfg: &Config, decisions: &Decisions) -> Screening {
+        let mut results = Vec::new();
+        let _ = self.each_run::<std::convert::Infallible>(cfg, decisions, crate::criteria::Detail::Full, &mut |run| {
+            results.extend_from_slice(run);
+            Ok(())
+        });
+        Screening {
+            as_of: self.as_of,
+            patients: self.patients,
+            results,
+            unmapped: self.unmapped,
+            issues: self.issues,
+            provenance: self.provenance,
+        }
+    }
 }
 
 fn trial_order(cfg: &Config, id: &str) -> usize {
@@ -685,5 +816,66 @@ mod tests {
             ]
         );
         assert_eq!(with_count("Condition?code=x", 5), "Condition?code=x&_count=5");
+    }
+
+    /// Held results (errors, a resumed run's earlier verdicts) and the results evaluated from
+    /// facts come out merged in patient order, over several runs, and each pass the same.
+    #[test]
+    fn held_results_and_evaluated_facts_are_merged_in_patient_order() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let cfg = crate::load_config(&root.join("mappings"), &root.join("config/trials"), &["NCT06406205".to_string()]).unwrap();
+        let as_of = Date::parse("2026-06-01").unwrap();
+        let key = |i: usize| format!("Patient/p{i:05}");
+        // Evens from facts, odds held: 3,000 results, more than one run.
+        let facts = (0..3000)
+            .step_by(2)
+            .map(|i| crate::facts::held::Held::new(key(i), crate::facts::Demographics::default()))
+            .collect();
+        let results = (1..3000)
+            .step_by(2)
+            .map(|i| TrialResult {
+                patient: key(i),
+                person: None,
+                trial: "NCT06406205".into(),
+                status: Status::Error,
+                record: Some("held".into()),
+                decided_by: Vec::new(),
+                criteria: Vec::new(),
+                facts: Vec::new(),
+            })
+            .collect();
+        let swept = Swept {
+            as_of,
+            patients: 3000,
+            facts,
+            results,
+            unmapped: Default::default(),
+            issues: Vec::new(),
+            provenance: cfg.provenance.clone(),
+        };
+        let pass = || {
+            let mut seen: Vec<(String, bool)> = Vec::new();
+            let mut runs = 0;
+            swept
+                .each_run::<()>(&cfg, &Decisions::default(), crate::criteria::Detail::Outcome, &mut |run| {
+                    runs += 1;
+                    seen.extend(run.iter().map(|r| (r.patient.clone(), r.record.as_deref() == Some("held"))));
+                    Ok(())
+                })
+                .unwrap();
+            (seen, runs)
+        };
+        let (seen, runs) = pass();
+        let expected: Vec<(String, bool)> = (0..3000).map(|i| (key(i), i % 2 == 1)).collect();
+        assert_eq!(seen, expected);
+        assert!(runs >= 2, "{runs} run(s)");
+        assert_eq!(pass().0, expected);
+        // An error from `each` stops the pass and is returned.
+        let mut calls = 0;
+        let stopped = swept.each_run(&cfg, &Decisions::default(), crate::criteria::Detail::Outcome, &mut |_| {
+            calls += 1;
+            Err("stop")
+        });
+        assert_eq!((stopped, calls), (Err("stop"), 1));
     }
 }

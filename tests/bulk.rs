@@ -14,6 +14,7 @@ use trialgate::time::Date;
 use wiremock::matchers::{header, method, path, query_param};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
+mod mock;
 mod pg;
 
 fn root() -> PathBuf {
@@ -371,4 +372,182 @@ async fn incremental(dir: &Path, db: trialgate::state::Location) {
         assert_eq!(st("Patient/bulk-0001", "NCT06406205"), Some("ineligible"));
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `trialgate sweep --bulk` on the command line, with state, write-back and a report: the
+/// verdicts are not held but evaluated again for each pass (the state, then write-back and the
+/// report), in runs of a few thousand. Over several runs every pass must see every verdict,
+/// each trial's ResearchStudy is bound and its subjects listed once (not once per run), and a
+/// second, incremental sweep lists what changed.
+#[tokio::test]
+async fn the_command_line_bulk_sweep_passes_every_verdict_to_state_write_back_and_report() {
+    const N: usize = 1100; // two trials: 2,200 results, more than one run
+    let trials = ["NCT06406205", "belimumab-multitarget-ln"];
+    let egfr = |id: &str, p: &str, value: f64, status: &str| {
+        json!({"resourceType": "Observation", "id": id, "status": status,
+            "code": {"coding": [{"system": "http://loinc.org", "code": "98979-8"}]},
+            "subject": {"reference": format!("Patient/{p}")},
+            "effectiveDateTime": "2026-05-20T09:00:00Z",
+            "valueQuantity": {"value": value, "unit": "mL/min/{1.73_m2}", "system": "http://unitsofmeasure.org", "code": "mL/min/{1.73_m2}"}})
+    };
+    let (mut patients, mut observations) = (String::new(), String::new());
+    for i in 0..N {
+        let p = format!("p{i:04}");
+        patients.push_str(&format!(
+            "{}\n",
+            json!({"resourceType": "Patient", "id": p, "gender": "female", "birthDate": "1990-01-01"})
+        ));
+        let value = if i % 3 == 0 { 40.0 } else { 80.0 };
+        observations.push_str(&format!("{}\n", egfr(&format!("{p}-egfr"), &p, value, "final")));
+    }
+    let dir = temp("cli-sweep");
+    let _ = std::fs::remove_dir_all(&dir);
+    let files = dir.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("Patient.ndjson"), &patients).unwrap();
+    std::fs::write(files.join("Observation.ndjson"), &observations).unwrap();
+
+    let server = mock::server_without_capabilities().await;
+    mount_job(
+        &server,
+        "full",
+        None,
+        "2026-06-01T03:00:00Z",
+        &[("Patient", patients.clone()), ("Observation", observations.clone())],
+        None,
+    )
+    .await;
+    // p0001 and p0002 fall to an eGFR of 30; p0000 rises to 90.
+    let delta: String = [(1, 30.0), (2, 30.0), (0, 90.0)]
+        .iter()
+        .map(|(i, v)| format!("{}\n", egfr(&format!("p{i:04}-egfr"), &format!("p{i:04}"), *v, "amended")))
+        .collect();
+    mount_job(
+        &server,
+        "delta",
+        Some("2026-06-01T03:00:00Z"),
+        "2026-06-02T03:00:00Z",
+        &[("Observation", delta)],
+        None,
+    )
+    .await;
+    mock::accepts_research_study(&server).await;
+    Mock::given(method("GET"))
+        .and(path("/ResearchSubject"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(
+            json!({"resourceType": "Bundle", "type": "searchset", "entry": []}).to_string(),
+            "application/fhir+json",
+        ))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/"))
+        .respond_with(|req: &wiremock::Request| {
+            let sent: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
+            let n = sent["entry"].as_array().map_or(0, Vec::len);
+            let entry: Vec<serde_json::Value> = (0..n).map(|_| json!({"response": {"status": "201 Created"}})).collect();
+            ResponseTemplate::new(200).set_body_raw(
+                json!({"resourceType": "Bundle", "type": "batch-response", "entry": entry}).to_string(),
+                "application/fhir+json",
+            )
+        })
+        .mount(&server)
+        .await;
+
+    let (uri, home) = (server.uri(), dir.clone());
+    let sweep = move |day: &str, extra: &[&str]| {
+        let mut args: Vec<String> = ["sweep", "--server", &uri, "--bulk", "--as-of", day, "--format", "json"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for t in trials {
+            args.extend(["--trial".to_string(), t.to_string()]);
+        }
+        for (flag, file) in [
+            ("--state", "state.sqlite"),
+            ("-o", &format!("{day}.json")),
+            ("--changes", &format!("{day}.csv")),
+        ] {
+            args.extend([flag.to_string(), home.join(file).display().to_string()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        std::process::Command::new(env!("CARGO_BIN_EXE_trialgate"))
+            .current_dir(root())
+            .args(&args)
+            .output()
+            .expect("trialgate runs")
+    };
+    let first = tokio::task::spawn_blocking({
+        let sweep = sweep.clone();
+        move || sweep("2026-06-01", &["--write-back"])
+    });
+    let out = first.await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+
+    // The report: every verdict, the same as screening the exported files.
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("2026-06-01.json")).unwrap()).unwrap();
+    let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &trials.map(String::from)).unwrap();
+    let as_of = Date::parse("2026-06-01").unwrap();
+    let screened = trialgate::screen(&files, &cfg, as_of, &Decisions::default()).unwrap();
+    let expected: Vec<serde_json::Value> = screened.results.iter().map(|r| serde_json::to_value(r).unwrap()).collect();
+    let got = report["results"].as_array().unwrap();
+    assert_eq!(got.len(), 2 * N);
+    for (g, e) in got.iter().zip(&expected) {
+        assert!(g == e, "{} {}:\n{g}\n{e}", e["patient"], e["trial"]);
+    }
+    assert_eq!(report["summary"]["patients"], N);
+
+    // The state: every verdict of the run.
+    let db = rusqlite::Connection::open(dir.join("state.sqlite")).unwrap();
+    let stored: i64 = db
+        .query_row("SELECT count(*) FROM results WHERE run = (SELECT max(run) FROM results)", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(stored, 2 * N as i64);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("2026-06-01.csv")).unwrap(),
+        "patient,trial,from,to\n"
+    );
+
+    // Write-back: a subject for every candidate, in batches of at most 100; each study's
+    // subjects listed once.
+    let candidates = screened.results.iter().filter(|r| r.status.as_str() != "ineligible").count();
+    assert!(candidates > 0 && candidates < 2 * N);
+    let reqs = server.received_requests().await.unwrap();
+    let batches: Vec<usize> = reqs
+        .iter()
+        .filter(|r| r.method.as_str() == "POST" && r.url.path() == "/")
+        .map(|r| {
+            serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["entry"]
+                .as_array()
+                .unwrap()
+                .len()
+        })
+        .collect();
+    assert_eq!(batches.iter().sum::<usize>(), candidates);
+    assert!(batches.iter().all(|&n| (1..=100).contains(&n)), "{batches:?}");
+    let listings = reqs
+        .iter()
+        .filter(|r| r.method.as_str() == "GET" && r.url.path() == "/ResearchSubject")
+        .count();
+    assert_eq!(listings, trials.len());
+    assert!(stderr.contains(&format!("{candidates} created")), "{stderr}");
+
+    // A day later, the delta: the changes are listed against the first run.
+    let out = tokio::task::spawn_blocking(move || sweep("2026-06-02", &[])).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let changes = std::fs::read_to_string(dir.join("2026-06-02.csv")).unwrap();
+    for row in [
+        "Patient/p0001,NCT06406205,potentially-eligible,ineligible",
+        "Patient/p0002,NCT06406205,potentially-eligible,ineligible",
+        "Patient/p0000,NCT06406205,ineligible,potentially-eligible",
+    ] {
+        assert!(changes.lines().any(|l| l == row), "{row} missing from:\n{changes}");
+    }
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("2026-06-02.json")).unwrap()).unwrap();
+    assert_eq!(report["results"].as_array().unwrap().len(), 2 * N);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -181,6 +181,8 @@ async fn killed_and_resumed(dir: &Path, db: Store) {
     let unique: BTreeSet<&str> = patients.iter().copied().collect();
     assert_eq!(patients.len(), 10, "one row per patient: {report}");
     assert_eq!(unique.len(), 10, "nobody twice: {report}");
+    // The verdicts kept from before the interruption and the new ones, merged in patient order.
+    assert!(patients.is_sorted(), "{report}");
     let reqs = server.received_requests().await.unwrap();
     let refetched: BTreeSet<String> = reqs[before..]
         .iter()
