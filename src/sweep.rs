@@ -439,9 +439,12 @@ pub async fn sweep_held(
     for (n, chunk) in todo.chunks(opts.batch.max(1)).enumerate() {
         let (client, plan, ids, limit) = (client.clone(), plan.clone(), chunk.to_vec(), limit.clone());
         tasks.spawn(async move {
-            let _permit = limit.acquire_owned().await;
+            // Handed back with the pages and released once they are screened: a batch
+            // fetched but not yet screened counts too, or a server faster than the screening
+            // would pile the whole cohort's pages up in memory.
+            let permit = limit.acquire_owned().await;
             let (pages, failed) = fetch_batch(&client, &plan, ids.clone()).await;
-            (n, ids, pages, failed)
+            (n, ids, pages, failed, permit)
         });
     }
     let mut failed: BTreeMap<String, String> = BTreeMap::new();
@@ -460,13 +463,14 @@ pub async fn sweep_held(
     progress.patients_total.store(unique.len() as u64, Ordering::Relaxed);
     progress.patients_done.store(done.len() as u64, Ordering::Relaxed);
     while let Some(joined) = tasks.join_next().await {
-        let (n, ids, pages, errors) = match joined {
+        let (n, ids, pages, errors, permit) = match joined {
             Ok(x) => x,
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         };
         progress.patients_done.fetch_add(ids.len() as u64, Ordering::Relaxed);
         failed.extend(errors);
         let read = read_batch(&ids, pages, &failed, &mut listed, cfg, as_of);
+        drop(permit);
         // Patients of the cohort the server returned nothing for are reported, not lost.
         let got: BTreeSet<&str> = read.facts.iter().map(|h| h.key().trim_start_matches("Patient/")).collect();
         let missing: Vec<String> = ids
