@@ -271,7 +271,8 @@ pub struct Totals {
 }
 
 impl Totals {
-    fn with(self, results: Vec<TrialResult>) -> Screening {
+    /// The screening of these totals and results.
+    pub fn with(self, results: Vec<TrialResult>) -> Screening {
         Screening {
             as_of: self.as_of,
             patients: self.patients,

@@ -1015,7 +1015,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     client.stats.requests.load(std::sync::atomic::Ordering::Relaxed),
                     client.stats.retries.load(std::sync::atomic::Ordering::Relaxed),
                 );
-                eprintln!("sweep: {} patient(s); {:.1} s", s.patients, started.elapsed().as_secs_f64());
+                eprintln!("sweep: {} patient(s); {:.1} s", s.totals.patients, started.elapsed().as_secs_f64());
                 (s, 0, 0)
             } else {
                 let (s, summary) = runtime.block_on(trialgate::sweep::sweep_held(
@@ -1077,11 +1077,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             // Write-back and the report take the verdicts in one pass, a run at a time.
-            note_inputs(&mut swept.provenance, &swept.issues, &decisions)?;
+            note_inputs(&mut swept.totals.provenance, &swept.totals.issues, &decisions)?;
             let wopts = WriteOptions { write_ineligible, dry_run };
             let mut back = writer
                 .as_ref()
-                .map(|w| trialgate::writeback::Writer::new(w, &cfg.trials, as_of, &wopts, swept.patients));
+                .map(|w| trialgate::writeback::Writer::new(w, &cfg.trials, as_of, &wopts, swept.totals.patients));
             // A dry run prints the writes it would make instead of a report.
             let sink = if dry_run {
                 None
@@ -1089,9 +1089,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(ReportSink::open(output.as_deref())?)
             };
             let mut report = sink.as_ref().map(|k| {
-                trialgate::report::Writer::new(k.writer(), format.into(), as_of, &swept.provenance.version, swept.patients)
-                    .changes(previous)
-                    .link_to(&server)
+                trialgate::report::Writer::new(
+                    k.writer(),
+                    format.into(),
+                    as_of,
+                    &swept.totals.provenance.version,
+                    swept.totals.patients,
+                )
+                .changes(previous)
+                .link_to(&server)
             });
             // Write-back writes the reasons; a report alone may need less.
             let detail = if back.is_some() {
@@ -1146,10 +1152,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let (Some(k), Some(r)) = (sink, report) {
                 let totals = trialgate::report::Totals {
-                    patients: swept.patients,
-                    provenance: &swept.provenance,
-                    unmapped: &swept.unmapped,
-                    issues: &swept.issues,
+                    patients: swept.totals.patients,
+                    provenance: &swept.totals.provenance,
+                    unmapped: &swept.totals.unmapped,
+                    issues: &swept.totals.issues,
                 };
                 k.close(r.finish(&totals))?;
             }

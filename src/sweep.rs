@@ -529,16 +529,18 @@ pub async fn sweep_held(
         bytes: None,
     });
     let s = Swept {
-        as_of,
-        patients: screened + failed.len(),
         facts: held,
         results,
-        unmapped,
-        issues: all_issues,
-        provenance,
+        totals: crate::Totals {
+            as_of,
+            patients: screened + failed.len(),
+            unmapped,
+            issues: all_issues,
+            provenance,
+        },
     };
     let summary = SweepSummary {
-        patients: s.patients,
+        patients: s.totals.patients,
         errors: failed.len(),
         unfetched: failed.len() - absent,
         requests: client.stats.requests.load(Ordering::Relaxed),
@@ -709,16 +711,12 @@ const RUN: usize = 2048;
 /// explanations several kilobytes per trial, and a cohort can be millions of patients. The
 /// facts are evaluated again at each pass.
 pub struct Swept {
-    pub as_of: Date,
-    pub patients: usize,
     /// Every screened patient's facts, in patient order.
     pub facts: Vec<crate::facts::held::Held>,
     /// Results not made from `facts`: patients in error, and those a resumed run screened
     /// before its interruption (read back from the state); in report order.
     pub results: Vec<TrialResult>,
-    pub unmapped: crate::facts::Unmapped,
-    pub issues: Vec<InputIssue>,
-    pub provenance: crate::Provenance,
+    pub totals: crate::Totals,
 }
 
 impl Swept {
@@ -726,13 +724,15 @@ impl Swept {
         let mut provenance = cfg.provenance.clone();
         provenance.sources.extend(read.inputs);
         Swept {
-            as_of,
-            patients: read.facts.len(),
+            totals: crate::Totals {
+                as_of,
+                patients: read.facts.len(),
+                unmapped: read.unmapped,
+                issues: read.issues,
+                provenance,
+            },
             facts: read.facts,
             results: Vec::new(),
-            unmapped: read.unmapped,
-            issues: read.issues,
-            provenance,
         }
     }
 
@@ -749,7 +749,7 @@ impl Swept {
         let mut held = self.results.iter().peekable();
         let mut run: Vec<TrialResult> = Vec::with_capacity(RUN);
         let mut failed = None;
-        crate::pipeline::evaluate_held(&self.facts, cfg, self.as_of, decisions, detail, None, &mut |results| {
+        crate::pipeline::evaluate_held(&self.facts, cfg, self.totals.as_of, decisions, detail, None, &mut |results| {
             for r in results {
                 // The two are disjoint and each in patient order: merged.
                 while let Some(h) = held.next_if(|h| h.patient < r.patient) {
@@ -780,14 +780,7 @@ impl Swept {
             results.extend_from_slice(run);
             Ok(())
         });
-        Screening {
-            as_of: self.as_of,
-            patients: self.patients,
-            results,
-            unmapped: self.unmapped,
-            issues: self.issues,
-            provenance: self.provenance,
-        }
+        self.totals.with(results)
     }
 }
 
@@ -849,13 +842,15 @@ mod tests {
             })
             .collect();
         let swept = Swept {
-            as_of,
-            patients: 3000,
             facts,
             results,
-            unmapped: Default::default(),
-            issues: Vec::new(),
-            provenance: cfg.provenance.clone(),
+            totals: crate::Totals {
+                as_of,
+                patients: 3000,
+                unmapped: Default::default(),
+                issues: Vec::new(),
+                provenance: cfg.provenance.clone(),
+            },
         };
         let pass = || {
             let mut seen: Vec<(String, bool)> = Vec::new();
