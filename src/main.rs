@@ -650,6 +650,52 @@ fn note_inputs(
     Ok(())
 }
 
+/// The end-of-run summary's verdict counts per trial, and why patients are in error.
+#[derive(Default)]
+struct Tally {
+    trials: Vec<(String, [usize; 4])>,
+    /// Distinct reasons with their patient counts, the first few kept: a reason can name a
+    /// resource, and a cohort of failures must not grow this without bound.
+    errors: Vec<(String, usize)>,
+    other_errors: usize,
+    /// The patient last counted in error: its other trials' results say the same.
+    last_error: String,
+}
+
+impl Tally {
+    const REASONS: usize = 10;
+
+    fn add(&mut self, r: &trialgate::criteria::eval::TrialResult) {
+        let i = self.trials.iter().position(|(t, _)| *t == r.trial).unwrap_or_else(|| {
+            self.trials.push((r.trial.clone(), [0; 4]));
+            self.trials.len() - 1
+        });
+        self.trials[i].1[r.status as usize] += 1;
+        if r.status == trialgate::criteria::Status::Error && r.patient != self.last_error {
+            self.last_error.clone_from(&r.patient);
+            let why = r.record.as_deref().unwrap_or("no reason given");
+            match self.errors.iter().position(|(w, _)| w == why) {
+                Some(k) => self.errors[k].1 += 1,
+                None if self.errors.len() < Self::REASONS => self.errors.push((why.to_string(), 1)),
+                None => self.other_errors += 1,
+            }
+        }
+    }
+
+    fn print(&self) {
+        for (trial, [e, p, i, x]) in &self.trials {
+            let errors = if *x > 0 { format!(", {x} in error") } else { String::new() };
+            eprintln!("  {trial}: {e} eligible, {p} potentially eligible, {i} ineligible{errors}");
+        }
+        for (why, n) in &self.errors {
+            eprintln!("  {n} patient(s) in error: {why}");
+        }
+        if self.other_errors > 0 {
+            eprintln!("  {} patient(s) in error for other reasons (see the report)", self.other_errors);
+        }
+    }
+}
+
 impl From<Format> for trialgate::report::Format {
     fn from(f: Format) -> Self {
         match f {
@@ -758,7 +804,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let progress = ProgressDisplay::start("screen");
             let writer = std::cell::RefCell::new(None);
             let version = cfg.provenance.version.clone();
-            let mut counts: Vec<(String, [usize; 4])> = Vec::new();
+            let mut tally = Tally::default();
             let format_out: trialgate::report::Format = format.into();
             // The report is the only reader of these results: build what it shows, no more.
             let mut totals = trialgate::screen_each(
@@ -778,11 +824,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ));
                 },
                 &mut |r| {
-                    let i = counts.iter().position(|(t, _)| *t == r.trial).unwrap_or_else(|| {
-                        counts.push((r.trial.clone(), [0; 4]));
-                        counts.len() - 1
-                    });
-                    counts[i].1[r.status as usize] += 1;
+                    tally.add(&r);
                     if let Some(w) = writer.borrow_mut().as_mut() {
                         w.result(&r);
                     }
@@ -805,9 +847,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     " (logged above; in the report)"
                 }
             );
-            for (trial, [e, p, i, _]) in &counts {
-                eprintln!("  {trial}: {e} eligible, {p} potentially eligible, {i} ineligible");
-            }
+            tally.print();
             note_inputs(&mut totals.provenance, &totals.issues, &decisions)?;
             let Some(w) = writer.into_inner() else {
                 anyhow::bail!("internal: the screening never started its report");
@@ -1105,7 +1145,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 trialgate::report::Format::from(format).detail()
             };
+            let mut tally = Tally::default();
             let passed = swept.each_run(&cfg, &loaded, detail, &mut |run| {
+                run.iter().for_each(|r| tally.add(r));
                 if let Some(b) = back.as_mut() {
                     runtime.block_on(b.add(run)).context("writing ResearchSubjects")?;
                 }
@@ -1128,6 +1170,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     return Err(e);
                 }
             };
+            tally.print();
             if let (Some(w), Some(writer)) = (&written, &writer) {
                 eprintln!(
                     "write-back{}: {} created, {} updated, {} unchanged, {} left alone (moved on by a person), {} not written, {} refused; {} request(s), {} retried",

@@ -538,6 +538,15 @@ async fn the_gateway_configuration_drives_the_sweep() {
         "{stdout}"
     );
     assert!(stderr.contains("1 patient(s) could not be screened"), "{stderr}");
+    // The summary counts each trial's verdicts and says why patients are in error.
+    assert!(
+        stderr.contains("  NCT06406205: 0 eligible, 1 potentially eligible, 0 ineligible, 1 in error\n"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("  1 patient(s) in error: the server returned no Patient resource for this id\n"),
+        "{stderr}"
+    );
     // Batch size 1 from the environment: each patient searched on its own.
     let reqs = server.received_requests().await.unwrap();
     assert!(
