@@ -709,14 +709,27 @@ impl From<Format> for trialgate::report::Format {
 
 /// Where a report goes: standard output, or a file written beside its final name and renamed
 /// into place at the end, so that a run that fails halfway never leaves half a report there.
+/// Standard output can be held back the same way (in a temporary file, copied out at the
+/// end) where the run may still fail after its first rows: a sweep writing back as it reports.
 enum ReportSink {
     Stdout,
     File { path: PathBuf, partial: PathBuf },
+    HeldStdout { partial: PathBuf },
 }
 
 impl ReportSink {
     fn open(output: Option<&std::path::Path>) -> anyhow::Result<ReportSink> {
+        ReportSink::open_holding(output, false)
+    }
+
+    /// [`ReportSink::open`]; with `hold`, standard output gets nothing until [`ReportSink::close`].
+    fn open_holding(output: Option<&std::path::Path>, hold: bool) -> anyhow::Result<ReportSink> {
         Ok(match output {
+            None if hold => {
+                let partial = std::env::temp_dir().join(format!("trialgate-report-{}.partial", std::process::id()));
+                std::fs::File::create(&partial).with_context(|| format!("writing {}", partial.display()))?;
+                ReportSink::HeldStdout { partial }
+            }
             None => ReportSink::Stdout,
             Some(p) => {
                 let mut name = p.file_name().unwrap_or_default().to_os_string();
@@ -734,15 +747,17 @@ impl ReportSink {
     fn writer(&self) -> Box<dyn Write> {
         match self {
             ReportSink::Stdout => Box::new(std::io::BufWriter::new(std::io::stdout())),
-            ReportSink::File { partial, .. } => match std::fs::OpenOptions::new().write(true).truncate(true).open(partial) {
-                Ok(f) => Box::new(std::io::BufWriter::new(f)),
-                Err(e) => Box::new(FailingWriter(Some(e))),
-            },
+            ReportSink::File { partial, .. } | ReportSink::HeldStdout { partial } => {
+                match std::fs::OpenOptions::new().write(true).truncate(true).open(partial) {
+                    Ok(f) => Box::new(std::io::BufWriter::new(f)),
+                    Err(e) => Box::new(FailingWriter(Some(e))),
+                }
+            }
         }
     }
 
     fn discard(&self) {
-        if let ReportSink::File { partial, .. } = self {
+        if let ReportSink::File { partial, .. } | ReportSink::HeldStdout { partial } = self {
             let _ = std::fs::remove_file(partial);
         }
     }
@@ -759,6 +774,18 @@ impl ReportSink {
             (ReportSink::File { path, partial }, Err(e)) => {
                 let _ = std::fs::remove_file(&partial);
                 Err(e).with_context(|| format!("writing {}", path.display()))
+            }
+            (ReportSink::HeldStdout { partial }, written) => {
+                let copied = written.and_then(|_| {
+                    let mut out = std::io::stdout().lock();
+                    std::io::copy(&mut std::fs::File::open(&partial)?, &mut out)?;
+                    out.flush()
+                });
+                let _ = std::fs::remove_file(&partial);
+                match copied {
+                    Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing the report"),
+                    _ => Ok(()),
+                }
             }
         }
     }
@@ -1035,6 +1062,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 // The verdicts are not held (a cohort's can be gigabytes with their explanations):
                 // this pass stores them, the one below writes them back and reports them.
                 if let Some(st) = state.as_mut() {
+                    st.clear()?;
                     s.each_run(&cfg, &loaded, trialgate::criteria::Detail::Full, &mut |run| st.save(run))?;
                 }
                 let exported = &outcome.exported;
@@ -1121,12 +1149,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let wopts = WriteOptions { write_ineligible, dry_run };
             let mut back = writer
                 .as_ref()
-                .map(|w| trialgate::writeback::Writer::new(w, &cfg.trials, as_of, &wopts, swept.totals.patients));
+                .map(|w| trialgate::writeback::Writer::new(w, &cfg.trials, as_of, &wopts, vec![swept.totals.patients; cfg.trials.len()]));
             // A dry run prints the writes it would make instead of a report.
             let sink = if dry_run {
                 None
             } else {
-                Some(ReportSink::open(output.as_deref())?)
+                // Written back as it is reported: a write that fails halfway must not leave
+                // half a report on standard output.
+                Some(ReportSink::open_holding(output.as_deref(), writer.is_some())?)
             };
             let mut report = sink.as_ref().map(|k| {
                 trialgate::report::Writer::new(

@@ -282,6 +282,16 @@ impl State {
         }])
     }
 
+    /// Forgets the verdicts this run has committed. A pass that stores every verdict of the
+    /// cohort (a Bulk sweep's) starts with it: a pass cut short before left rows behind,
+    /// and a patient gone from the cohort since would keep one.
+    pub fn clear(&mut self) -> Result<(), StateError> {
+        self.db.write(vec![Step {
+            sql: "DELETE FROM results WHERE run = ?1",
+            rows: vec![vec![Val::Int(self.run)]],
+        }])
+    }
+
     /// The fact state an incremental export starts from: every patient's facts and the
     /// `transactionTime` of the export they are current to. None before the first full run.
     pub fn saved_facts(&self) -> Result<Option<(Vec<crate::facts::PatientFacts>, String)>, StateError> {
@@ -872,5 +882,35 @@ mod tests {
         let pg = Location::parse("postgres://sweeper:s3cret@db.example:5432/trialgate");
         assert_eq!(pg.shown(), "postgres://sweeper:***@db.example:5432/trialgate");
         assert_eq!(Location::parse("postgresql://db/x").shown(), "postgresql://db/x");
+    }
+
+    /// A cleared run keeps none of its verdicts, and saves anew after; other runs keep theirs.
+    #[test]
+    fn clearing_a_run_forgets_only_its_verdicts() {
+        let dir = std::env::temp_dir().join(format!("trialgate-state-clear-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let at = Location::File(dir.join("state.sqlite"));
+        let result = |p: &str| TrialResult {
+            patient: format!("Patient/{p}"),
+            person: None,
+            trial: "t".into(),
+            status: crate::criteria::Status::Eligible,
+            record: None,
+            decided_by: Vec::new(),
+            criteria: Vec::new(),
+            facts: Vec::new(),
+        };
+        let patients = |st: &State| st.done().unwrap().into_iter().map(|r| r.patient).collect::<Vec<_>>();
+        let mut other = State::open(&at, "run-a", "cohort-a", "2026-06-01").unwrap();
+        other.save(&[result("x")]).unwrap();
+        let mut st = State::open(&at, "run-b", "cohort-b", "2026-06-01").unwrap();
+        st.save(&[result("gone"), result("kept")]).unwrap();
+        st.clear().unwrap();
+        assert!(patients(&st).is_empty());
+        st.save(&[result("kept")]).unwrap();
+        assert_eq!(patients(&st), ["Patient/kept"]);
+        assert_eq!(patients(&other), ["Patient/x"]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

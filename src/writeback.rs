@@ -257,12 +257,8 @@ pub async fn write_back(
     as_of: Date,
     opts: &WriteOptions,
 ) -> Result<WriteSummary, ClientError> {
-    let most = trials
-        .iter()
-        .map(|t| results.iter().filter(|r| r.trial == t.id).count())
-        .max()
-        .unwrap_or(0);
-    let mut w = Writer::new(client, trials, as_of, opts, most);
+    let expected = trials.iter().map(|t| results.iter().filter(|r| r.trial == t.id).count()).collect();
+    let mut w = Writer::new(client, trials, as_of, opts, expected);
     w.add(results).await?;
     w.finish().await
 }
@@ -270,18 +266,17 @@ pub async fn write_back(
 /// Writes ResearchSubjects as a run's results come, a run of them at a time, so that a
 /// cohort is written without holding its verdicts: each trial's ResearchStudy is bound, and
 /// the subjects it already has are listed, once for the whole cohort, not once per run.
+/// Each batch holds one trial's subjects, sent when full, and the trials' last batches at the
+/// end in trial order: a dry run plans them trial by trial, however the runs came.
 pub struct Writer<'a> {
     client: &'a FhirClient,
     trials: &'a [Trial],
     as_of: Date,
     opts: WriteOptions,
-    /// A few patients (a notification, one posted patient) have their subjects looked up by
-    /// identifier; listing every subject of a study would cost pages per event at hospital
-    /// scale.
-    few: bool,
-    /// Per trial id: its ResearchStudy's id and (unless `few`) the subjects it has.
-    bound: HashMap<String, (String, HashMap<String, Existing>)>,
-    entries: Vec<(String, Value)>,
+    /// Per trial (in `trials`' order): how many results to expect, until it is bound.
+    expected: Vec<usize>,
+    /// Per trial, once it has results.
+    bound: Vec<Option<Bound>>,
     /// Updates the server refused because the subject changed since it was read (412): most
     /// often our own earlier attempt, applied before its response was lost and the batch sent
     /// again; otherwise someone else's edit. Either way, look again rather than overwrite.
@@ -289,17 +284,30 @@ pub struct Writer<'a> {
     summary: WriteSummary,
 }
 
+/// A trial's ResearchStudy and what is known of its subjects.
+struct Bound {
+    study: String,
+    /// A few patients (a notification, one posted patient) have their subjects looked up by
+    /// identifier; listing every subject of a study would cost pages per event at hospital
+    /// scale.
+    few: bool,
+    /// Unless `few`: the subjects the study had when it was bound, by identifier value.
+    listed: HashMap<String, Existing>,
+    /// The batch being filled.
+    entries: Vec<(String, Value)>,
+}
+
 impl<'a> Writer<'a> {
-    /// A writer for the results of up to `patients` patients per trial.
-    pub fn new(client: &'a FhirClient, trials: &'a [Trial], as_of: Date, opts: &WriteOptions, patients: usize) -> Writer<'a> {
+    /// A writer for `trials`, expecting `expected[i]` results for the i-th (a trial with no
+    /// figure is taken to have many).
+    pub fn new(client: &'a FhirClient, trials: &'a [Trial], as_of: Date, opts: &WriteOptions, expected: Vec<usize>) -> Writer<'a> {
         Writer {
             client,
             trials,
             as_of,
             opts: opts.clone(),
-            few: patients <= FEW,
-            bound: HashMap::new(),
-            entries: Vec::new(),
+            expected,
+            bound: trials.iter().map(|_| None).collect(),
             conflicts: Vec::new(),
             summary: WriteSummary::default(),
         }
@@ -309,25 +317,27 @@ impl<'a> Writer<'a> {
     /// sent as they fill.
     pub async fn add(&mut self, results: &[TrialResult]) -> Result<(), ClientError> {
         let (client, trials, as_of) = (self.client, self.trials, self.as_of);
-        for trial in trials {
+        for (k, trial) in trials.iter().enumerate() {
             let mine: Vec<&TrialResult> = results.iter().filter(|r| r.trial == trial.id).collect();
             if mine.is_empty() {
                 continue;
             }
-            if !self.bound.contains_key(&trial.id) {
-                let study = bind_study(client, trial).await?;
-                let have = if self.few {
-                    HashMap::new()
-                } else {
-                    existing(client, &study).await?
-                };
-                self.bound.insert(trial.id.clone(), (study, have));
-            }
-            let Some((study, listed)) = self.bound.get(&trial.id) else {
-                continue;
+            let b = match &mut self.bound[k] {
+                Some(b) => b,
+                none => {
+                    let study = bind_study(client, trial).await?;
+                    let few = self.expected.get(k).is_some_and(|&n| n <= FEW);
+                    let listed = if few { HashMap::new() } else { existing(client, &study).await? };
+                    none.insert(Bound {
+                        study,
+                        few,
+                        listed,
+                        entries: Vec::new(),
+                    })
+                }
             };
             let looked_up;
-            let have = if self.few {
+            let have = if b.few {
                 let idents: Vec<String> = mine
                     .iter()
                     .map(|r| query_encode(&format!("{SUBJECT_SYSTEM}|{}:{}", trial.id, r.patient)))
@@ -335,7 +345,7 @@ impl<'a> Writer<'a> {
                 looked_up = subjects(client, &format!("ResearchSubject?identifier={}", idents.join(","))).await?;
                 &looked_up
             } else {
-                listed
+                &b.listed
             };
             for r in mine {
                 let Some(status) = r4_status(r.status) else {
@@ -351,21 +361,21 @@ impl<'a> Writer<'a> {
                         if let Some(v) = &e.version {
                             request["ifMatch"] = json!(format!("W/\"{v}\""));
                         }
-                        let resource = research_subject(trial, study, r, status, as_of, Some(&e.id));
-                        self.entries.push((ident, json!({"resource": resource, "request": request})));
+                        let resource = research_subject(trial, &b.study, r, status, as_of, Some(&e.id));
+                        b.entries.push((ident, json!({"resource": resource, "request": request})));
                     }
                     None if status == "ineligible" && !self.opts.write_ineligible => self.summary.not_written += 1,
                     None => {
-                        let resource = research_subject(trial, study, r, status, as_of, None);
+                        let resource = research_subject(trial, &b.study, r, status, as_of, None);
                         let request = json!({"method": "POST", "url": "ResearchSubject", "ifNoneExist": format!("identifier={SUBJECT_SYSTEM}|{ident}")});
-                        self.entries.push((ident, json!({"resource": resource, "request": request})));
+                        b.entries.push((ident, json!({"resource": resource, "request": request})));
                     }
                 }
                 // Sent as soon as a batch is full: a cohort's ResearchSubjects (a few KB each,
                 // with their narrative) are never all held at once.
-                if !self.opts.dry_run && self.entries.len() == BATCH {
-                    send_batch(client, &self.entries, &mut self.summary, &mut self.conflicts).await?;
-                    self.entries.clear();
+                if !self.opts.dry_run && b.entries.len() == BATCH {
+                    send_batch(client, &b.entries, &mut self.summary, &mut self.conflicts).await?;
+                    b.entries.clear();
                 }
             }
         }
@@ -376,12 +386,13 @@ impl<'a> Writer<'a> {
     /// what was done (in a dry run, the entries that would have been sent).
     pub async fn finish(mut self) -> Result<WriteSummary, ClientError> {
         let client = self.client;
+        let left = self.bound.into_iter().flatten().map(|b| b.entries);
         if self.opts.dry_run {
-            self.summary.planned = self.entries.into_iter().map(|(_, e)| e).collect();
+            self.summary.planned = left.flatten().map(|(_, e)| e).collect();
             return Ok(self.summary);
         }
-        if !self.entries.is_empty() {
-            send_batch(client, &self.entries, &mut self.summary, &mut self.conflicts).await?;
+        for entries in left.filter(|e| !e.is_empty()) {
+            send_batch(client, &entries, &mut self.summary, &mut self.conflicts).await?;
         }
         for (ident, wanted) in std::mem::take(&mut self.conflicts) {
             let search = format!("ResearchSubject?identifier={}", query_encode(&format!("{SUBJECT_SYSTEM}|{ident}")));

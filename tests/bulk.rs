@@ -455,8 +455,8 @@ async fn the_command_line_bulk_sweep_passes_every_verdict_to_state_write_back_an
         .await;
 
     let (uri, home) = (server.uri(), dir.clone());
-    let sweep = move |day: &str, extra: &[&str]| {
-        let mut args: Vec<String> = ["sweep", "--server", &uri, "--bulk", "--as-of", day, "--format", "json"]
+    let sweep = move |day: &str, format: &str, extra: &[&str]| {
+        let mut args: Vec<String> = ["sweep", "--server", &uri, "--bulk", "--as-of", day, "--format", format]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -465,8 +465,8 @@ async fn the_command_line_bulk_sweep_passes_every_verdict_to_state_write_back_an
         }
         for (flag, file) in [
             ("--state", "state.sqlite"),
-            ("-o", &format!("{day}.json")),
-            ("--changes", &format!("{day}.csv")),
+            ("-o", &format!("{day}.{format}")),
+            ("--changes", &format!("{day}.changes.csv")),
         ] {
             args.extend([flag.to_string(), home.join(file).display().to_string()]);
         }
@@ -479,24 +479,30 @@ async fn the_command_line_bulk_sweep_passes_every_verdict_to_state_write_back_an
     };
     let first = tokio::task::spawn_blocking({
         let sweep = sweep.clone();
-        move || sweep("2026-06-01", &["--write-back"])
+        move || sweep("2026-06-01", "csv", &["--write-back"])
     });
     let out = first.await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
 
-    // The report: every verdict, the same as screening the exported files.
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("2026-06-01.json")).unwrap()).unwrap();
-    let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &trials.map(String::from)).unwrap();
-    let as_of = Date::parse("2026-06-01").unwrap();
-    let screened = trialgate::screen(&files, &cfg, as_of, &Decisions::default()).unwrap();
-    let expected: Vec<serde_json::Value> = screened.results.iter().map(|r| serde_json::to_value(r).unwrap()).collect();
-    let got = report["results"].as_array().unwrap();
-    assert_eq!(got.len(), 2 * N);
-    for (g, e) in got.iter().zip(&expected) {
-        assert!(g == e, "{} {}:\n{g}\n{e}", e["patient"], e["trial"]);
-    }
-    assert_eq!(report["summary"]["patients"], N);
+    // The report: every verdict, the same as `screen` of the exported files gives.
+    let screened = std::process::Command::new(env!("CARGO_BIN_EXE_trialgate"))
+        .current_dir(root())
+        .args([
+            "screen",
+            "--bundle",
+            &files.display().to_string(),
+            "--as-of",
+            "2026-06-01",
+            "--format",
+            "csv",
+        ])
+        .args(trials.iter().flat_map(|t| ["--trial", t]))
+        .output()
+        .unwrap();
+    let report = std::fs::read_to_string(dir.join("2026-06-01.csv")).unwrap();
+    assert_eq!(report, String::from_utf8_lossy(&screened.stdout));
+    assert_eq!(report.lines().count(), 1 + 2 * N);
 
     // The state: every verdict of the run.
     let db = rusqlite::Connection::open(dir.join("state.sqlite")).unwrap();
@@ -507,27 +513,30 @@ async fn the_command_line_bulk_sweep_passes_every_verdict_to_state_write_back_an
         .unwrap();
     assert_eq!(stored, 2 * N as i64);
     assert_eq!(
-        std::fs::read_to_string(dir.join("2026-06-01.csv")).unwrap(),
+        std::fs::read_to_string(dir.join("2026-06-01.changes.csv")).unwrap(),
         "patient,trial,from,to\n"
     );
 
     // Write-back: a subject for every candidate, in batches of at most 100; each study's
-    // subjects listed once.
-    let candidates = screened.results.iter().filter(|r| r.status.as_str() != "ineligible").count();
+    // subjects listed once; the narratives carry the reasons although the CSV report has none.
+    let candidates = report.lines().skip(1).filter(|l| !l.contains(",ineligible,")).count();
     assert!(candidates > 0 && candidates < 2 * N);
     let reqs = server.received_requests().await.unwrap();
-    let batches: Vec<usize> = reqs
+    let posted: Vec<serde_json::Value> = reqs
         .iter()
         .filter(|r| r.method.as_str() == "POST" && r.url.path() == "/")
-        .map(|r| {
-            serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["entry"]
-                .as_array()
-                .unwrap()
-                .len()
-        })
+        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap())
         .collect();
+    let batches: Vec<usize> = posted.iter().map(|b| b["entry"].as_array().unwrap().len()).collect();
     assert_eq!(batches.iter().sum::<usize>(), candidates);
     assert!(batches.iter().all(|&n| (1..=100).contains(&n)), "{batches:?}");
+    for e in posted.iter().flat_map(|b| b["entry"].as_array().unwrap()) {
+        let div = e["resource"]["text"]["div"].as_str().unwrap();
+        assert!(
+            div.contains("<li>") && !div.contains(": </li>"),
+            "a narrative without reasons: {div}"
+        );
+    }
     let listings = reqs
         .iter()
         .filter(|r| r.method.as_str() == "GET" && r.url.path() == "/ResearchSubject")
@@ -535,11 +544,12 @@ async fn the_command_line_bulk_sweep_passes_every_verdict_to_state_write_back_an
     assert_eq!(listings, trials.len());
     assert!(stderr.contains(&format!("{candidates} created")), "{stderr}");
 
-    // A day later, the delta: the changes are listed against the first run.
-    let out = tokio::task::spawn_blocking(move || sweep("2026-06-02", &[])).await.unwrap();
+    // A day later, the delta: the changes are listed against the first run, and every
+    // verdict is what a full screening of the data as it now stands gives.
+    let out = tokio::task::spawn_blocking(move || sweep("2026-06-02", "json", &[])).await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    let changes = std::fs::read_to_string(dir.join("2026-06-02.csv")).unwrap();
+    let changes = std::fs::read_to_string(dir.join("2026-06-02.changes.csv")).unwrap();
     for row in [
         "Patient/p0001,NCT06406205,potentially-eligible,ineligible",
         "Patient/p0002,NCT06406205,potentially-eligible,ineligible",
@@ -547,7 +557,28 @@ async fn the_command_line_bulk_sweep_passes_every_verdict_to_state_write_back_an
     ] {
         assert!(changes.lines().any(|l| l == row), "{row} missing from:\n{changes}");
     }
+    let now: String = observations
+        .lines()
+        .map(|l| {
+            match [(0, 90.0), (1, 30.0), (2, 30.0)]
+                .iter()
+                .find(|(i, _)| l.contains(&format!("\"id\":\"p{i:04}-egfr\"")))
+            {
+                Some((i, v)) => egfr(&format!("p{i:04}-egfr"), &format!("p{i:04}"), *v, "amended").to_string() + "\n",
+                None => format!("{l}\n"),
+            }
+        })
+        .collect();
+    std::fs::write(files.join("Observation.ndjson"), now).unwrap();
+    let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &trials.map(String::from)).unwrap();
+    let rescreen = trialgate::screen(&files, &cfg, Date::parse("2026-06-02").unwrap(), &Decisions::default()).unwrap();
+    let expected: Vec<serde_json::Value> = rescreen.results.iter().map(|r| serde_json::to_value(r).unwrap()).collect();
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("2026-06-02.json")).unwrap()).unwrap();
-    assert_eq!(report["results"].as_array().unwrap().len(), 2 * N);
+    let got = report["results"].as_array().unwrap();
+    assert_eq!(got.len(), expected.len());
+    for (g, e) in got.iter().zip(&expected) {
+        assert!(g == e, "{} {}:\n{g}\n{e}", e["patient"], e["trial"]);
+    }
+    assert_eq!(report["summary"]["patients"], N);
     let _ = std::fs::remove_dir_all(&dir);
 }

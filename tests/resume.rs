@@ -181,7 +181,9 @@ async fn killed_and_resumed(dir: &Path, db: Store) {
     let unique: BTreeSet<&str> = patients.iter().copied().collect();
     assert_eq!(patients.len(), 10, "one row per patient: {report}");
     assert_eq!(unique.len(), 10, "nobody twice: {report}");
-    // The verdicts kept from before the interruption and the new ones, merged in patient order.
+    // In patient order. Here the patients checkpointed are the lowest ids, so this checks that
+    // the verdicts kept from before the interruption come first; the merge of interleaved ones
+    // is tested in `sweep::tests`.
     assert!(patients.is_sorted(), "{report}");
     let reqs = server.received_requests().await.unwrap();
     let refetched: BTreeSet<String> = reqs[before..]

@@ -854,3 +854,69 @@ async fn the_daemon_runs_the_configured_sweep_with_state_and_reports() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With write-back the report is made as the subjects are written: when a write fails
+/// halfway, standard output gets nothing (not the report's first rows), and the temporary
+/// copy is removed; when all goes well, standard output gets the whole report.
+#[tokio::test]
+async fn a_failed_write_back_leaves_no_half_report_on_standard_output() {
+    let server_where = |batch: ResponseTemplate| async move {
+        let server = mock::server_without_capabilities().await;
+        Mock::given(method("GET"))
+            .and(path("/Patient"))
+            .respond_with(ok(&searchset(&[patient("p1"), patient("p2")], None)))
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/Observation"))
+            .respond_with(ok(&searchset(&[egfr("o1", "p1", 80.0), egfr("o2", "p2", 85.0)], None)))
+            .mount(&server)
+            .await;
+        empty_searches(&server, OTHER_TYPES).await;
+        mock::accepts_research_study(&server).await;
+        Mock::given(method("GET"))
+            .and(path("/ResearchSubject"))
+            .respond_with(ok(&searchset(&[], None)))
+            .mount(&server)
+            .await;
+        Mock::given(method("POST")).and(path("/")).respond_with(batch).mount(&server).await;
+        server
+    };
+    let run = |uri: String, tmp: PathBuf| {
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&tmp).unwrap();
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_trialgate"))
+                .current_dir(root())
+                .env("TMPDIR", &tmp)
+                .args(["sweep", "--server", &uri, "--patient", "p1", "--patient", "p2"])
+                .args(["--trial", "NCT06406205", "--as-of", "2026-06-01", "--format", "csv", "--write-back"])
+                .output()
+                .expect("trialgate runs");
+            let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+            let _ = std::fs::remove_dir_all(&tmp);
+            (out, left.len())
+        })
+    };
+    let tmp = |name: &str| std::env::temp_dir().join(format!("trialgate-held-{name}-{}", std::process::id()));
+
+    let broken = server_where(ResponseTemplate::new(200).set_body_raw("not a Bundle", "application/fhir+json")).await;
+    let (out, left) = run(broken.uri(), tmp("broken")).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("writing ResearchSubjects"), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "", "no half report");
+    assert_eq!(left, 0, "the held report is removed");
+
+    let answer = json!({"resourceType": "Bundle", "type": "batch-response",
+        "entry": [{"response": {"status": "201 Created"}}, {"response": {"status": "201 Created"}}]});
+    let working = server_where(ok(&answer)).await;
+    let (out, left) = run(working.uri(), tmp("working")).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("2 created"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("patient,trial,status"), "{stdout}");
+    assert!(stdout.contains("Patient/p1,NCT06406205,potentially-eligible"), "{stdout}");
+    assert!(stdout.contains("Patient/p2,NCT06406205,potentially-eligible"), "{stdout}");
+    assert_eq!(left, 0, "the held report is removed");
+}
