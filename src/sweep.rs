@@ -356,8 +356,8 @@ pub async fn sweep(
 }
 
 /// [`sweep`], its verdicts not held but given by [`Swept::each_run`]: what a large cohort
-/// needs. Each batch is screened as it arrives (and checkpointed in the `state`); what is
-/// kept of it is its patients' facts.
+/// needs. Each batch is read into facts as it arrives (and, with a `state`, evaluated and
+/// checkpointed); what is kept of it is its patients' facts.
 pub async fn sweep_held(
     client: &FhirClient,
     cfg: &Config,
@@ -439,9 +439,9 @@ pub async fn sweep_held(
     for (n, chunk) in todo.chunks(opts.batch.max(1)).enumerate() {
         let (client, plan, ids, limit) = (client.clone(), plan.clone(), chunk.to_vec(), limit.clone());
         tasks.spawn(async move {
-            // Handed back with the pages and released once they are screened: a batch
-            // fetched but not yet screened counts too, or a server faster than the screening
-            // would pile the whole cohort's pages up in memory.
+            // Handed back with the pages and released once they are read: a batch fetched
+            // but not yet read counts too, or a server faster than the reading would pile
+            // the whole cohort's pages up in memory.
             let permit = limit.acquire_owned().await;
             let (pages, failed) = fetch_batch(&client, &plan, ids.clone()).await;
             (n, ids, pages, failed, permit)
