@@ -14,7 +14,6 @@
 
 use crate::criteria::eval::TrialResult;
 use rusqlite::Connection;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -372,37 +371,36 @@ impl State {
         let (Some(prev), Some(since)) = (previous.next().and_then(Val::int), previous.next().and_then(Val::into_text)) else {
             return Ok(Changes::default());
         };
-        let statuses = |run: i64| -> Result<BTreeMap<(String, String), String>, StateError> {
-            let rows = self
-                .db
-                .query("SELECT patient, trial, status FROM results WHERE run = ?1", vec![Val::Int(run)])?;
-            Ok(rows
-                .into_iter()
-                .filter_map(|r| {
-                    let mut r = r.into_iter().map(Val::into_text);
-                    Some(((r.next()??, r.next()??), r.next()??))
-                })
-                .collect())
-        };
-        let (before, now) = (statuses(prev)?, statuses(self.run)?);
-        let candidate = |s: &str| s == "eligible" || s == "potentially-eligible";
+        // Only the changed pairs leave the database: a cohort's statuses, two runs of them,
+        // would be ~100 bytes per patient and trial in memory.
+        let rows = self.db.query(
+            "SELECT n.patient, n.trial, p.status, n.status FROM results n \
+             LEFT JOIN results p ON p.run = ?1 AND p.patient = n.patient AND p.trial = n.trial \
+             WHERE n.run = ?2 AND ( \
+               (n.status IN ('eligible', 'potentially-eligible') \
+                 AND (p.status IS NULL OR p.status NOT IN ('eligible', 'potentially-eligible'))) \
+               OR (n.status = 'ineligible' AND p.status IN ('eligible', 'potentially-eligible')))",
+            vec![Val::Int(prev), Val::Int(self.run)],
+        )?;
+        let mut changed: Vec<Change> = rows
+            .into_iter()
+            .filter_map(|r| {
+                let mut r = r.into_iter().map(Val::into_text);
+                let (patient, trial, from, to) = (r.next()??, r.next()??, r.next()?, r.next()??);
+                Some(Change { patient, trial, from, to })
+            })
+            .collect();
+        // In Rust's order, not the database's collation (PostgreSQL's may sort otherwise).
+        changed.sort_by(|a, b| (&a.patient, &a.trial).cmp(&(&b.patient, &b.trial)));
         let mut changes = Changes {
             since: Some(since),
             ..Default::default()
         };
-        for ((patient, trial), to) in now {
-            let from = before.get(&(patient.clone(), trial.clone())).cloned();
-            let was = from.as_deref().is_some_and(candidate);
-            let change = Change {
-                patient,
-                trial,
-                from,
-                to: to.clone(),
-            };
-            if candidate(&to) && !was {
-                changes.newly_eligible.push(change);
-            } else if to == "ineligible" && was {
+        for change in changed {
+            if change.to == "ineligible" {
                 changes.newly_ineligible.push(change);
+            } else {
+                changes.newly_eligible.push(change);
             }
         }
         Ok(changes)

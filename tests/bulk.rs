@@ -549,14 +549,14 @@ async fn the_command_line_bulk_sweep_passes_every_verdict_to_state_write_back_an
     let out = tokio::task::spawn_blocking(move || sweep("2026-06-02", "json", &[])).await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    let changes = std::fs::read_to_string(dir.join("2026-06-02.changes.csv")).unwrap();
-    for row in [
-        "Patient/p0001,NCT06406205,potentially-eligible,ineligible",
-        "Patient/p0002,NCT06406205,potentially-eligible,ineligible",
-        "Patient/p0000,NCT06406205,ineligible,potentially-eligible",
-    ] {
-        assert!(changes.lines().any(|l| l == row), "{row} missing from:\n{changes}");
-    }
+    // Exactly these: the newly eligible first, then the newly ineligible, each by patient.
+    assert_eq!(
+        std::fs::read_to_string(dir.join("2026-06-02.changes.csv")).unwrap(),
+        "patient,trial,from,to\n\
+         Patient/p0000,NCT06406205,ineligible,potentially-eligible\n\
+         Patient/p0001,NCT06406205,potentially-eligible,ineligible\n\
+         Patient/p0002,NCT06406205,potentially-eligible,ineligible\n"
+    );
     let now: String = observations
         .lines()
         .map(|l| {
