@@ -1063,7 +1063,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 // this pass stores them, the one below writes them back and reports them.
                 if let Some(st) = state.as_mut() {
                     st.clear()?;
-                    s.each_run(&cfg, &loaded, trialgate::criteria::Detail::Full, &mut |run| st.save(run))?;
+                    // A Bulk sweep has no earlier verdicts to read back: it evaluates every patient.
+                    s.each_run(&cfg, &loaded, trialgate::criteria::Detail::Full, None, &mut |run| st.save(run))?;
                 }
                 let exported = &outcome.exported;
                 match &outcome.incremental_since {
@@ -1176,7 +1177,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 trialgate::report::Format::from(format).detail()
             };
             let mut tally = Tally::default();
-            let passed = swept.each_run(&cfg, &loaded, detail, &mut |run| {
+            let passed = swept.each_run(&cfg, &loaded, detail, state.as_ref(), &mut |run| {
                 run.iter().for_each(|r| tally.add(r));
                 if let Some(b) = back.as_mut() {
                     runtime.block_on(b.add(run)).context("writing ResearchSubjects")?;

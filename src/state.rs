@@ -30,6 +30,9 @@ pub enum StateError {
         path: String,
         source: crate::facts::held::HeldError,
     },
+    /// A resumed sweep's earlier verdicts are read from its state: it must be given.
+    #[error("sweep state: {0} patient(s) were screened before the interruption and their verdicts are in the state, which was not given")]
+    NotGiven(usize),
     #[error(
         "sweep state {path}: another process is running this sweep now (same cohort, trials, shard and date); \
          wait for it, or give each process its own --shard"
@@ -247,9 +250,38 @@ impl State {
         )
     }
 
+    /// The patients whose verdicts this run has already committed (none for a new run), as
+    /// the results name them (`Patient/<id>`). Their verdicts stay in the database until
+    /// read, a few at a time, by [`State::done_of`]: a resumed cohort's can be gigabytes.
+    pub fn done_patients(&self) -> Result<Vec<String>, StateError> {
+        let rows = self
+            .db
+            .query("SELECT DISTINCT patient FROM results WHERE run = ?1", vec![Val::Int(self.run)])?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| r.into_iter().next().and_then(Val::into_text))
+            .collect())
+    }
+
+    /// The verdicts this run has committed for these patients.
+    pub fn done_of(&self, patients: &[String]) -> Result<Vec<TrialResult>, StateError> {
+        if patients.is_empty() {
+            return Ok(Vec::new());
+        }
+        let marks: Vec<String> = (2..patients.len() + 2).map(|i| format!("?{i}")).collect();
+        let sql = format!("SELECT result FROM results WHERE run = ?1 AND patient IN ({})", marks.join(", "));
+        let mut params = vec![Val::Int(self.run)];
+        params.extend(patients.iter().map(|p| Val::text(p)));
+        self.json_rows_of(&sql, params)
+    }
+
     /// The JSON in the one column `sql` selects, read back into `T`.
     fn json_rows<T: serde::de::DeserializeOwned>(&self, sql: &str, param: Val) -> Result<Vec<T>, StateError> {
-        let rows = self.db.query(sql, vec![param])?;
+        self.json_rows_of(sql, vec![param])
+    }
+
+    fn json_rows_of<T: serde::de::DeserializeOwned>(&self, sql: &str, params: Vec<Val>) -> Result<Vec<T>, StateError> {
+        let rows = self.db.query(sql, params)?;
         let mut out = Vec::with_capacity(rows.len());
         for text in rows.into_iter().filter_map(|r| r.into_iter().next().and_then(Val::into_text)) {
             out.push(serde_json::from_str(&text).map_err(|source| StateError::Stored {

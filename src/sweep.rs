@@ -349,10 +349,11 @@ pub async fn sweep(
     as_of: Date,
     decisions: &Decisions,
     opts: &SweepOptions,
-    state: Option<&mut crate::state::State>,
+    mut state: Option<&mut crate::state::State>,
 ) -> Result<(Screening, SweepSummary), SweepError> {
-    let (swept, summary) = sweep_held(client, cfg, as_of, decisions, opts, state).await?;
-    Ok((swept.into_screening(cfg, decisions), summary))
+    let (swept, summary) = sweep_held(client, cfg, as_of, decisions, opts, state.as_deref_mut()).await?;
+    let screening = swept.into_screening(cfg, decisions, state.as_deref()).map_err(SweepError::State)?;
+    Ok((screening, summary))
 }
 
 /// [`sweep`], its verdicts not held but given by [`Swept::each_run`]: what a large cohort
@@ -414,15 +415,17 @@ pub async fn sweep_held(
         }
     }
 
-    // A resumed run starts from its last checkpoint: those patients are not fetched again.
-    // Their results are held as they were; the others' facts are (see `Swept`).
+    // A resumed run starts from its last checkpoint: those patients are not fetched again,
+    // and their verdicts stay in the state until reported; the others' facts are held (see
+    // `Swept`).
     let mut results: Vec<TrialResult> = Vec::new();
     let mut held: Vec<crate::facts::held::Held> = Vec::new();
     let mut done: BTreeSet<String> = BTreeSet::new();
+    let mut earlier: Vec<String> = Vec::new();
     if let Some(st) = state.as_deref() {
-        let earlier = st.done().map_err(SweepError::State)?;
-        done.extend(earlier.iter().map(|r| r.patient.trim_start_matches("Patient/").to_string()));
-        results.extend(earlier);
+        earlier = st.done_patients().map_err(SweepError::State)?;
+        earlier.sort();
+        done.extend(earlier.iter().map(|p| p.trim_start_matches("Patient/").to_string()));
         if !done.is_empty() {
             tracing::info!(
                 patients = done.len(),
@@ -531,6 +534,7 @@ pub async fn sweep_held(
     let s = Swept {
         facts: held,
         results,
+        earlier,
         totals: crate::Totals {
             as_of,
             patients: screened + failed.len(),
@@ -713,9 +717,11 @@ const RUN: usize = 2048;
 pub struct Swept {
     /// Every screened patient's facts, in patient order.
     pub facts: Vec<crate::facts::held::Held>,
-    /// Results not made from `facts`: patients in error, and those a resumed run screened
-    /// before its interruption (read back from the state); in report order.
+    /// Results not made from `facts`: patients in error, in report order.
     pub results: Vec<TrialResult>,
+    /// The patients a resumed run screened before its interruption, in order: their verdicts
+    /// are read back from the state as they are handed over.
+    pub earlier: Vec<String>,
     pub totals: crate::Totals,
 }
 
@@ -733,54 +739,128 @@ impl Swept {
             },
             facts: read.facts,
             results: Vec::new(),
+            earlier: Vec::new(),
         }
     }
 
     /// Hands the results to `each` in report order (patient, then trial), a run at a time,
     /// and stops at its first error. The facts are evaluated in `detail`; the results held
-    /// are given as they are. Every call evaluates again: the same facts give the same results.
-    pub fn each_run<E>(
+    /// are given as they are, and the `earlier` ones read from `state` a few patients at a
+    /// time. Every call evaluates again: the same facts give the same results.
+    pub fn each_run<E: From<crate::state::StateError>>(
         &self,
         cfg: &Config,
         decisions: &Decisions,
         detail: crate::criteria::Detail,
+        state: Option<&crate::state::State>,
         each: &mut dyn FnMut(&[TrialResult]) -> Result<(), E>,
     ) -> Result<(), E> {
-        let mut held = self.results.iter().peekable();
+        if state.is_none() && !self.earlier.is_empty() {
+            return Err(crate::state::StateError::NotGiven(self.earlier.len()).into());
+        }
+        let mut kept = Kept {
+            errors: self.results.iter().peekable(),
+            earlier: &self.earlier,
+            page: std::collections::VecDeque::new(),
+            state,
+            cfg,
+        };
         let mut run: Vec<TrialResult> = Vec::with_capacity(RUN);
+        // Moves the kept results before `bound` (all: None) into `run`, handing full runs over.
+        let mut merge = |bound: Option<&str>, run: &mut Vec<TrialResult>| -> Result<(), E> {
+            while kept.take_before(bound, run)? {
+                each(run)?;
+                run.clear();
+            }
+            Ok(())
+        };
         let mut failed = None;
         crate::pipeline::evaluate_held(&self.facts, cfg, self.totals.as_of, decisions, detail, None, &mut |results| {
             for r in results {
-                // The two are disjoint and each in patient order: merged.
-                while let Some(h) = held.next_if(|h| h.patient < r.patient) {
-                    run.push(h.clone());
-                }
-                run.push(r);
-            }
-            if run.len() >= RUN {
-                if let Err(e) = each(&run) {
+                // Kept and evaluated patients are disjoint, each in patient order: merged.
+                if let Err(e) = merge(Some(&r.patient), &mut run) {
                     failed = Some(e);
                     return false;
                 }
-                run.clear();
+                run.push(r);
             }
             true
         });
         if let Some(e) = failed {
             return Err(e);
         }
-        run.extend(held.cloned());
+        merge(None, &mut run)?;
         run.chunks(RUN).try_for_each(each)
     }
 
     /// Every result, held: for a cohort small enough.
-    pub fn into_screening(self, cfg: &Config, decisions: &Decisions) -> Screening {
+    pub fn into_screening(
+        self,
+        cfg: &Config,
+        decisions: &Decisions,
+        state: Option<&crate::state::State>,
+    ) -> Result<Screening, crate::state::StateError> {
         let mut results = Vec::new();
-        let _ = self.each_run::<std::convert::Infallible>(cfg, decisions, crate::criteria::Detail::Full, &mut |run| {
+        self.each_run(cfg, decisions, crate::criteria::Detail::Full, state, &mut |run| {
             results.extend_from_slice(run);
-            Ok(())
+            Ok::<(), crate::state::StateError>(())
+        })?;
+        Ok(self.totals.with(results))
+    }
+}
+
+/// Patients whose earlier verdicts are read from the state at once.
+const PAGE: usize = 200;
+
+/// The results a sweep does not evaluate, in report order: those it holds (patients in
+/// error) and a resumed run's earlier verdicts, read from the state a page at a time.
+struct Kept<'a> {
+    errors: std::iter::Peekable<std::slice::Iter<'a, TrialResult>>,
+    /// The earlier patients not yet read.
+    earlier: &'a [String],
+    /// Read, not yet handed over.
+    page: std::collections::VecDeque<TrialResult>,
+    state: Option<&'a crate::state::State>,
+    cfg: &'a Config,
+}
+
+impl Kept<'_> {
+    /// Moves the results of patients before `bound` (all of them: None) into `run` until it
+    /// holds a run's worth; true if it stopped there (more may follow).
+    fn take_before(&mut self, bound: Option<&str>, run: &mut Vec<TrialResult>) -> Result<bool, crate::state::StateError> {
+        let before = |p: &str| bound.is_none_or(|b| p < b);
+        loop {
+            if run.len() >= RUN {
+                return Ok(true);
+            }
+            if self.page.is_empty() && self.earlier.first().is_some_and(|p| before(p)) {
+                self.read_page()?;
+            }
+            let error = self.errors.peek().map(|r| r.patient.as_str()).filter(|p| before(p));
+            let earlier = self.page.front().map(|r| r.patient.as_str()).filter(|p| before(p));
+            match (error, earlier) {
+                (Some(e), Some(p)) if p < e => run.extend(self.page.pop_front()),
+                (Some(_), _) => run.extend(self.errors.next().cloned()),
+                (None, Some(_)) => run.extend(self.page.pop_front()),
+                (None, None) => return Ok(false),
+            }
+        }
+    }
+
+    fn read_page(&mut self) -> Result<(), crate::state::StateError> {
+        let Some(state) = self.state else {
+            return Err(crate::state::StateError::NotGiven(self.earlier.len()));
+        };
+        let (now, rest) = self.earlier.split_at(PAGE.min(self.earlier.len()));
+        let mut rows = state.done_of(now)?;
+        rows.sort_by(|a, b| {
+            a.patient
+                .cmp(&b.patient)
+                .then_with(|| trial_order(self.cfg, &a.trial).cmp(&trial_order(self.cfg, &b.trial)))
         });
-        self.totals.with(results)
+        self.page.extend(rows);
+        self.earlier = rest;
+        Ok(())
     }
 }
 
@@ -815,66 +895,129 @@ mod tests {
         assert_eq!(with_count("Condition?code=x", 5), "Condition?code=x&_count=5");
     }
 
-    /// Held results (errors, a resumed run's earlier verdicts) and the results evaluated from
-    /// facts come out merged in patient order, over several runs, and each pass the same.
+    /// Results evaluated from facts, held (errors) and read back from the state (a resumed
+    /// run's earlier verdicts) come out merged in report order (patient, then the trials in
+    /// configuration order), over several runs and pages, and each pass the same.
     #[test]
-    fn held_results_and_evaluated_facts_are_merged_in_patient_order() {
+    fn evaluated_held_and_earlier_results_are_merged_in_report_order() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        let cfg = crate::load_config(&root.join("mappings"), &root.join("config/trials"), &["NCT06406205".to_string()]).unwrap();
+        // In configuration order belimumab comes first; in the database's (and in byte
+        // order), NCT06535412 does.
+        let trials = ["belimumab-multitarget-ln".to_string(), "NCT06535412".to_string()];
+        let cfg = crate::load_config(&root.join("mappings"), &root.join("config/trials"), &trials).unwrap();
+        let order: Vec<String> = cfg.trials.iter().map(|t| t.id.clone()).collect();
         let as_of = Date::parse("2026-06-01").unwrap();
         let key = |i: usize| format!("Patient/p{i:05}");
-        // Evens from facts, odds held: 3,000 results, more than one run.
-        let facts = (0..3000)
-            .step_by(2)
+        let result = |i: usize, trial: &str, record: &str| TrialResult {
+            patient: key(i),
+            person: None,
+            trial: trial.into(),
+            status: if record == "held" { Status::Error } else { Status::Ineligible },
+            record: Some(record.into()),
+            decided_by: Vec::new(),
+            criteria: Vec::new(),
+            facts: Vec::new(),
+        };
+        // Interleaved so that between two evaluated patients an error comes before an earlier
+        // one and after another: 5,000 patients, 10,000 results, several runs, and more earlier
+        // patients than a page.
+        let n = 5000;
+        let source = |i: usize| ["evaluated", "held", "earlier", "earlier", "held"][i % 5];
+        let facts = (0..n)
+            .filter(|&i| source(i) == "evaluated")
             .map(|i| crate::facts::held::Held::new(key(i), crate::facts::Demographics::default()))
             .collect();
-        let results = (1..3000)
-            .step_by(2)
-            .map(|i| TrialResult {
-                patient: key(i),
-                person: None,
-                trial: "NCT06406205".into(),
-                status: Status::Error,
-                record: Some("held".into()),
-                decided_by: Vec::new(),
-                criteria: Vec::new(),
-                facts: Vec::new(),
-            })
+        let results = (0..n)
+            .filter(|&i| source(i) == "held")
+            .flat_map(|i| order.iter().map(move |t| result(i, t, "held")))
             .collect();
+        let dir = std::env::temp_dir().join(format!("trialgate-merge-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut state =
+            crate::state::State::open(&crate::state::Location::File(dir.join("s.sqlite")), "run", "cohort", "2026-06-01").unwrap();
+        // Saved trial by trial, the last first: the state's own order is not the report's.
+        for t in order.iter().rev() {
+            let rows: Vec<TrialResult> = (0..n)
+                .filter(|&i| source(i) == "earlier")
+                .map(|i| result(i, t, "earlier"))
+                .collect();
+            state.save(&rows).unwrap();
+        }
+        let mut earlier = state.done_patients().unwrap();
+        earlier.sort();
         let swept = Swept {
             facts,
             results,
+            earlier,
             totals: crate::Totals {
                 as_of,
-                patients: 3000,
+                patients: n,
                 unmapped: Default::default(),
                 issues: Vec::new(),
                 provenance: cfg.provenance.clone(),
             },
         };
+        let expected: Vec<(String, String, &str)> = (0..n)
+            .flat_map(|i| order.iter().map(move |t| (key(i), t.clone(), source(i))))
+            .collect();
         let pass = || {
-            let mut seen: Vec<(String, bool)> = Vec::new();
+            let mut seen: Vec<(String, String, &str)> = Vec::new();
             let mut runs = 0;
             swept
-                .each_run::<()>(&cfg, &Decisions::default(), crate::criteria::Detail::Outcome, &mut |run| {
-                    runs += 1;
-                    seen.extend(run.iter().map(|r| (r.patient.clone(), r.record.as_deref() == Some("held"))));
-                    Ok(())
-                })
+                .each_run::<crate::state::StateError>(
+                    &cfg,
+                    &Decisions::default(),
+                    crate::criteria::Detail::Outcome,
+                    Some(&state),
+                    &mut |run| {
+                        runs += 1;
+                        seen.extend(run.iter().map(|r| {
+                            let from = match r.record.as_deref() {
+                                Some("held") => "held",
+                                Some("earlier") => "earlier",
+                                _ => "evaluated",
+                            };
+                            (r.patient.clone(), r.trial.clone(), from)
+                        }));
+                        Ok(())
+                    },
+                )
                 .unwrap();
             (seen, runs)
         };
         let (seen, runs) = pass();
-        let expected: Vec<(String, bool)> = (0..3000).map(|i| (key(i), i % 2 == 1)).collect();
-        assert_eq!(seen, expected);
-        assert!(runs >= 2, "{runs} run(s)");
+        assert_eq!(seen.len(), expected.len());
+        assert!(
+            seen == expected,
+            "first difference at {:?}",
+            seen.iter().zip(&expected).position(|(a, b)| a != b)
+        );
+        assert!(runs >= 4, "{runs} run(s)");
         assert_eq!(pass().0, expected);
         // An error from `each` stops the pass and is returned.
         let mut calls = 0;
-        let stopped = swept.each_run(&cfg, &Decisions::default(), crate::criteria::Detail::Outcome, &mut |_| {
-            calls += 1;
-            Err("stop")
-        });
-        assert_eq!((stopped, calls), (Err("stop"), 1));
+        let stopped = swept.each_run(
+            &cfg,
+            &Decisions::default(),
+            crate::criteria::Detail::Outcome,
+            Some(&state),
+            &mut |_| {
+                calls += 1;
+                Err(crate::state::StateError::NotGiven(7))
+            },
+        );
+        assert!(matches!(stopped, Err(crate::state::StateError::NotGiven(7))), "{stopped:?}");
+        assert_eq!(calls, 1);
+        // Earlier verdicts without the state they are in: an error, not a report without them.
+        let missing = swept.each_run::<crate::state::StateError>(
+            &cfg,
+            &Decisions::default(),
+            crate::criteria::Detail::Outcome,
+            None,
+            &mut |_| Ok(()),
+        );
+        assert!(matches!(missing, Err(crate::state::StateError::NotGiven(2000))), "{missing:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
