@@ -914,6 +914,31 @@ mod tests {
         assert_eq!(Location::parse("postgresql://db/x").shown(), "postgresql://db/x");
     }
 
+    /// A verdict read back is the verdict stored, to the last bit of its numbers: a resumed
+    /// run reports what an uninterrupted one does (serde_json's default float parsing can be
+    /// one ulp off; the `float_roundtrip` feature makes it exact).
+    #[test]
+    fn stored_verdicts_come_back_bit_for_bit() {
+        let dir = std::env::temp_dir().join(format!("trialgate-state-floats-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut st = State::open(&Location::File(dir.join("state.sqlite")), "run", "cohort", "2026-06-01").unwrap();
+        // 0.8 mg/dL of bilirubin in umol/L, as the conversion computes it.
+        let value: f64 = 0.8 * 17.1;
+        assert_eq!(value.to_string(), "13.680000000000001");
+        let result: TrialResult = serde_json::from_value(serde_json::json!({
+            "patient": "Patient/p1", "trial": "t", "status": "eligible", "decided_by": [], "facts": [],
+            "criteria": [{"id": "exc-2", "kind": "exclusion", "text": "", "outcome": "unknown", "reason": "",
+                "evidence": [{"resource": "Observation/o1", "normalized_value": value}]}]
+        }))
+        .unwrap();
+        st.save(std::slice::from_ref(&result)).unwrap();
+        let back = st.done().unwrap();
+        let got = back[0].criteria[0].evidence[0].normalized_value;
+        assert_eq!(got.map(f64::to_bits), Some(value.to_bits()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A cleared run keeps none of its verdicts, and saves anew after; other runs keep theirs.
     #[test]
     fn clearing_a_run_forgets_only_its_verdicts() {
