@@ -266,8 +266,8 @@ pub async fn write_back(
 /// Writes ResearchSubjects as a run's results come, a run of them at a time, so that a
 /// cohort is written without holding its verdicts: each trial's ResearchStudy is bound, and
 /// the subjects it already has are listed, once for the whole cohort, not once per run.
-/// Each batch holds one trial's subjects, sent when full, and the trials' last batches at the
-/// end in trial order: a dry run plans them trial by trial, however the runs came.
+/// A trial's subjects fill its own batch, sent when full; what is left of every trial goes
+/// at the end, in trial order: a dry run plans them trial by trial, however the runs came.
 pub struct Writer<'a> {
     client: &'a FhirClient,
     trials: &'a [Trial],
@@ -386,13 +386,14 @@ impl<'a> Writer<'a> {
     /// what was done (in a dry run, the entries that would have been sent).
     pub async fn finish(mut self) -> Result<WriteSummary, ClientError> {
         let client = self.client;
-        let left = self.bound.into_iter().flatten().map(|b| b.entries);
+        // The trials' last batches, together: an event about one patient is one request.
+        let left: Vec<(String, Value)> = self.bound.into_iter().flatten().flat_map(|b| b.entries).collect();
         if self.opts.dry_run {
-            self.summary.planned = left.flatten().map(|(_, e)| e).collect();
+            self.summary.planned = left.into_iter().map(|(_, e)| e).collect();
             return Ok(self.summary);
         }
-        for entries in left.filter(|e| !e.is_empty()) {
-            send_batch(client, &entries, &mut self.summary, &mut self.conflicts).await?;
+        for entries in left.chunks(BATCH) {
+            send_batch(client, entries, &mut self.summary, &mut self.conflicts).await?;
         }
         for (ident, wanted) in std::mem::take(&mut self.conflicts) {
             let search = format!("ResearchSubject?identifier={}", query_encode(&format!("{SUBJECT_SYSTEM}|{ident}")));
