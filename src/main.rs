@@ -713,8 +713,16 @@ impl From<Format> for trialgate::report::Format {
 /// end) where the run may still fail after its first rows: a sweep writing back as it reports.
 enum ReportSink {
     Stdout,
-    File { path: PathBuf, partial: PathBuf },
-    HeldStdout { partial: PathBuf },
+    File {
+        path: PathBuf,
+        partial: PathBuf,
+    },
+    /// An unnamed file: created owner-only under a fresh name and unlinked at once, so that
+    /// no other user reads the verdicts and a killed process leaves nothing behind.
+    HeldStdout {
+        file: std::fs::File,
+        dir: PathBuf,
+    },
 }
 
 impl ReportSink {
@@ -726,9 +734,14 @@ impl ReportSink {
     fn open_holding(output: Option<&std::path::Path>, hold: bool) -> anyhow::Result<ReportSink> {
         Ok(match output {
             None if hold => {
-                let partial = std::env::temp_dir().join(format!("trialgate-report-{}.partial", std::process::id()));
-                std::fs::File::create(&partial).with_context(|| format!("writing {}", partial.display()))?;
-                ReportSink::HeldStdout { partial }
+                let dir = std::env::temp_dir();
+                let file = unnamed_file(&dir).with_context(|| {
+                    format!(
+                        "holding the report in a temporary file in {} (set TMPDIR, or give -o FILE)",
+                        dir.display()
+                    )
+                })?;
+                ReportSink::HeldStdout { file, dir }
             }
             None => ReportSink::Stdout,
             Some(p) => {
@@ -747,17 +760,20 @@ impl ReportSink {
     fn writer(&self) -> Box<dyn Write> {
         match self {
             ReportSink::Stdout => Box::new(std::io::BufWriter::new(std::io::stdout())),
-            ReportSink::File { partial, .. } | ReportSink::HeldStdout { partial } => {
-                match std::fs::OpenOptions::new().write(true).truncate(true).open(partial) {
-                    Ok(f) => Box::new(std::io::BufWriter::new(f)),
-                    Err(e) => Box::new(FailingWriter(Some(e))),
-                }
-            }
+            ReportSink::File { partial, .. } => match std::fs::OpenOptions::new().write(true).truncate(true).open(partial) {
+                Ok(f) => Box::new(std::io::BufWriter::new(f)),
+                Err(e) => Box::new(FailingWriter(Some(e))),
+            },
+            // The clone shares the file's offset: `close` rewinds before copying out.
+            ReportSink::HeldStdout { file, .. } => match file.try_clone() {
+                Ok(f) => Box::new(std::io::BufWriter::new(f)),
+                Err(e) => Box::new(FailingWriter(Some(e))),
+            },
         }
     }
 
     fn discard(&self) {
-        if let ReportSink::File { partial, .. } | ReportSink::HeldStdout { partial } = self {
+        if let ReportSink::File { partial, .. } = self {
             let _ = std::fs::remove_file(partial);
         }
     }
@@ -775,13 +791,19 @@ impl ReportSink {
                 let _ = std::fs::remove_file(&partial);
                 Err(e).with_context(|| format!("writing {}", path.display()))
             }
-            (ReportSink::HeldStdout { partial }, written) => {
-                let copied = written.and_then(|_| {
+            (ReportSink::HeldStdout { dir, .. }, Err(e)) => Err(e).with_context(|| {
+                format!(
+                    "holding the report in a temporary file in {} (set TMPDIR, or give -o FILE)",
+                    dir.display()
+                )
+            }),
+            (ReportSink::HeldStdout { mut file, .. }, Ok(_)) => {
+                use std::io::Seek;
+                let copied = file.rewind().and_then(|()| {
                     let mut out = std::io::stdout().lock();
-                    std::io::copy(&mut std::fs::File::open(&partial)?, &mut out)?;
+                    std::io::copy(&mut file, &mut out)?;
                     out.flush()
                 });
-                let _ = std::fs::remove_file(&partial);
                 match copied {
                     Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing the report"),
                     _ => Ok(()),
@@ -789,6 +811,35 @@ impl ReportSink {
             }
         }
     }
+}
+
+/// A new file in `dir` that only this process can reach: created owner-only under a name
+/// nobody else holds, then unlinked (it lives as long as its handle).
+fn unnamed_file(dir: &Path) -> std::io::Result<std::fs::File> {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut last = None;
+    for attempt in 0..16u32 {
+        let path = dir.join(format!(
+            "trialgate-report-{}-{:08x}",
+            std::process::id(),
+            seed.wrapping_add(attempt)
+        ));
+        let mut opts = std::fs::OpenOptions::new();
+        opts.read(true).write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        match opts.open(&path) {
+            Ok(f) => {
+                std::fs::remove_file(&path)?;
+                return Ok(f);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free name")))
 }
 
 /// A writer that reports the error met opening its file at the first write.
@@ -1112,8 +1163,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // server has no Patient for is a definite answer: it does not hold the run open.)
             // Statuses before this run, of those that changed: the page marks them.
             let mut previous = std::collections::HashMap::new();
-            if let (Some(st), 0) = (state.as_mut(), unfetched) {
-                let c = st.finish()?;
+            let mut found = None;
+            if let (Some(st), 0) = (state.as_ref(), unfetched) {
+                let c = st.changes()?;
                 for ch in c.newly_eligible.iter().chain(&c.newly_ineligible) {
                     let was = ch
                         .from
@@ -1131,6 +1183,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ),
                     None => eprintln!("changes: this is the first finished run of this cohort"),
                 }
+                found = Some(c);
+            }
+            // The run is finished (and its changes written) once its report and write-back are
+            // done: one that failed there is run again, not taken as what the next run compares
+            // with.
+            let finish_run = |state: &mut Option<trialgate::state::State>| -> anyhow::Result<()> {
+                let (Some(st), Some(c)) = (state.as_mut(), &found) else {
+                    return Ok(());
+                };
+                st.mark_finished()?;
                 if let Some(path) = &changes {
                     let mut out = String::from("patient,trial,from,to\n");
                     for ch in c.newly_eligible.iter().chain(&c.newly_ineligible) {
@@ -1144,7 +1206,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))?;
                 }
-            }
+                Ok(())
+            };
             // Write-back and the report take the verdicts in one pass, a run at a time.
             note_inputs(&mut swept.totals.provenance, &swept.totals.issues, &decisions)?;
             let wopts = WriteOptions { write_ineligible, dry_run };
@@ -1219,6 +1282,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     tracing::warn!("ResearchSubject {ident} was refused: {why}");
                 }
                 if dry_run {
+                    finish_run(&mut state)?;
                     let bundle = serde_json::json!({"resourceType": "Bundle", "type": "batch", "entry": w.planned});
                     println!("{}", serde_json::to_string_pretty(&bundle).unwrap_or_default());
                     return Ok(());
@@ -1233,6 +1297,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 k.close(r.finish(&totals))?;
             }
+            finish_run(&mut state)?;
             if let Some(w) = written.filter(|w| !w.failed.is_empty()) {
                 anyhow::bail!(
                     "{} ResearchSubject write(s) were refused by the server (see the warnings above)",

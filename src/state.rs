@@ -373,6 +373,14 @@ impl State {
 
     /// Marks the run finished and compares it with the previous finished run of the cohort.
     pub fn finish(&mut self) -> Result<Changes, StateError> {
+        self.mark_finished()?;
+        self.changes()
+    }
+
+    /// Marks the run finished: its verdicts join the history, and the next run of the cohort
+    /// is compared with it. A sweep marks it once its report and write-back are done, so that
+    /// a run whose write-back failed is run again, not taken as the one to compare with.
+    pub fn mark_finished(&mut self) -> Result<(), StateError> {
         let (at, run) = (Val::Int(now()), Val::Int(self.run));
         // The run's verdicts join the history every route shares (notifications, the page):
         // a transition where the status differs from the latest known, then the latest.
@@ -394,7 +402,12 @@ impl State {
                       ON CONFLICT (patient, trial) DO UPDATE SET status = excluded.status, result = excluded.result, at = excluded.at",
                 rows: vec![vec![at, run]],
             },
-        ])?;
+        ])
+    }
+
+    /// This run's changes since the previous finished run of the cohort (of any date): who
+    /// became eligible or potentially eligible, and who became ineligible.
+    pub fn changes(&self) -> Result<Changes, StateError> {
         let previous = self.db.query(
             "SELECT id, as_of FROM runs WHERE cohort_key = ?1 AND finished IS NOT NULL AND id < ?2 ORDER BY id DESC LIMIT 1",
             vec![Val::text(&self.cohort_key), Val::Int(self.run)],

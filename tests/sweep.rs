@@ -882,14 +882,19 @@ async fn a_failed_write_back_leaves_no_half_report_on_standard_output() {
         Mock::given(method("POST")).and(path("/")).respond_with(batch).mount(&server).await;
         server
     };
-    let run = |uri: String, tmp: PathBuf| {
+    let run = |uri: String, tmp: PathBuf, state: PathBuf| {
         tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&tmp).unwrap();
+            std::fs::create_dir_all(&state).unwrap();
             let out = std::process::Command::new(env!("CARGO_BIN_EXE_trialgate"))
                 .current_dir(root())
                 .env("TMPDIR", &tmp)
                 .args(["sweep", "--server", &uri, "--patient", "p1", "--patient", "p2"])
                 .args(["--trial", "NCT06406205", "--as-of", "2026-06-01", "--format", "csv", "--write-back"])
+                .arg("--state")
+                .arg(state.join("state.sqlite"))
+                .arg("--changes")
+                .arg(state.join("changes.csv"))
                 .output()
                 .expect("trialgate runs");
             let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
@@ -900,17 +905,27 @@ async fn a_failed_write_back_leaves_no_half_report_on_standard_output() {
     let tmp = |name: &str| std::env::temp_dir().join(format!("trialgate-held-{name}-{}", std::process::id()));
 
     let broken = server_where(ResponseTemplate::new(200).set_body_raw("not a Bundle", "application/fhir+json")).await;
-    let (out, left) = run(broken.uri(), tmp("broken")).await.unwrap();
+    let state = tmp("state");
+    let (out, left) = run(broken.uri(), tmp("broken"), state.clone()).await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("writing ResearchSubjects"), "{stderr}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "", "no half report");
     assert_eq!(left, 0, "the held report is removed");
+    // Nor is the run finished: the next one resumes it (write-back included) rather than
+    // comparing itself with a run whose report nobody got.
+    assert!(!state.join("changes.csv").exists());
+    let unfinished: i64 = rusqlite::Connection::open(state.join("state.sqlite"))
+        .unwrap()
+        .query_row("SELECT count(*) FROM runs WHERE finished IS NULL", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(unfinished, 1);
+    let _ = std::fs::remove_dir_all(&state);
 
     let answer = json!({"resourceType": "Bundle", "type": "batch-response",
         "entry": [{"response": {"status": "201 Created"}}, {"response": {"status": "201 Created"}}]});
     let working = server_where(ok(&answer)).await;
-    let (out, left) = run(working.uri(), tmp("working")).await.unwrap();
+    let (out, left) = run(working.uri(), tmp("working"), state.clone()).await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("2 created"), "{stderr}");
@@ -919,4 +934,10 @@ async fn a_failed_write_back_leaves_no_half_report_on_standard_output() {
     assert!(stdout.contains("Patient/p1,NCT06406205,potentially-eligible"), "{stdout}");
     assert!(stdout.contains("Patient/p2,NCT06406205,potentially-eligible"), "{stdout}");
     assert_eq!(left, 0, "the held report is removed");
+    assert_eq!(
+        std::fs::read_to_string(state.join("changes.csv")).unwrap(),
+        "patient,trial,from,to\n",
+        "finished, as the first run of its cohort"
+    );
+    let _ = std::fs::remove_dir_all(&state);
 }
