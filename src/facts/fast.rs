@@ -204,10 +204,7 @@ pub fn scan_condition(line: &str) -> R<ConditionLine<'_>> {
             }
             "abatementBoolean" => {
                 once32(&mut seen, 512)?;
-                c.abatement_boolean = match s.null()? {
-                    true => None,
-                    false => Some(s.boolean()?),
-                };
+                c.abatement_boolean = opt_bool(s)?;
             }
             "recordedDate" => {
                 once32(&mut seen, 1024)?;
