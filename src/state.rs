@@ -242,14 +242,6 @@ impl State {
         Ok(first(rows).and_then(Val::into_text))
     }
 
-    /// The verdicts this run has already committed (none for a new run).
-    pub fn done(&self) -> Result<Vec<TrialResult>, StateError> {
-        self.json_rows(
-            "SELECT result FROM results WHERE run = ?1 ORDER BY patient, trial",
-            Val::Int(self.run),
-        )
-    }
-
     /// The patients whose verdicts this run has already committed (none for a new run), as
     /// the results name them (`Patient/<id>`). Their verdicts stay in the database until
     /// read, a few at a time, by [`State::done_of`]: a resumed cohort's can be gigabytes.
@@ -272,15 +264,11 @@ impl State {
         let sql = format!("SELECT result FROM results WHERE run = ?1 AND patient IN ({})", marks.join(", "));
         let mut params = vec![Val::Int(self.run)];
         params.extend(patients.iter().map(|p| Val::text(p)));
-        self.json_rows_of(&sql, params)
+        self.json_rows(&sql, params)
     }
 
     /// The JSON in the one column `sql` selects, read back into `T`.
-    fn json_rows<T: serde::de::DeserializeOwned>(&self, sql: &str, param: Val) -> Result<Vec<T>, StateError> {
-        self.json_rows_of(sql, vec![param])
-    }
-
-    fn json_rows_of<T: serde::de::DeserializeOwned>(&self, sql: &str, params: Vec<Val>) -> Result<Vec<T>, StateError> {
+    fn json_rows<T: serde::de::DeserializeOwned>(&self, sql: &str, params: Vec<Val>) -> Result<Vec<T>, StateError> {
         let rows = self.db.query(sql, params)?;
         let mut out = Vec::with_capacity(rows.len());
         for text in rows.into_iter().filter_map(|r| r.into_iter().next().and_then(Val::into_text)) {
@@ -334,7 +322,7 @@ impl State {
             return Ok(None);
         };
         let key = Val::text(&self.cohort_key);
-        let facts = self.json_rows("SELECT facts FROM facts WHERE cohort_key = ?1 ORDER BY patient", key)?;
+        let facts = self.json_rows("SELECT facts FROM facts WHERE cohort_key = ?1 ORDER BY patient", vec![key])?;
         Ok(Some((facts, since)))
     }
 
@@ -946,7 +934,7 @@ mod tests {
         }))
         .unwrap();
         st.save(std::slice::from_ref(&result)).unwrap();
-        let back = st.done().unwrap();
+        let back = st.done_of(&st.done_patients().unwrap()).unwrap();
         let got = back[0].criteria[0].evidence[0].normalized_value;
         assert_eq!(got.map(f64::to_bits), Some(value.to_bits()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -969,7 +957,11 @@ mod tests {
             criteria: Vec::new(),
             facts: Vec::new(),
         };
-        let patients = |st: &State| st.done().unwrap().into_iter().map(|r| r.patient).collect::<Vec<_>>();
+        let patients = |st: &State| {
+            let mut p = st.done_patients().unwrap();
+            p.sort();
+            p
+        };
         let mut other = State::open(&at, "run-a", "cohort-a", "2026-06-01").unwrap();
         other.save(&[result("x")]).unwrap();
         let mut st = State::open(&at, "run-b", "cohort-b", "2026-06-01").unwrap();

@@ -289,21 +289,7 @@ pub fn render_marked(
     base: Option<&str>,
     previous: std::collections::HashMap<(String, String), Status>,
 ) -> String {
-    // Writing to memory cannot fail.
-    let bytes = write_marked(Vec::new(), s, format, base, previous).unwrap_or_default();
-    String::from_utf8_lossy(&bytes).into_owned()
-}
-
-/// [`render_marked`] written to `out` as it is made, not held: a sweep's report can be as
-/// large as its verdicts. Returns `out`, flushed, or its first error.
-pub fn write_marked<W: std::io::Write>(
-    out: W,
-    s: &Screening,
-    format: Format,
-    base: Option<&str>,
-    previous: std::collections::HashMap<(String, String), Status>,
-) -> std::io::Result<W> {
-    let mut w = Writer::new(out, format, s.as_of, &s.provenance.version, s.patients).changes(previous);
+    let mut w = Writer::new(Vec::new(), format, s.as_of, &s.provenance.version, s.patients).changes(previous);
     if let Some(b) = base {
         w = w.link_to(b);
     }
@@ -316,7 +302,9 @@ pub fn write_marked<W: std::io::Write>(
         unmapped: &s.unmapped,
         issues: &s.issues,
     };
-    w.finish(&totals)
+    // Writing to memory cannot fail.
+    let bytes = w.finish(&totals).unwrap_or_default();
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 pub fn json(s: &Screening) -> String {
