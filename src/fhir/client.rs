@@ -657,9 +657,25 @@ impl FhirClient {
 
     /// Every page of a search, following `Bundle.link[relation=next]` to the end.
     pub async fn search(&self, path_or_url: &str) -> Result<Vec<String>, ClientError> {
+        let mut pages = Vec::new();
+        self.search_each(path_or_url, |_, body| {
+            pages.push(body);
+            Ok(true)
+        })
+        .await?;
+        Ok(pages)
+    }
+
+    /// The same search, its pages handed to `each` (with their URL) one at a time as they
+    /// come, none kept: for results too many to hold. `each` returns false to stop following.
+    pub async fn search_each(
+        &self,
+        path_or_url: &str,
+        each: impl FnMut(&str, String) -> Result<bool, ClientError>,
+    ) -> Result<(), ClientError> {
         let url = self.url(path_or_url);
         let first = self.get(&url).await?;
-        self.follow(url, first).await
+        self.follow(url, first, each).await
     }
 
     /// The same search sent as `POST [type]/_search` with a form body, for queries too long
@@ -674,10 +690,21 @@ impl FhirClient {
             fhir: true,
         };
         let first = self.send(&req).await?.body;
-        self.follow(req.url, first).await
+        let mut pages = Vec::new();
+        self.follow(req.url, first, |_, body| {
+            pages.push(body);
+            Ok(true)
+        })
+        .await?;
+        Ok(pages)
     }
 
-    async fn follow(&self, first_url: String, first: String) -> Result<Vec<String>, ClientError> {
+    async fn follow(
+        &self,
+        first_url: String,
+        first: String,
+        mut each: impl FnMut(&str, String) -> Result<bool, ClientError>,
+    ) -> Result<(), ClientError> {
         #[derive(Deserialize)]
         struct Link {
             relation: Option<String>,
@@ -688,7 +715,6 @@ impl FhirClient {
             #[serde(default)]
             link: Vec<Link>,
         }
-        let mut pages = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let (mut url, mut body) = (first_url, first);
         loop {
@@ -703,8 +729,10 @@ impl FhirClient {
                 .find(|l| l.relation.as_deref() == Some("next"))
                 .and_then(|l| l.url)
                 .map(|u| self.url(&u));
-            pages.push(body);
-            let Some(next) = next else { return Ok(pages) };
+            if !each(&url, body)? {
+                return Ok(());
+            }
+            let Some(next) = next else { return Ok(()) };
             // A server that links a page to itself must not keep us here forever.
             if seen.contains(&next) {
                 return Err(ClientError::Body {
