@@ -1210,7 +1210,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             // Write-back and the report take the verdicts in one pass, a run at a time.
             note_inputs(&mut swept.totals.provenance, &swept.totals.issues, &decisions)?;
-            let wopts = WriteOptions { write_ineligible, dry_run };
+            let wopts = WriteOptions {
+                write_ineligible,
+                dry_run,
+                ..Default::default()
+            };
             let mut back = writer
                 .as_ref()
                 .map(|w| trialgate::writeback::Writer::new(w, &cfg.trials, as_of, &wopts, vec![swept.totals.patients; cfg.trials.len()]));
@@ -1369,7 +1373,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 };
                 let wopts = WriteOptions {
                     write_ineligible: g.write_back.write_ineligible,
-                    dry_run: false,
+                    ..Default::default()
                 };
                 Some(std::sync::Arc::new(trialgate::live::Live::new(
                     client,

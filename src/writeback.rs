@@ -32,14 +32,34 @@ pub const PROGRESS_EXTENSION: &str = "http://hl7.org/fhir/5.0/StructureDefinitio
 const BATCH: usize = 100;
 /// Up to this many patients, their existing subjects are searched by identifier.
 const FEW: usize = 20;
+/// Identifiers per lookup search: about 90 characters each once encoded, so a URL of a few KB,
+/// which every server takes.
+const LOOKUP: usize = 40;
+/// The most subjects of one study held from its listing (about 200 bytes each): a study with
+/// more has its subjects looked up by identifier instead, run by run, so that write-back's
+/// memory does not grow with the cohort.
+pub const LISTING_LIMIT: usize = 50_000;
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct WriteOptions {
     /// Also write patients found ineligible (by default only candidates are written, and an
     /// already written one that turns ineligible is updated).
     pub write_ineligible: bool,
     /// Plan the writes and return them without sending them.
     pub dry_run: bool,
+    /// A study with more subjects than this on the server has them looked up by identifier
+    /// rather than listed and held ([`LISTING_LIMIT`]).
+    pub listing_limit: usize,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            write_ineligible: false,
+            dry_run: false,
+            listing_limit: LISTING_LIMIT,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -165,10 +185,35 @@ struct Subject {
     meta: Option<Meta>,
 }
 
+/// A subject already on the server: its id, status and version (empty when the server gave
+/// none) in one allocation, since a study's listing may hold tens of thousands of them.
 struct Existing {
-    id: String,
-    status: String,
-    version: Option<String>,
+    text: Box<str>,
+    id_end: u32,
+    status_end: u32,
+}
+
+impl Existing {
+    fn new(id: &str, status: &str, version: Option<&str>) -> Existing {
+        let text: Box<str> = [id, status, version.unwrap_or("")].concat().into();
+        // FHIR ids and codes are at most 64 characters; saturating keeps an absurd one whole
+        // in `id` rather than wrapping into the other fields.
+        let id_end = u32::try_from(id.len()).unwrap_or(u32::MAX);
+        let status_end = u32::try_from(id.len() + status.len()).unwrap_or(u32::MAX);
+        Existing { text, id_end, status_end }
+    }
+
+    fn id(&self) -> &str {
+        self.text.get(..self.id_end as usize).unwrap_or(&self.text)
+    }
+
+    fn status(&self) -> &str {
+        self.text.get(self.id_end as usize..self.status_end as usize).unwrap_or("")
+    }
+
+    fn version(&self) -> Option<&str> {
+        self.text.get(self.status_end as usize..).filter(|v| !v.is_empty())
+    }
 }
 
 /// The ResearchStudy a trial is bound to (created only when absent).
@@ -200,13 +245,50 @@ async fn bind_study(client: &FhirClient, trial: &Trial) -> Result<String, Client
     })
 }
 
-/// The ResearchSubjects already on the server for a study, by identifier value.
-async fn existing(client: &FhirClient, study_id: &str) -> Result<HashMap<String, Existing>, ClientError> {
-    subjects(client, &format!("ResearchSubject?study=ResearchStudy/{study_id}&_count=500")).await
+/// The ResearchSubjects already on the server for a study, by identifier value, read page by
+/// page; `None` once there are more than `limit` (the listing is dropped, not held).
+async fn existing(client: &FhirClient, study_id: &str, limit: usize) -> Result<Option<HashMap<Box<str>, Existing>>, ClientError> {
+    let mut out = HashMap::new();
+    let mut over = false;
+    let search = format!("ResearchSubject?study=ResearchStudy/{study_id}&_count=500");
+    client
+        .search_each(&search, |url, body| {
+            read_subjects(url, &body, &mut out)?;
+            over = out.len() > limit;
+            Ok(!over)
+        })
+        .await?;
+    Ok((!over).then_some(out))
 }
 
 /// The ResearchSubjects a search finds, by identifier value.
-async fn subjects(client: &FhirClient, search: &str) -> Result<HashMap<String, Existing>, ClientError> {
+async fn subjects(client: &FhirClient, search: &str) -> Result<HashMap<Box<str>, Existing>, ClientError> {
+    let mut out = HashMap::new();
+    client
+        .search_each(search, |url, body| read_subjects(url, &body, &mut out).map(|_| true))
+        .await?;
+    Ok(out)
+}
+
+/// The subjects `mine` already has on the server, looked up by identifier, `LOOKUP` to a
+/// search (one URL of a few KB).
+async fn look_up(client: &FhirClient, trial: &Trial, mine: &[&TrialResult]) -> Result<HashMap<Box<str>, Existing>, ClientError> {
+    let mut out = HashMap::new();
+    for chunk in mine.chunks(LOOKUP) {
+        let idents: Vec<String> = chunk
+            .iter()
+            .map(|r| query_encode(&format!("{SUBJECT_SYSTEM}|{}:{}", trial.id, r.patient)))
+            .collect();
+        let search = format!("ResearchSubject?identifier={}", idents.join(","));
+        client
+            .search_each(&search, |url, body| read_subjects(url, &body, &mut out).map(|_| true))
+            .await?;
+    }
+    Ok(out)
+}
+
+/// Adds the ResearchSubjects of one searchset page to `out`, by identifier value.
+fn read_subjects(url: &str, body: &str, out: &mut HashMap<Box<str>, Existing>) -> Result<(), ClientError> {
     #[derive(Deserialize)]
     struct Entry {
         resource: Option<Value>,
@@ -216,37 +298,30 @@ async fn subjects(client: &FhirClient, search: &str) -> Result<HashMap<String, E
         #[serde(default)]
         entry: Vec<Entry>,
     }
-    let mut out = HashMap::new();
-    for body in client.search(search).await? {
-        let page: Page = serde_json::from_str(&body).map_err(|e| ClientError::Body {
-            url: client.url("ResearchSubject"),
-            message: e.to_string(),
-        })?;
-        for e in page.entry {
-            let Some(s) = e.resource.and_then(|v| serde_json::from_value::<Subject>(v).ok()) else {
-                continue;
-            };
-            let Some(value) = s
-                .identifier
-                .iter()
-                .find(|i| i.system.as_deref() == Some(SUBJECT_SYSTEM))
-                .and_then(|i| i.value.clone())
-            else {
-                continue;
-            };
-            if let (Some(id), Some(status)) = (s.id, s.status) {
-                out.insert(
-                    value,
-                    Existing {
-                        id,
-                        status,
-                        version: s.meta.and_then(|m| m.version_id),
-                    },
-                );
-            }
+    let page: Page = serde_json::from_str(body).map_err(|e| ClientError::Body {
+        url: url.to_string(),
+        message: e.to_string(),
+    })?;
+    for e in page.entry {
+        let Some(s) = e.resource.and_then(|v| serde_json::from_value::<Subject>(v).ok()) else {
+            continue;
+        };
+        let Some(value) = s
+            .identifier
+            .iter()
+            .find(|i| i.system.as_deref() == Some(SUBJECT_SYSTEM))
+            .and_then(|i| i.value.clone())
+        else {
+            continue;
+        };
+        if let (Some(id), Some(status)) = (s.id, s.status) {
+            out.insert(
+                value.into_boxed_str(),
+                Existing::new(&id, &status, s.meta.as_ref().and_then(|m| m.version_id.as_deref())),
+            );
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Writes the ResearchSubjects for `results` (every trial in `trials`) to `client`'s server.
@@ -287,12 +362,11 @@ pub struct Writer<'a> {
 /// A trial's ResearchStudy and what is known of its subjects.
 struct Bound {
     study: String,
-    /// A few patients (a notification, one posted patient) have their subjects looked up by
-    /// identifier; listing every subject of a study would cost pages per event at hospital
-    /// scale.
-    few: bool,
-    /// Unless `few`: the subjects the study had when it was bound, by identifier value.
-    listed: HashMap<String, Existing>,
+    /// The subjects the study had when it was bound, by identifier value; `None` when they are
+    /// looked up by identifier as results come instead: for a few patients (a notification,
+    /// one posted patient), where listing every subject of a study would cost pages per
+    /// event, and for a study too large to hold ([`WriteOptions::listing_limit`]).
+    listed: Option<HashMap<Box<str>, Existing>>,
     /// The batch being filled.
     entries: Vec<(String, Value)>,
 }
@@ -327,25 +401,35 @@ impl<'a> Writer<'a> {
                 none => {
                     let study = bind_study(client, trial).await?;
                     let few = self.expected.get(k).is_some_and(|&n| n <= FEW);
-                    let listed = if few { HashMap::new() } else { existing(client, &study).await? };
+                    let listed = if few {
+                        None
+                    } else {
+                        let listed = existing(client, &study, self.opts.listing_limit).await?;
+                        if listed.is_none() {
+                            tracing::info!(
+                                trial = %trial.id,
+                                limit = self.opts.listing_limit,
+                                "the study has more ResearchSubjects than are held; they are looked up by identifier, {LOOKUP} to a search"
+                            );
+                        }
+                        listed
+                    };
                     none.insert(Bound {
                         study,
-                        few,
                         listed,
                         entries: Vec::new(),
                     })
                 }
             };
             let looked_up;
-            let have = if b.few {
-                let idents: Vec<String> = mine
-                    .iter()
-                    .map(|r| query_encode(&format!("{SUBJECT_SYSTEM}|{}:{}", trial.id, r.patient)))
-                    .collect();
-                looked_up = subjects(client, &format!("ResearchSubject?identifier={}", idents.join(","))).await?;
-                &looked_up
-            } else {
-                &b.listed
+            let have = match &b.listed {
+                Some(listed) => listed,
+                None => {
+                    // An error has nothing to write, so nothing to look up.
+                    let written: Vec<&TrialResult> = mine.iter().copied().filter(|r| r4_status(r.status).is_some()).collect();
+                    looked_up = look_up(client, trial, &written).await?;
+                    &looked_up
+                }
             };
             for r in mine {
                 let Some(status) = r4_status(r.status) else {
@@ -353,15 +437,15 @@ impl<'a> Writer<'a> {
                     continue;
                 };
                 let ident = format!("{}:{}", trial.id, r.patient);
-                match have.get(&ident) {
-                    Some(e) if !OWNED.contains(&e.status.as_str()) => self.summary.left_alone += 1,
-                    Some(e) if e.status == status => self.summary.unchanged += 1,
+                match have.get(ident.as_str()) {
+                    Some(e) if !OWNED.contains(&e.status()) => self.summary.left_alone += 1,
+                    Some(e) if e.status() == status => self.summary.unchanged += 1,
                     Some(e) => {
-                        let mut request = json!({"method": "PUT", "url": format!("ResearchSubject/{}", e.id)});
-                        if let Some(v) = &e.version {
+                        let mut request = json!({"method": "PUT", "url": format!("ResearchSubject/{}", e.id())});
+                        if let Some(v) = e.version() {
                             request["ifMatch"] = json!(format!("W/\"{v}\""));
                         }
-                        let resource = research_subject(trial, &b.study, r, status, as_of, Some(&e.id));
+                        let resource = research_subject(trial, &b.study, r, status, as_of, Some(e.id()));
                         b.entries.push((ident, json!({"resource": resource, "request": request})));
                     }
                     None if status == "ineligible" && !self.opts.write_ineligible => self.summary.not_written += 1,
@@ -398,9 +482,9 @@ impl<'a> Writer<'a> {
         for (ident, wanted) in std::mem::take(&mut self.conflicts) {
             let search = format!("ResearchSubject?identifier={}", query_encode(&format!("{SUBJECT_SYSTEM}|{ident}")));
             let now = subjects(client, &search).await?;
-            match now.get(&ident) {
-                Some(e) if e.status == wanted => self.summary.updated += 1,
-                Some(e) if !OWNED.contains(&e.status.as_str()) => self.summary.left_alone += 1,
+            match now.get(ident.as_str()) {
+                Some(e) if e.status() == wanted => self.summary.updated += 1,
+                Some(e) if !OWNED.contains(&e.status()) => self.summary.left_alone += 1,
                 _ => self.summary.failed.push((
                     ident,
                     "412: the ResearchSubject changed on the server while this run wrote it; run again to re-decide".into(),

@@ -279,8 +279,9 @@ async fn put(base: &str, resource: &Value) {
 
 /// Sweeps the fixture cohort on a real server twice with write-back, the second time after a
 /// coordinator moved one subject on-study and one patient's record changed; `via` is the base
-/// URL trialgate talks to (the server itself, or a proxy in front of it).
-async fn sweep_write_sweep_again(base: &str, via: &str) -> (u64, u64) {
+/// URL trialgate talks to (the server itself, or a proxy in front of it). A study with more
+/// than `listing_limit` subjects has them looked up by identifier rather than listed.
+async fn sweep_write_sweep_again(base: &str, via: &str, listing_limit: usize) -> (u64, u64) {
     let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[]).unwrap();
     let as_of = Date::parse("2026-06-01").unwrap();
     let client = FhirClient::new(
@@ -294,6 +295,7 @@ async fn sweep_write_sweep_again(base: &str, via: &str) -> (u64, u64) {
     let all = WriteOptions {
         write_ineligible: true,
         dry_run: false,
+        listing_limit,
     };
     let screened = trialgate::screen(&root().join("fixtures/bundles"), &cfg, as_of, &Decisions::default()).unwrap();
     let statuses = |rs: &[trialgate::criteria::eval::TrialResult]| -> BTreeMap<(String, String), &'static str> {
@@ -414,17 +416,19 @@ async fn sweep_write_sweep_again(base: &str, via: &str) -> (u64, u64) {
 async fn sweep_and_write_back_against_a_real_fhir_server() {
     let (_server, base, dir) = start().await;
     load(&base).await;
-    let (_, retries) = sweep_write_sweep_again(&base, &base).await;
+    let (_, retries) = sweep_write_sweep_again(&base, &base, trialgate::writeback::LISTING_LIMIT).await;
     assert_eq!(retries, 0, "a healthy server needs no retries");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
 async fn the_same_through_a_proxy_that_fails_one_request_in_ten() {
+    // And with a listing limit the second run's studies exceed: their subjects are looked up by
+    // identifier, a search per forty patients, through the same faults.
     let (_server, base, dir) = start().await;
     load(&base).await;
     let (proxy, faults) = fault_proxy(base.clone()).await;
-    let (requests, retries) = sweep_write_sweep_again(&base, &proxy).await;
+    let (requests, retries) = sweep_write_sweep_again(&base, &proxy, 3).await;
     let injected = faults.injected.load(Ordering::SeqCst);
     assert!(injected >= 4, "every kind of fault was met: {injected} in {requests} requests");
     assert_eq!(retries, injected, "each fault cost exactly one retry");

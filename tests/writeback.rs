@@ -205,6 +205,7 @@ async fn ineligible_patients_are_written_when_asked_and_a_dry_run_sends_nothing(
     let opts = WriteOptions {
         write_ineligible: true,
         dry_run: false,
+        ..Default::default()
     };
     let w = write_back(&client(&server), &[trial()], &results, as_of, &opts).await.unwrap();
     assert_eq!(w.created, 1);
@@ -220,6 +221,7 @@ async fn ineligible_patients_are_written_when_asked_and_a_dry_run_sends_nothing(
     let opts = WriteOptions {
         write_ineligible: true,
         dry_run: true,
+        ..Default::default()
     };
     let w = write_back(&client(&dry), &[trial()], &results, as_of, &opts).await.unwrap();
     assert_eq!(w.planned.len(), 1, "the dry run still says what it would write");
@@ -245,6 +247,7 @@ async fn a_cohort_is_written_in_batches_of_a_hundred() {
     let opts = WriteOptions {
         write_ineligible: false,
         dry_run: false,
+        ..Default::default()
     };
     let as_of = Date::parse("2026-06-01").unwrap();
     let w = write_back(&client(&server), &[trial()], &results, as_of, &opts).await.unwrap();
@@ -259,6 +262,119 @@ async fn a_cohort_is_written_in_batches_of_a_hundred() {
         .map(|r| serde_json::from_slice::<Value>(&r.body).unwrap()["entry"].as_array().unwrap().len())
         .collect();
     assert_eq!(sizes, [100, 100, 50]);
+}
+
+/// A study with more subjects on the server than `listing_limit` is not held: its listing is
+/// dropped as soon as it runs over (the pages after are not even read), and the subjects of
+/// the patients being written are looked up by identifier, forty to a search, instead. Both
+/// ways write exactly the same.
+#[tokio::test]
+async fn a_study_too_large_to_list_has_its_subjects_looked_up() {
+    // 45 patients (more than the few looked up one by one): p0 was moved on-study by a person,
+    // p1 was a potential candidate and is now eligible, p2 to p4 are eligible as before; p44
+    // has no data. The server lists the study's subjects two to a page (three pages).
+    let existing = vec![
+        subject("rs-0", "p0", "on-study", "7"),
+        subject("rs-1", "p1", "potential-candidate", "3"),
+        subject("rs-2", "p2", "eligible", "1"),
+        subject("rs-3", "p3", "eligible", "1"),
+        subject("rs-4", "p4", "eligible", "1"),
+    ];
+    let results: Vec<TrialResult> = (0..45)
+        .map(|i| result(&format!("p{i}"), if i == 44 { Status::Error } else { Status::Eligible }))
+        .collect();
+    let run = |limit: usize| {
+        let (existing, results) = (existing.clone(), results.clone());
+        async move {
+            let server = MockServer::start().await;
+            mock::accepts_research_study(&server).await;
+            let uri = server.uri();
+            Mock::given(method("GET"))
+                .and(path("/ResearchSubject"))
+                .respond_with(move |req: &Request| {
+                    let q: Vec<(String, String)> = req.url.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+                    let get = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+                    let (found, next): (Vec<&Value>, Option<usize>) = match get("identifier") {
+                        Some(ids) => {
+                            let ids: Vec<&str> = ids.split(',').collect();
+                            let hit = |r: &&Value| {
+                                let token = format!("{SUBJECT_SYSTEM}|{}", r["identifier"][0]["value"].as_str().unwrap_or(""));
+                                ids.contains(&token.as_str())
+                            };
+                            (existing.iter().filter(hit).collect(), None)
+                        }
+                        None => {
+                            let page: usize = get("_page").and_then(|p| p.parse().ok()).unwrap_or(0);
+                            let found = existing.iter().skip(2 * page).take(2).collect();
+                            (found, (2 * page + 2 < existing.len()).then_some(page + 1))
+                        }
+                    };
+                    let link: Vec<Value> = next
+                        .map(|n| json!({"relation": "next", "url": format!("{uri}/ResearchSubject?study=ResearchStudy/st1&_page={n}")}))
+                        .into_iter()
+                        .collect();
+                    let page = json!({"resourceType": "Bundle", "type": "searchset", "link": link,
+                        "entry": found.iter().map(|r| json!({"resource": r})).collect::<Vec<_>>()});
+                    ResponseTemplate::new(200).set_body_raw(page.to_string(), "application/fhir+json")
+                })
+                .mount(&server)
+                .await;
+            Mock::given(method("POST"))
+                .and(path("/"))
+                .respond_with(|req: &Request| {
+                    let sent: Value = serde_json::from_slice(&req.body).unwrap_or_default();
+                    let entries = sent["entry"].as_array().cloned().unwrap_or_default();
+                    let said: Vec<&str> = entries
+                        .iter()
+                        .map(|e| if e["request"]["method"] == "PUT" { "200 OK" } else { "201 Created" })
+                        .collect();
+                    batch_response(&said)
+                })
+                .mount(&server)
+                .await;
+            let opts = WriteOptions {
+                listing_limit: limit,
+                ..Default::default()
+            };
+            let as_of = Date::parse("2026-06-01").unwrap();
+            let w = write_back(&client(&server), &[trial()], &results, as_of, &opts).await.unwrap();
+            let gets: Vec<Vec<(String, String)>> = server
+                .received_requests()
+                .await
+                .unwrap()
+                .iter()
+                .filter(|r| r.method.as_str() == "GET" && r.url.path() == "/ResearchSubject")
+                .map(|r| r.url.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect())
+                .collect();
+            (w, sent_batch(&server).await, gets)
+        }
+    };
+    let (listed, listed_batch, listed_gets) = run(5).await;
+    let (looked_up, looked_up_batch, looked_up_gets) = run(2).await;
+    for w in [&listed, &looked_up] {
+        assert_eq!((w.created, w.updated, w.unchanged, w.left_alone, w.not_written), (39, 1, 3, 1, 1));
+        assert!(w.failed.is_empty(), "{:?}", w.failed);
+    }
+    assert_eq!(listed_batch, looked_up_batch, "the same writes either way");
+    assert_eq!(listed_batch["entry"][0]["request"]["url"], "ResearchSubject/rs-1");
+    assert_eq!(listed_batch["entry"][0]["request"]["ifMatch"], "W/\"3\"");
+
+    let by_identifier = |gets: &[Vec<(String, String)>]| -> Vec<usize> {
+        gets.iter()
+            .filter_map(|q| q.iter().find(|(k, _)| k == "identifier"))
+            .map(|(_, v)| v.split(',').count())
+            .collect()
+    };
+    assert_eq!(
+        listed_gets.len(),
+        3,
+        "within the limit, the study is listed (three pages) and nothing looked up: {listed_gets:?}"
+    );
+    assert!(by_identifier(&listed_gets).is_empty());
+    // Over it: the first page (2 subjects) is within the limit, the second (4) is not, so the
+    // listing stops there; the 44 patients with something to write are looked up in two searches.
+    assert_eq!(by_identifier(&looked_up_gets), [40, 4], "{looked_up_gets:?}");
+    assert_eq!(looked_up_gets.len(), 4, "{looked_up_gets:?}");
 }
 
 #[tokio::test]
@@ -346,6 +462,7 @@ async fn everything_written_is_valid_r4_for_an_independent_validator() {
     let opts = WriteOptions {
         write_ineligible: true,
         dry_run: true,
+        ..Default::default()
     };
     let w = write_back(&client(&server), &cfg.trials, &s.results, as_of, &opts).await.unwrap();
     assert_eq!(w.planned.len(), s.results.len(), "every screened patient x trial is written");
