@@ -782,7 +782,20 @@ fn lite_write(conn: &mut Connection, steps: &[Step]) -> Result<(), rusqlite::Err
 /// callers hand it work and wait for the answer; the connection, and the run's advisory
 /// lock with it, lasts until this is dropped.
 struct Pg {
-    jobs: std::sync::mpsc::Sender<Job>,
+    /// `None` only while dropping.
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    /// Told (or dropped) once the connection is closed.
+    closed: std::sync::mpsc::Receiver<()>,
+}
+
+impl Drop for Pg {
+    /// Waits for the database thread to close its connection, so that a state dropped has let
+    /// go of its run's lock: the same run opened right after (a retry, the next daemon run)
+    /// must not find it still held. Not for ever: a server gone silent must not hang the exit.
+    fn drop(&mut self) {
+        self.jobs.take();
+        let _ = self.closed.recv_timeout(std::time::Duration::from_secs(5));
+    }
 }
 
 type Job = Box<dyn FnOnce(&mut postgres::Client) + Send>;
@@ -815,6 +828,7 @@ impl Pg {
         let (jobs, inbox) = std::sync::mpsc::channel::<Job>();
         let (ready, started) = std::sync::mpsc::channel::<Result<(), String>>();
         let url = url.to_string();
+        let (closing, closed) = std::sync::mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("trialgate-state".into())
             .spawn(move || match pg_config(&url).and_then(|c| c.connect(postgres::NoTls)) {
@@ -823,6 +837,8 @@ impl Pg {
                     for job in inbox {
                         job(&mut client);
                     }
+                    drop(client);
+                    let _ = closing.send(());
                 }
                 Err(e) => {
                     let _ = ready.send(Err(format!("cannot connect: {}", pg_message(&e))));
@@ -830,7 +846,7 @@ impl Pg {
             })
             .map_err(|e| format!("cannot start the database thread: {e}"))?;
         started.recv().map_err(|_| "the database thread stopped".to_string())??;
-        Ok(Pg { jobs })
+        Ok(Pg { jobs: Some(jobs), closed })
     }
 
     fn run<T: Send + 'static>(
@@ -839,6 +855,8 @@ impl Pg {
     ) -> Result<T, String> {
         let (reply, answer) = std::sync::mpsc::channel();
         self.jobs
+            .as_ref()
+            .ok_or_else(|| "the database thread stopped".to_string())?
             .send(Box::new(move |c| {
                 let _ = reply.send(work(c).map_err(|e| pg_message(&e)));
             }))
