@@ -64,6 +64,7 @@ pub mod fhir;
 pub mod gateway;
 pub mod live;
 pub mod notify;
+mod pgtls;
 pub mod pipeline;
 pub mod report;
 pub mod schedule;

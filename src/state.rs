@@ -823,6 +823,26 @@ fn pg_config(url: &str) -> Result<postgres::Config, postgres::Error> {
     Ok(config)
 }
 
+/// Connects as the URL says, over TLS when it asks for it (see [`crate::pgtls`]).
+fn pg_connect(url: &str) -> Result<postgres::Client, String> {
+    let (url, tls) = crate::pgtls::split(url)?;
+    let config = pg_config(&url).map_err(|e| pg_message(&e))?;
+    match tls {
+        crate::pgtls::Tls::On { roots, any_name } => {
+            let given = roots.is_some();
+            config
+                .connect(crate::pgtls::connector(roots.as_deref(), any_name)?)
+                .map_err(|e| match pg_message(&e) {
+                    m if !given && m.contains("UnknownIssuer") => {
+                        format!("{m} (no system CA signed the server's certificate: give its CA with sslrootcert=FILE)")
+                    }
+                    m => m,
+                })
+        }
+        crate::pgtls::Tls::Off => config.connect(postgres::NoTls).map_err(|e| pg_message(&e)),
+    }
+}
+
 impl Pg {
     fn connect(url: &str) -> Result<Pg, String> {
         let (jobs, inbox) = std::sync::mpsc::channel::<Job>();
@@ -831,7 +851,7 @@ impl Pg {
         let (closing, closed) = std::sync::mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("trialgate-state".into())
-            .spawn(move || match pg_config(&url).and_then(|c| c.connect(postgres::NoTls)) {
+            .spawn(move || match pg_connect(&url) {
                 Ok(mut client) => {
                     let _ = ready.send(Ok(()));
                     for job in inbox {
@@ -841,7 +861,7 @@ impl Pg {
                     let _ = closing.send(());
                 }
                 Err(e) => {
-                    let _ = ready.send(Err(format!("cannot connect: {}", pg_message(&e))));
+                    let _ = ready.send(Err(format!("cannot connect: {e}")));
                 }
             })
             .map_err(|e| format!("cannot start the database thread: {e}"))?;

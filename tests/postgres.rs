@@ -159,6 +159,35 @@ fn an_unreachable_database_is_a_clear_error() {
     assert!(!msg.contains("secret"), "{msg}");
 }
 
+/// The state travels encrypted when its URL asks, libpq's way: `sslmode=verify-full` (or
+/// `verify-ca`) with the server's CA in `sslrootcert`. A CA that did not sign the server's
+/// certificate is refused, never talked to in the clear; a URL without `sslmode` stays plain.
+/// scripts/test starts the server with TLS on and names the two CAs.
+#[test]
+fn the_state_goes_over_tls_when_its_url_asks() {
+    let ca = |var: &str| {
+        std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run the tests through scripts/test, which makes the test CAs"))
+    };
+    let (ours, other) = (ca("TRIALGATE_PG_CA"), ca("TRIALGATE_PG_OTHER_CA"));
+    let plain = pg::database("tls");
+    let with = |mode: &str, root: &str| Location::parse(&format!("{plain}?sslmode={mode}&sslrootcert={root}"));
+    let full = State::open(&with("verify-full", &ours), "a|2026-06-01", "a", "2026-06-01").unwrap();
+    let ca_only = State::open(&with("verify-ca", &ours), "b|2026-06-01", "b", "2026-06-01").unwrap();
+    let clear = State::open(&Location::parse(&plain), "c|2026-06-01", "c", "2026-06-01").unwrap();
+    assert_eq!(pg::connections(&plain), (2, 3), "two encrypted connections and one plain");
+    drop((full, ca_only, clear));
+
+    let err = State::open(&with("verify-full", &other), "d|2026-06-01", "d", "2026-06-01")
+        .err()
+        .expect("a server whose certificate the given CA did not sign is refused");
+    let msg = err.to_string();
+    assert!(msg.contains("cannot connect") && msg.contains("certificate"), "{msg}");
+    let err = State::open(&with("verify-full", "/nonexistent/ca.pem"), "d|2026-06-01", "d", "2026-06-01")
+        .err()
+        .expect("a missing CA file is an error");
+    assert!(err.to_string().contains("sslrootcert /nonexistent/ca.pem"), "{err}");
+}
+
 #[test]
 fn the_verdict_history_keeps_transitions_in_postgres() {
     let url = Location::parse(&pg::database("ledger"));

@@ -51,3 +51,19 @@ pub fn drop_connections(url: &str) {
         .unwrap();
     });
 }
+
+/// How many connections to the database of `url` (other than this one) are encrypted, and how
+/// many there are in all.
+pub fn connections(url: &str) -> (i64, i64) {
+    let db = url.rsplit('/').next().unwrap_or_default().to_string();
+    on_thread(admin(), move |c| {
+        let row = c
+            .query_one(
+                "SELECT COUNT(*) FILTER (WHERE s.ssl), COUNT(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+                 WHERE a.datname = $1 AND a.pid <> pg_backend_pid()",
+                &[&db],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    })
+}
