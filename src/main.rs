@@ -1244,10 +1244,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 trialgate::report::Format::from(format).detail()
             };
             let mut tally = Tally::default();
+            // A dry run prints its plan as it is made: a cohort's worth would not fit in memory.
+            let mut plan = dry_run.then(|| trialgate::writeback::BundlePrinter::new(std::io::BufWriter::new(std::io::stdout())));
             let passed = swept.each_run(&cfg, &loaded, detail, state.as_ref(), &mut |run| {
                 run.iter().for_each(|r| tally.add(r));
                 if let Some(b) = back.as_mut() {
                     runtime.block_on(b.add(run)).context("writing ResearchSubjects")?;
+                    if let Some(p) = plan.as_mut() {
+                        for e in b.take_planned() {
+                            p.entry(&e).context("printing the planned writes")?;
+                        }
+                    }
                 }
                 if let Some(r) = report.as_mut() {
                     run.iter().for_each(|x| r.result(x));
@@ -1285,10 +1292,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 for (ident, why) in &w.failed {
                     tracing::warn!("ResearchSubject {ident} was refused: {why}");
                 }
-                if dry_run {
+                if let Some(mut p) = plan.take() {
+                    for e in &w.planned {
+                        p.entry(e).context("printing the planned writes")?;
+                    }
+                    p.finish().context("printing the planned writes")?;
                     finish_run(&mut state)?;
-                    let bundle = serde_json::json!({"resourceType": "Bundle", "type": "batch", "entry": w.planned});
-                    println!("{}", serde_json::to_string_pretty(&bundle).unwrap_or_default());
                     return Ok(());
                 }
             }

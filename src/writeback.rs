@@ -73,9 +73,48 @@ pub struct WriteSummary {
     pub not_written: usize,
     /// Writes the server refused, with its reason.
     pub failed: Vec<(String, String)>,
-    /// In a dry run, the batch entries that would be sent (empty otherwise: a cohort's
-    /// worth of ResearchSubjects is sent batch by batch, not kept).
+    /// In a dry run, the batch entries that would be sent, in the order they would be
+    /// (empty otherwise: a cohort's worth of ResearchSubjects is sent batch by batch, not
+    /// kept), less those [`Writer::take_planned`] has handed over already.
     pub planned: Vec<Value>,
+}
+
+/// Prints a dry run's planned entries as one batch Bundle, as they come, laid out as
+/// `serde_json::to_string_pretty` lays the whole Bundle out: a cohort's plan is never held.
+pub struct BundlePrinter<W: std::io::Write> {
+    out: W,
+    entries: usize,
+}
+
+impl<W: std::io::Write> BundlePrinter<W> {
+    const HEAD: &'static str = "{\n  \"resourceType\": \"Bundle\",\n  \"type\": \"batch\",\n  \"entry\": [";
+
+    pub fn new(out: W) -> Self {
+        BundlePrinter { out, entries: 0 }
+    }
+
+    pub fn entry(&mut self, entry: &Value) -> std::io::Result<()> {
+        let text = serde_json::to_string_pretty(entry)?;
+        let lead = if self.entries == 0 { Self::HEAD } else { "," };
+        write!(self.out, "{lead}")?;
+        // String values escape their newlines, so every line break is the layout's own.
+        for line in text.lines() {
+            write!(self.out, "\n    {line}")?;
+        }
+        self.entries += 1;
+        Ok(())
+    }
+
+    /// Ends the Bundle (and its last line) and flushes it.
+    pub fn finish(mut self) -> std::io::Result<W> {
+        if self.entries == 0 {
+            writeln!(self.out, "{}]\n}}", Self::HEAD)?;
+        } else {
+            writeln!(self.out, "\n  ]\n}}")?;
+        }
+        self.out.flush()?;
+        Ok(self.out)
+    }
 }
 
 /// The R4 ResearchSubject.status for a screening status; None for an error (nothing to say).
@@ -342,7 +381,8 @@ pub async fn write_back(
 /// cohort is written without holding its verdicts: each trial's ResearchStudy is bound, and
 /// the subjects it already has are listed, once for the whole cohort, not once per run.
 /// A trial's subjects fill its own batch, sent when full; what is left of every trial goes
-/// at the end, in trial order: a dry run plans them trial by trial, however the runs came.
+/// at the end, in trial order. A dry run plans the same batches in the same order, and hands
+/// full ones over as they fill ([`Writer::take_planned`]), so that it holds no more.
 pub struct Writer<'a> {
     client: &'a FhirClient,
     trials: &'a [Trial],
@@ -457,13 +497,23 @@ impl<'a> Writer<'a> {
                 }
                 // Sent as soon as a batch is full: a cohort's ResearchSubjects (a few KB each,
                 // with their narrative) are never all held at once.
-                if !self.opts.dry_run && b.entries.len() == BATCH {
-                    send_batch(client, &b.entries, &mut self.summary, &mut self.conflicts).await?;
-                    b.entries.clear();
+                if b.entries.len() == BATCH {
+                    if self.opts.dry_run {
+                        self.summary.planned.extend(b.entries.drain(..).map(|(_, e)| e));
+                    } else {
+                        send_batch(client, &b.entries, &mut self.summary, &mut self.conflicts).await?;
+                        b.entries.clear();
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// In a dry run, the entries planned in batches filled so far, handed over (to be printed)
+    /// rather than kept.
+    pub fn take_planned(&mut self) -> Vec<Value> {
+        std::mem::take(&mut self.summary.planned)
     }
 
     /// Sends what is left, reads again the subjects that changed under this run, and says
@@ -473,7 +523,7 @@ impl<'a> Writer<'a> {
         // The trials' last batches, together: an event about one patient is one request.
         let left: Vec<(String, Value)> = self.bound.into_iter().flatten().flat_map(|b| b.entries).collect();
         if self.opts.dry_run {
-            self.summary.planned = left.into_iter().map(|(_, e)| e).collect();
+            self.summary.planned.extend(left.into_iter().map(|(_, e)| e));
             return Ok(self.summary);
         }
         for entries in left.chunks(BATCH) {

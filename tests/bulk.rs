@@ -432,14 +432,7 @@ async fn the_command_line_bulk_sweep_passes_every_verdict_to_state_write_back_an
     )
     .await;
     mock::accepts_research_study(&server).await;
-    Mock::given(method("GET"))
-        .and(path("/ResearchSubject"))
-        .respond_with(ResponseTemplate::new(200).set_body_raw(
-            json!({"resourceType": "Bundle", "type": "searchset", "entry": []}).to_string(),
-            "application/fhir+json",
-        ))
-        .mount(&server)
-        .await;
+    mock::lists_no_research_subjects(&server).await;
     Mock::given(method("POST"))
         .and(path("/"))
         .respond_with(|req: &wiremock::Request| {
@@ -581,4 +574,72 @@ async fn the_command_line_bulk_sweep_passes_every_verdict_to_state_write_back_an
     }
     assert_eq!(report["summary"]["patients"], N);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A dry run prints every write it would make as one batch Bundle and sends none; the plan is
+/// printed as it is made, batch by batch in the order the writes would go (a cohort's worth
+/// is never held): 150 patients and two trials with `--write-ineligible` plan 300 creates,
+/// the first trial's first hundred, the second's, then what is left of each.
+#[tokio::test]
+async fn a_dry_run_prints_every_planned_write_and_sends_none() {
+    const N: usize = 150;
+    let trials = ["NCT06406205", "belimumab-multitarget-ln"];
+    let patients: String = (0..N)
+        .map(|i| {
+            format!(
+                "{}\n",
+                json!({"resourceType": "Patient", "id": format!("p{i:04}"), "gender": "female", "birthDate": "1990-01-01"})
+            )
+        })
+        .collect();
+    let server = mock::server_without_capabilities().await;
+    mount_job(&server, "full", None, "2026-06-01T03:00:00Z", &[("Patient", patients)], None).await;
+    mock::accepts_research_study(&server).await;
+    mock::lists_no_research_subjects(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/"))
+        .respond_with(ResponseTemplate::new(500))
+        .expect(0)
+        .mount(&server)
+        .await;
+    let uri = server.uri();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_trialgate"))
+            .current_dir(root())
+            .args(["sweep", "--server", &uri, "--bulk", "--as-of", "2026-06-01"])
+            .args(trials.iter().flat_map(|t| ["--trial", t]))
+            .args(["--write-back", "--write-ineligible", "--dry-run"])
+            .output()
+            .expect("trialgate runs")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("(dry run: nothing sent)"), "{stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.starts_with("{\n  \"resourceType\": \"Bundle\",\n  \"type\": \"batch\",\n  \"entry\": [\n    {\n      \""),
+        "{}",
+        &stdout[..200.min(stdout.len())]
+    );
+    assert!(stdout.ends_with("\n    }\n  ]\n}\n"));
+    let bundle: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON Bundle");
+    let entries = bundle["entry"].as_array().unwrap();
+    assert_eq!(entries.len(), 2 * N);
+    let planned: Vec<String> = entries
+        .iter()
+        .map(|e| {
+            assert_eq!(e["request"]["method"], "POST");
+            e["resource"]["identifier"][0]["value"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let [a, b] = trials;
+    let of = |t: &'static str, r: std::ops::Range<usize>| r.map(move |i| format!("{t}:Patient/p{i:04}"));
+    let expected: Vec<String> = of(a, 0..100)
+        .chain(of(b, 0..100))
+        .chain(of(a, 100..N))
+        .chain(of(b, 100..N))
+        .collect();
+    assert_eq!(planned, expected);
 }

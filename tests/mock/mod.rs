@@ -18,6 +18,18 @@ pub async fn server_without_capabilities() -> MockServer {
     server
 }
 
+/// A server that has no ResearchSubject yet: every listing or lookup finds none.
+pub async fn lists_no_research_subjects(server: &MockServer) {
+    Mock::given(method("GET"))
+        .and(path("/ResearchSubject"))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(
+            json!({"resourceType": "Bundle", "type": "searchset", "entry": []}).to_string(),
+            "application/fhir+json",
+        ))
+        .mount(server)
+        .await;
+}
+
 /// Answers every ResearchStudy creation with the study `st1`.
 pub async fn accepts_research_study(server: &MockServer) {
     Mock::given(method("POST"))
