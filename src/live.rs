@@ -95,13 +95,23 @@ impl Live {
         code_filter: bool,
         ledger: Option<Ledger>,
     ) -> Live {
+        // The events seen before a restart: without them, the first event after it could not
+        // tell what was missed while the service was down.
+        let seen = match ledger.as_ref().map(Ledger::events_seen) {
+            Some(Ok(rows)) => rows.into_iter().map(|(sub, number, at)| (sub, Seen { number, at })).collect(),
+            Some(Err(e)) => {
+                tracing::warn!("the Subscription events seen before are not known ({e}): gaps from before this start go unnoticed");
+                HashMap::new()
+            }
+            None => HashMap::new(),
+        };
         Live {
             client,
             writer,
             write_opts,
             code_filter,
             ledger: ledger.map(|l| Arc::new(Mutex::new(l))),
-            seen: Mutex::new(HashMap::new()),
+            seen: Mutex::new(seen),
             inflight: Mutex::new(HashMap::new()),
             slots: tokio::sync::Semaphore::new(4),
             working: Arc::default(),
@@ -245,6 +255,7 @@ impl Live {
         let sub = n.subscription_id().unwrap_or("unnamed").to_string();
         let mut seen = self.seen.lock().ok()?;
         let last = seen.get(&sub).cloned();
+        let mut kept = None;
         let gap = crate::notify::gap(last.as_ref().map(|s| s.number), n);
         let highest = match n.kind {
             Kind::Heartbeat | Kind::Handshake => n.events_since_start,
@@ -260,7 +271,25 @@ impl Live {
                 .unwrap_or_else(|| crate::time::Instant::now().to_string());
             let keep = last.as_ref().is_none_or(|s| h >= s.number);
             if keep {
-                seen.insert(sub.clone(), Seen { number: h, at });
+                seen.insert(sub.clone(), Seen { number: h, at: at.clone() });
+                kept = Some((h, at));
+            }
+        }
+        drop(seen);
+        if let (Some((number, at)), Some(ledger)) = (kept, self.ledger.clone()) {
+            let sub = sub.clone();
+            let save = move || match ledger.lock() {
+                Ok(mut l) => {
+                    if let Err(e) = l.event_seen(&sub, number, &at) {
+                        tracing::warn!("the Subscription's last event seen is not kept ({e}): a restart would not notice a gap before it");
+                    }
+                }
+                Err(_) => tracing::warn!("the history lock is poisoned: the Subscription's last event seen is not kept"),
+            };
+            // The database call blocks: off the async workers when there are some.
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(save)),
+                Err(_) => save(),
             }
         }
         let (from, to) = gap?;

@@ -175,6 +175,11 @@ CREATE TABLE IF NOT EXISTS transitions (
     source TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS transitions_by_patient ON transitions (patient, trial, at);
+CREATE TABLE IF NOT EXISTS subscription_events (
+    subscription TEXT PRIMARY KEY,
+    event_number INTEGER NOT NULL,
+    at TEXT NOT NULL
+);
 ";
 
 /// PostgreSQL's form of `SCHEMA`: 64-bit integers, a sequence for run ids. Processes starting
@@ -584,6 +589,37 @@ impl Ledger {
         Ok(out)
     }
 
+    /// The last event number seen of each Subscription, and when it was seen: a restarted
+    /// service still notices the events it missed while it was down.
+    pub fn events_seen(&self) -> Result<Vec<(String, u64, String)>, StateError> {
+        let rows = self
+            .db
+            .query("SELECT subscription, event_number, at FROM subscription_events", Vec::new())?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                let mut r = r.into_iter();
+                let sub = r.next()?.into_text()?;
+                let number = u64::try_from(r.next()?.int()?).ok()?;
+                Some((sub, number, r.next()?.into_text()?))
+            })
+            .collect())
+    }
+
+    /// Keeps the last event number seen of a Subscription (a lower one, arriving late, does
+    /// not replace a higher one).
+    pub fn event_seen(&mut self, subscription: &str, number: u64, at: &str) -> Result<(), StateError> {
+        let Ok(number) = i64::try_from(number) else {
+            return Ok(()); // beyond any real server's count: nothing sensible to keep
+        };
+        self.db.write(vec![Step {
+            sql: "INSERT INTO subscription_events (subscription, event_number, at) VALUES (?1, ?2, ?3) \
+                  ON CONFLICT (subscription) DO UPDATE SET event_number = excluded.event_number, at = excluded.at \
+                  WHERE excluded.event_number >= subscription_events.event_number",
+            rows: vec![vec![Val::text(subscription), Val::Int(number), Val::text(at)]],
+        }])
+    }
+
     /// The transitions of one patient and trial, oldest first.
     pub fn history(&self, patient: &str, trial: &str) -> Result<Vec<Transition>, StateError> {
         let rows = self.db.query(
@@ -956,6 +992,26 @@ mod tests {
     /// A verdict read back is the verdict stored, to the last bit of its numbers: a resumed
     /// run reports what an uninterrupted one does (serde_json's default float parsing can be
     /// one ulp off; the `float_roundtrip` feature makes it exact).
+    #[test]
+    fn the_last_event_seen_of_a_subscription_is_the_highest() {
+        let dir = std::env::temp_dir().join(format!("trialgate-state-events-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let at = Location::File(dir.join("state.sqlite"));
+        let mut l = Ledger::open(&at).unwrap();
+        assert!(l.events_seen().unwrap().is_empty());
+        for (sub, n, when) in [("s1", 5, "t5"), ("s1", 3, "t3"), ("s2", 1, "u1"), ("s1", 6, "t6")] {
+            l.event_seen(sub, n, when).unwrap();
+        }
+        let mut seen = Ledger::open(&at).unwrap().events_seen().unwrap();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [("s1".to_string(), 6, "t6".to_string()), ("s2".to_string(), 1, "u1".to_string())]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn stored_verdicts_come_back_bit_for_bit() {
         let dir = std::env::temp_dir().join(format!("trialgate-state-floats-{}", std::process::id()));

@@ -390,10 +390,10 @@ async fn r4b_full_resource_r5_and_empty_payloads_are_understood() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[tokio::test]
-async fn a_gap_in_the_event_numbers_is_repaired() {
+/// A server that keeps its events: `$events` answers for events 2 and 3 (the second about
+/// Observation o3), should they be missed.
+async fn ehr_keeping_events_2_and_3() -> Ehr {
     let ehr = Ehr::start().await;
-    // The server keeps its events: $events answers for the missed ones (2 and 3).
     Mock::given(method("GET"))
         .and(path("/Subscription/s1/$events"))
         .and(query_param("eventsSinceNumber", "2"))
@@ -403,6 +403,12 @@ async fn a_gap_in_the_event_numbers_is_repaired() {
         .mount(&ehr.server)
         .await;
     ehr.add_low_egfr().await;
+    ehr
+}
+
+#[tokio::test]
+async fn a_gap_in_the_event_numbers_is_repaired() {
+    let ehr = ehr_keeping_events_2_and_3().await;
     let dir = temp("gap");
     let base = serve(&ehr, &dir.join("state.sqlite"), false).await;
     assert_eq!(
@@ -422,6 +428,37 @@ async fn a_gap_in_the_event_numbers_is_repaired() {
     .await;
     assert_eq!(status, 200);
     wait_for("$events asked for the missed events", async || {
+        ehr.requests_to("/Subscription/s1/$events").await == 1
+    })
+    .await;
+    wait_for("the missed event's resource read", async || {
+        ehr.requests_to("/Observation/o3").await >= 1
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The last event seen is kept in the state database: after a restart, the first event tells
+/// what was missed while the service was down (2 and 3), and it is repaired the same way.
+#[tokio::test]
+async fn a_gap_across_a_restart_is_repaired() {
+    let ehr = ehr_keeping_events_2_and_3().await;
+    let dir = temp("restart-gap");
+    let db = dir.join("state.sqlite");
+    let before = serve(&ehr, &db, false).await;
+    let event = |n: u64| r4_notification("event-notification", &[(n, "Patient/p1")]);
+    assert_eq!(post(&format!("{before}/notify"), event(1)).await.0, 200);
+    wait_for("the first event's re-screen", async || ehr.requests_to("/Patient").await >= 1).await;
+    wait_for("the event kept", async || {
+        let ledger = trialgate::state::Ledger::open(&trialgate::state::Location::File(db.clone())).unwrap();
+        ledger.events_seen().unwrap().iter().any(|(sub, n, _)| sub == "s1" && *n == 1)
+    })
+    .await;
+
+    // Another service on the same database, as after a restart.
+    let after = serve(&ehr, &db, false).await;
+    assert_eq!(post(&format!("{after}/notify"), event(4)).await.0, 200);
+    wait_for("$events asked for the events missed across the restart", async || {
         ehr.requests_to("/Subscription/s1/$events").await == 1
     })
     .await;

@@ -227,6 +227,11 @@ fn the_verdict_history_keeps_transitions_in_postgres() {
     let history = ledger.history(&moved.patient, &moved.trial).unwrap();
     assert_eq!(history.len(), 2);
     assert_eq!(history[1].source, "$screen");
+    // The last Subscription event seen: the highest kept, a late lower one ignored.
+    for (n, when) in [(5, "t5"), (3, "t3"), (6, "t6")] {
+        ledger.event_seen("s1", n, when).unwrap();
+    }
+    assert_eq!(ledger.events_seen().unwrap(), [("s1".to_string(), 6, "t6".to_string())]);
     // The database drops the connection (a restart, a failover): the history reconnects.
     pg::drop_connections(match &url {
         Location::Postgres(u) => u,
