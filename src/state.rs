@@ -992,11 +992,17 @@ mod tests {
     /// A verdict read back is the verdict stored, to the last bit of its numbers: a resumed
     /// run reports what an uninterrupted one does (serde_json's default float parsing can be
     /// one ulp off; the `float_roundtrip` feature makes it exact).
-    #[test]
-    fn the_last_event_seen_of_a_subscription_is_the_highest() {
-        let dir = std::env::temp_dir().join(format!("trialgate-state-events-{}", std::process::id()));
+    /// An empty folder of this test's own.
+    fn fresh_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("trialgate-state-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_last_event_seen_of_a_subscription_is_the_highest() {
+        let dir = fresh_dir("events");
         let at = Location::File(dir.join("state.sqlite"));
         let mut l = Ledger::open(&at).unwrap();
         assert!(l.events_seen().unwrap().is_empty());
@@ -1014,9 +1020,7 @@ mod tests {
 
     #[test]
     fn stored_verdicts_come_back_bit_for_bit() {
-        let dir = std::env::temp_dir().join(format!("trialgate-state-floats-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir("floats");
         let mut st = State::open(&Location::File(dir.join("state.sqlite")), "run", "cohort", "2026-06-01").unwrap();
         // 0.8 mg/dL of bilirubin in umol/L, as the conversion computes it.
         let value: f64 = 0.8 * 17.1;
@@ -1037,9 +1041,7 @@ mod tests {
     /// A cleared run keeps none of its verdicts, and saves anew after; other runs keep theirs.
     #[test]
     fn clearing_a_run_forgets_only_its_verdicts() {
-        let dir = std::env::temp_dir().join(format!("trialgate-state-clear-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir("clear");
         let at = Location::File(dir.join("state.sqlite"));
         let result = |p: &str| TrialResult {
             patient: format!("Patient/{p}"),

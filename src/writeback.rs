@@ -318,10 +318,7 @@ async fn look_up(client: &FhirClient, trial: &Trial, mine: &[&TrialResult]) -> R
             .iter()
             .map(|r| query_encode(&format!("{SUBJECT_SYSTEM}|{}:{}", trial.id, r.patient)))
             .collect();
-        let search = format!("ResearchSubject?identifier={}", idents.join(","));
-        client
-            .search_each(&search, |url, body| read_subjects(url, &body, &mut out).map(|_| true))
-            .await?;
+        out.extend(subjects(client, &format!("ResearchSubject?identifier={}", idents.join(","))).await?);
     }
     Ok(out)
 }
