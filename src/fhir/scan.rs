@@ -79,6 +79,8 @@ pub const COMPONENT: &[Field] = &[
 pub const PERIOD: &[Field] = &[f("start", Ty::Str), f("end", Ty::Str)];
 pub const REFERENCE: &[Field] = &[f("reference", Ty::Str)];
 
+use std::mem::MaybeUninit;
+
 const MAX_DEPTH: u32 = 100;
 
 /// Lines up to this many bytes get a quote map (see [`Scanner::new`]); longer ones, rare,
@@ -93,22 +95,42 @@ pub struct Scanner<'a> {
     /// Whether the line holds no `\` and no control character at all: then every string runs
     /// plainly to the next `"`, which `quotes` finds without walking the string's bytes.
     clean: bool,
-    /// Bit `i % 64` of word `i / 64`: byte `i` is a `"` (filled only when `clean`).
-    quotes: [u64; MAPPED / 64],
+    /// How many words of `quotes` are filled: those covering the line when `clean`, else 0.
+    words: usize,
+    /// Bit `i % 64` of word `i / 64`: byte `i` is a `"`. Left unfilled past `words`: zeroing
+    /// the whole map cost as much as filling it, for the usual line of under 1 KB.
+    quotes: [MaybeUninit<u64>; MAPPED / 64],
 }
 
 impl<'a> Scanner<'a> {
+    /// Inlined so that the scanner (half a kilobyte) is built where it is used, not copied there.
+    #[inline(always)]
     pub fn new(s: &'a str) -> Scanner<'a> {
         let b = s.as_bytes();
-        let mut quotes = [0u64; MAPPED / 64];
-        let clean = b.len() <= MAPPED && map_quotes(b, &mut quotes);
-        Scanner {
+        let mut scanner = Scanner {
             b,
             s,
             i: 0,
             depth: 0,
-            clean,
-            quotes,
+            clean: false,
+            words: 0,
+            quotes: [const { MaybeUninit::uninit() }; MAPPED / 64],
+        };
+        if b.len() <= MAPPED && map_quotes(b, &mut scanner.quotes) {
+            scanner.clean = true;
+            scanner.words = b.len().div_ceil(64);
+        }
+        scanner
+    }
+
+    /// Word `w` of the quote map, if it covers part of the line.
+    #[inline(always)]
+    fn quote_word(&self, w: usize) -> Option<u64> {
+        if w < self.words {
+            // SAFETY: `map_quotes` filled every word below `words`.
+            Some(unsafe { self.quotes[w].assume_init() })
+        } else {
+            None
         }
     }
 
@@ -170,15 +192,16 @@ impl<'a> Scanner<'a> {
         if self.clean {
             // Only a quote can stop a string here: the next set bit of the map.
             let mut w = from / 64;
-            let mut bits = self.quotes.get(w).map_or(0, |q| q >> (from % 64) << (from % 64));
+            let Some(first) = self.quote_word(w) else { return self.b.len() };
+            let mut bits = first >> (from % 64) << (from % 64);
             loop {
                 if bits != 0 {
                     return w * 64 + bits.trailing_zeros() as usize;
                 }
                 w += 1;
-                match self.quotes.get(w) {
-                    Some(&q) if w * 64 < self.b.len() => bits = q,
-                    _ => return self.b.len(),
+                match self.quote_word(w) {
+                    Some(q) => bits = q,
+                    None => return self.b.len(),
                 }
             }
         }
@@ -218,8 +241,30 @@ impl<'a> Scanner<'a> {
 
     /// A string (at its opening quote), checked as serde_json checks a string it skips.
     /// Returns its raw text and whether it holds an escape.
-    #[inline]
+    #[inline(always)]
     pub fn string_raw(&mut self) -> R<(&'a str, bool)> {
+        if self.clean {
+            // No escape and no control character anywhere in the line: the string ends at
+            // the next quote, and a line without one is cut short.
+            if self.peek() != b'"' {
+                return Err(Bail);
+            }
+            let start = self.i + 1;
+            let end = self.string_stop(start);
+            if end >= self.b.len() {
+                return Err(Bail);
+            }
+            self.i = end + 1;
+            // SAFETY: `start..end` lies inside `s` between two ASCII quotes, so both ends are
+            // character boundaries.
+            return Ok((unsafe { self.s.get_unchecked(start..end) }, false));
+        }
+        self.string_walked()
+    }
+
+    /// [`Scanner::string_raw`] on a line with escapes or control characters: walked.
+    #[inline(never)]
+    fn string_walked(&mut self) -> R<(&'a str, bool)> {
         self.eat(b'"')?;
         let start = self.i;
         let mut escaped = false;
@@ -536,9 +581,27 @@ impl<'a> Scanner<'a> {
 }
 
 /// Fills `quotes` with where `b` (at most [`MAPPED`] bytes) has a `"`, and tells whether `b`
-/// is free of `\` and control characters. One pass of 16-byte compares: the line's strings
+/// is free of `\` and control characters. One pass of vector compares: the line's strings
 /// are then found by bit scans, not by a loop that leaves at an unpredictable byte per string.
-fn map_quotes(b: &[u8], quotes: &mut [u64; MAPPED / 64]) -> bool {
+fn map_quotes(b: &[u8], quotes: &mut [MaybeUninit<u64>; MAPPED / 64]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above (std caches the answer).
+        return unsafe { map_quotes_avx2(b, quotes) };
+    }
+    fill_quotes(b, quotes, classify)
+}
+
+/// [`map_quotes`] 32 bytes to a compare, where the CPU can: half the work of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn map_quotes_avx2(b: &[u8], quotes: &mut [MaybeUninit<u64>; MAPPED / 64]) -> bool {
+    // The closure runs with this function's AVX2.
+    fill_quotes(b, quotes, |block| classify_avx2(block))
+}
+
+#[inline(always)]
+fn fill_quotes(b: &[u8], quotes: &mut [MaybeUninit<u64>; MAPPED / 64], classify: impl Fn(&[u8; 64]) -> (u64, bool)) -> bool {
     let mut dirty = false;
     for (w, chunk) in b.chunks(64).enumerate() {
         let (q, d) = match <&[u8; 64]>::try_from(chunk) {
@@ -550,10 +613,31 @@ fn map_quotes(b: &[u8], quotes: &mut [u64; MAPPED / 64]) -> bool {
                 classify(&block)
             }
         };
-        quotes[w] = q;
+        quotes[w] = MaybeUninit::new(q);
         dirty |= d;
     }
     !dirty
+}
+
+/// [`classify`] with AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn classify_avx2(block: &[u8; 64]) -> (u64, bool) {
+    use std::arch::x86_64::*;
+    let quote = _mm256_set1_epi8(b'"' as i8);
+    let slash = _mm256_set1_epi8(b'\\' as i8);
+    let ctl = _mm256_set1_epi8(0x1f);
+    let mut q = 0u64;
+    let mut bad = _mm256_setzero_si256();
+    for k in 0..2 {
+        // SAFETY: the two loads read the 64 bytes of `block`.
+        let x = unsafe { _mm256_loadu_si256(block.as_ptr().add(32 * k) as *const __m256i) };
+        q |= u64::from(_mm256_movemask_epi8(_mm256_cmpeq_epi8(x, quote)) as u32) << (32 * k);
+        let d = _mm256_or_si256(_mm256_cmpeq_epi8(x, slash), _mm256_cmpeq_epi8(_mm256_max_epu8(x, ctl), ctl));
+        bad = _mm256_or_si256(bad, d);
+    }
+    (q, _mm256_movemask_epi8(bad) != 0)
 }
 
 /// The `"` bits of 64 bytes, and whether any of them is `\` or below 0x20.
@@ -596,6 +680,7 @@ mod tests {
 
     fn valid(s: &str) -> bool {
         let mut sc = Scanner::new(s);
+        sc.ws(); // the callers' lines are trimmed; serde takes leading whitespace too
         sc.skip().and_then(|_| sc.end()).is_ok()
     }
 
@@ -689,5 +774,55 @@ mod tests {
         assert!(q(r#"{"value":1.5}"#));
         assert!(!q(r#"{"value":1e400}"#));
         assert!(!q(r#"{"value":"1"}"#));
+    }
+
+    /// Every single-byte edit of a real export line (deleted, replaced or preceded by a byte
+    /// that matters to the grammar), at every position: the scanner never accepts what serde
+    /// rejects, and accepts every valid result without escapes.
+    #[test]
+    fn single_byte_edits_of_a_real_line_agree_with_serde() {
+        let line = r#"{"resourceType":"Observation","id":"3ea490ba","meta":{"lastUpdated":"2026-04-04T10:42:09Z"},"status":"amended","category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"laboratory","display":"Laboratory"}]}],"code":{"coding":[{"system":"http://loinc.org","code":"777-3","display":"Platelets [#/volume] in Blood by Automated count"}],"text":"Platelets"},"subject":{"reference":"Patient/8ddb0499"},"effectiveDateTime":"2026-04-04T00:42:09Z","valueQuantity":{"value":301.5,"unit":"10*9/L","code":"10*9/L"},"referenceRange":[{"low":{"value":-1e2},"high":{"value":450}}],"x":[true,false,null,[],{}]}"#;
+        let bytes: &[u8] = b"{}[]:,\" \t\\x0-.eEtnf";
+        let mut cases = Vec::new();
+        for at in 0..line.len() {
+            let (head, tail) = line.split_at(at);
+            cases.push(format!("{head}{}", &tail[1..]));
+            for &b in bytes {
+                let c = b as char;
+                cases.push(format!("{head}{c}{}", &tail[1..]));
+                cases.push(format!("{head}{c}{tail}"));
+            }
+        }
+        let cases: Vec<&str> = cases.iter().map(String::as_str).collect();
+        check_against_serde(&cases);
+    }
+
+    /// The vector ways of mapping quotes agree with a byte-by-byte one, on blocks holding
+    /// every byte value at every position.
+    #[test]
+    fn quote_maps_agree_with_bytewise() {
+        let bytewise = |block: &[u8; 64]| {
+            let mut q = 0u64;
+            let mut dirty = false;
+            for (k, &c) in block.iter().enumerate() {
+                q |= u64::from(c == b'"') << k;
+                dirty |= c == b'\\' || c < 0x20;
+            }
+            (q, dirty)
+        };
+        for value in 0..=255u8 {
+            for at in 0..64 {
+                let mut block = [b'a'; 64];
+                block[at] = value;
+                block[(at * 7 + 3) % 64] = b'"';
+                let want = bytewise(&block);
+                assert_eq!(classify(&block), want, "byte {value:#x} at {at}");
+                #[cfg(target_arch = "x86_64")]
+                if std::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2, checked just above.
+                    assert_eq!(unsafe { classify_avx2(&block) }, want, "byte {value:#x} at {at}");
+                }
+            }
+        }
     }
 }
