@@ -146,7 +146,7 @@ enum Pattern {
 
 #[derive(Debug, Default, Clone)]
 struct SystemCodes {
-    exact: HashMap<String, Vec<usize>>,
+    exact: HashMap<String, Vec<usize>, Quick>,
     patterns: Vec<(Pattern, usize)>,
 }
 
@@ -190,8 +190,8 @@ pub struct Mappings {
     lab_codes_by: HashMap<String, HashMap<String, usize, Quick>, Quick>,
     pub sets: Vec<Set>,
     set_by_name: HashMap<String, usize>,
-    set_codes: HashMap<String, SystemCodes>,
-    set_excludes: HashMap<String, SystemCodes>,
+    set_codes: HashMap<String, SystemCodes, Quick>,
+    set_excludes: HashMap<String, SystemCodes, Quick>,
     set_texts: HashMap<String, Vec<usize>>,
     pub products: HashMap<String, ProductSpec>,
     pub dose_units: HashMap<String, Factor>,
