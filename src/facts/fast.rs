@@ -445,8 +445,11 @@ pub struct ObsLine<'a> {
     /// `Some(start)` when effectivePeriod is present (not null).
     pub effective_period: Option<Option<&'a str>>,
     pub effective_instant: Option<&'a str>,
-    /// valueQuantity's text (None when absent or null) and its unit fields.
+    /// valueQuantity's text (None when absent or null) and its fields.
     pub quantity: Option<&'a str>,
+    /// The value's number as written (None when absent or null).
+    pub q_value: Option<&'a str>,
+    pub q_comparator: Option<&'a str>,
     pub q_unit: Option<&'a str>,
     pub q_system: Option<&'a str>,
     pub q_code: Option<&'a str>,
@@ -521,12 +524,12 @@ pub fn scan_observation_with<'a>(line: &'a str, o: &mut ObsLine<'a>, mut on_subj
                             "value" => {
                                 once(&mut seen, 1)?;
                                 if !s.null()? {
-                                    s.f64_text()?;
+                                    o.q_value = Some(s.f64_text()?);
                                 }
                             }
                             "comparator" => {
                                 once(&mut seen, 2)?;
-                                s.typed(Ty::Str, false)?;
+                                o.q_comparator = opt_str(s)?;
                             }
                             "unit" => {
                                 once(&mut seen, 4)?;
@@ -730,7 +733,18 @@ fn build(
                 end: None,
             }),
             effective_instant: owned(o.effective_instant),
-            value_quantity: parse(o.quantity)?,
+            // From the fields scanned: a Quantity through serde cost more than the rest of
+            // the build. The number still goes through serde_json, so it rounds the same.
+            value_quantity: match o.quantity {
+                Some(_) => Some(Quantity {
+                    value: o.q_value.map(serde_json::from_str).transpose().map_err(drop)?,
+                    comparator: owned(o.q_comparator),
+                    unit: owned(o.q_unit),
+                    system: owned(o.q_system),
+                    code: owned(o.q_code),
+                }),
+                None => None,
+            },
             value_string: parse(o.value_string)?,
             value_integer: parse(o.value_integer)?,
             value_codeable_concept: parse(o.value_concept)?,
