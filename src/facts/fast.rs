@@ -445,8 +445,8 @@ pub struct ObsLine<'a> {
     /// `Some(start)` when effectivePeriod is present (not null).
     pub effective_period: Option<Option<&'a str>>,
     pub effective_instant: Option<&'a str>,
-    /// valueQuantity's text (None when absent or null) and its fields.
-    pub quantity: Option<&'a str>,
+    /// Whether valueQuantity is present (not null); its fields follow.
+    pub has_quantity: bool,
     /// The value's number as written (None when absent or null).
     pub q_value: Option<&'a str>,
     pub q_comparator: Option<&'a str>,
@@ -517,7 +517,6 @@ pub fn scan_observation_with<'a>(line: &'a str, o: &mut ObsLine<'a>, mut on_subj
             "valueQuantity" => {
                 once32(&mut seen, 128)?;
                 if !s.null()? {
-                    let start = s.i;
                     let mut seen = 0u8;
                     s.object(|s, k| {
                         match k {
@@ -547,7 +546,7 @@ pub fn scan_observation_with<'a>(line: &'a str, o: &mut ObsLine<'a>, mut on_subj
                         }
                         Ok(())
                     })?;
-                    o.quantity = Some(s.since(start));
+                    o.has_quantity = true;
                 }
             }
             "valueString" => {
@@ -735,15 +734,16 @@ fn build(
             effective_instant: owned(o.effective_instant),
             // From the fields scanned: a Quantity through serde cost more than the rest of
             // the build. The number still goes through serde_json, so it rounds the same.
-            value_quantity: match o.quantity {
-                Some(_) => Some(Quantity {
+            value_quantity: if o.has_quantity {
+                Some(Quantity {
                     value: o.q_value.map(serde_json::from_str).transpose().map_err(drop)?,
                     comparator: owned(o.q_comparator),
                     unit: owned(o.q_unit),
                     system: owned(o.q_system),
                     code: owned(o.q_code),
-                }),
-                None => None,
+                })
+            } else {
+                None
             },
             value_string: parse(o.value_string)?,
             value_integer: parse(o.value_integer)?,

@@ -90,7 +90,7 @@ const MAPPED: usize = 64 * 64;
 pub struct Scanner<'a> {
     b: &'a [u8],
     s: &'a str,
-    pub i: usize,
+    i: usize,
     depth: u32,
     /// Whether the line holds no `\` and no control character at all: then every string runs
     /// plainly to the next `"`, which `quotes` finds without walking the string's bytes.
@@ -173,11 +173,6 @@ impl<'a> Scanner<'a> {
     /// Whether an object starts here.
     pub fn peek_is_object(&self) -> bool {
         self.peek() == b'{'
-    }
-
-    /// The text from `start` to here.
-    pub fn since(&self, start: usize) -> &'a str {
-        &self.s[start..self.i]
     }
 
     /// After the whole value: only whitespace may follow.
