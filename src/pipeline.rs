@@ -11,6 +11,7 @@
 use crate::criteria::decisions::Decisions;
 use crate::criteria::eval::{TrialResult, evaluate};
 use crate::facts::PatientFacts;
+use crate::facts::fast::ObsShapes;
 use crate::facts::held::Held;
 use crate::facts::mappings::Mappings;
 use crate::facts::store::{FactStore, Partial, Registry};
@@ -114,7 +115,7 @@ const LINE_MARK: &str = "\0";
 /// Reduces the lines of one block. Observation and Condition lines take the fast way
 /// (`facts::fast`) first; it hands back, for the full parse, an Observation whose lab is read
 /// through JSONPath (the full parse then keeps its JSON).
-fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings) -> Reduced {
+fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings, shapes: &mut ObsShapes) -> Reduced {
     let mut out = ReadOutput::default();
     let mut partial = Partial::default();
     let mut issues = Vec::new();
@@ -160,7 +161,7 @@ fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings
         };
         let t = text.trim();
         let done = if t.starts_with("{\"resourceType\":\"Observation\"") {
-            partial.observation_line(reg, t, m)
+            partial.observation_line(reg, t, m, shapes)
         } else if t.starts_with("{\"resourceType\":\"Condition\"") {
             partial.condition_line(reg, t, m)
         } else if t.starts_with("{\"resourceType\":\"Patient\"") {
@@ -251,6 +252,8 @@ fn read_ndjson(
             let (done_tx, reg, file, taken, failed) = (done_tx.clone(), &reg, &file, &taken, &failed);
             s.spawn(move || {
                 let mut buf = Vec::new();
+                // Kept from block to block: a file's lines keep their shapes.
+                let mut shapes = ObsShapes::default();
                 loop {
                     let k = taken.fetch_add(1, Ordering::Relaxed);
                     if k >= blocks {
@@ -268,7 +271,10 @@ fn read_ndjson(
                         }
                     };
                     PROGRESS.bytes_read.fetch_add(region.len() as u64, Ordering::Relaxed);
-                    if done_tx.send(reduce(first_seq + k, &buf[region], reg, opts, m)).is_err() {
+                    if done_tx
+                        .send(reduce(first_seq + k, &buf[region], reg, opts, m, &mut shapes))
+                        .is_err()
+                    {
                         return;
                     }
                 }

@@ -12,6 +12,7 @@ use super::mappings::Mappings;
 use super::{Basics, LabValue, Unmapped};
 use crate::fhir::model::*;
 use crate::fhir::scan::{self, Bail, R, Scanner, Ty};
+use crate::fhir::shape::{NO_SLOT, Shape};
 use crate::time::{Instant, Window, parse_fhir_instant};
 use std::collections::HashMap;
 
@@ -21,7 +22,7 @@ const MAX_CODES: usize = 4;
 const OBS_VALID: &[&str] = &["final", "amended", "corrected"];
 
 /// The codings of a CodeableConcept: (system, code), in order.
-#[derive(Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct Codes<'a> {
     n: usize,
     c: [(Option<&'a str>, Option<&'a str>); MAX_CODES],
@@ -434,7 +435,7 @@ fn opt_str<'a>(s: &mut Scanner<'a>) -> R<Option<&'a str>> {
 }
 
 /// The Observation fields the fast way reads, borrowed from the line.
-#[derive(Default)]
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct ObsLine<'a> {
     pub id: Option<&'a str>,
     pub status: Option<&'a str>,
@@ -477,8 +478,12 @@ pub fn scan_observation_into<'a>(line: &'a str, o: &mut ObsLine<'a>) -> R<()> {
 
 /// [`scan_observation_into`], telling `on_subject` the subject's reference as soon as it is
 /// read, while the rest of the line is still to scan (to start fetching the patient).
-pub fn scan_observation_with<'a>(line: &'a str, o: &mut ObsLine<'a>, mut on_subject: impl FnMut(&str)) -> R<()> {
-    let mut s = Scanner::new(line);
+pub fn scan_observation_with<'a>(line: &'a str, o: &mut ObsLine<'a>, on_subject: impl FnMut(&str)) -> R<()> {
+    scan_observation_in(&mut Scanner::new(line), o, on_subject)
+}
+
+/// [`scan_observation_with`] on a scanner made for the line.
+fn scan_observation_in<'a>(s: &mut Scanner<'a>, o: &mut ObsLine<'a>, mut on_subject: impl FnMut(&str)) -> R<()> {
     let mut seen = 0u32;
     s.object(|s, k| {
         match k {
@@ -600,6 +605,200 @@ pub fn scan_observation_with<'a>(line: &'a str, o: &mut ObsLine<'a>, mut on_subj
         Ok(())
     })?;
     s.end()
+}
+
+/// The fields of an [`ObsLine`] a shape's hole can fill ([`obs_slot`] names them); after
+/// them, those holding a value's whole JSON text.
+const OBS_HOLES: u8 = 28;
+const OBS_RAW: [u8; 4] = [28, 29, 30, 31];
+
+/// Field `k` of `o`, for [`ObsShapes`]. effectivePeriod's start is there only when the
+/// period is.
+fn obs_slot<'s, 'a>(o: &'s mut ObsLine<'a>, k: u8) -> Option<&'s mut Option<&'a str>> {
+    let i = usize::from(k);
+    Some(match k {
+        0 => &mut o.id,
+        1 => &mut o.status,
+        2..=5 => &mut o.codes.c[i - 2].0,
+        6..=9 => &mut o.codes.c[i - 6].1,
+        10 => &mut o.codes.text,
+        11 => &mut o.subject,
+        12 => &mut o.effective_date_time,
+        13 => return o.effective_period.as_mut(),
+        14 => &mut o.effective_instant,
+        15 => &mut o.q_value,
+        16 => &mut o.q_comparator,
+        17 => &mut o.q_unit,
+        18 => &mut o.q_system,
+        19 => &mut o.q_code,
+        20..=23 => &mut o.component_codes.c[i - 20].0,
+        24..=27 => &mut o.component_codes.c[i - 24].1,
+        28 => &mut o.value_string,
+        29 => &mut o.value_integer,
+        30 => &mut o.value_concept,
+        31 => &mut o.reference_range,
+        _ => return None,
+    })
+}
+
+/// A learnt Observation shape, with what its lines read apart from their holes.
+#[derive(Clone)]
+struct ObsShape {
+    shape: Shape,
+    base: ObsLine<'static>,
+    hits: u32,
+}
+
+/// Shapes kept per reader: an export rarely writes more kinds of Observation line than this.
+const MAX_SHAPES: usize = 64;
+/// Lines per check of whether shapes pay, and lines they then rest for when they do not.
+const SHAPE_WINDOW: u32 = 1024;
+const SHAPE_REST: u32 = 1 << 16;
+
+/// The shapes (see [`crate::fhir::shape`]) of the Observation lines one reader has met: a
+/// line of a known shape is read by matching it, without walking its grammar. Each reader
+/// (thread) keeps its own.
+#[derive(Default, Clone)]
+pub struct ObsShapes {
+    known: Vec<ObsShape>,
+    /// Clean lines and shape hits in the current window; lines left to rest.
+    lines: u32,
+    hits: u32,
+    rest: u32,
+}
+
+impl ObsShapes {
+    /// [`scan_observation_with`], through a known shape where the line has one: the fields
+    /// are the same either way.
+    pub fn scan<'a>(&mut self, line: &'a str, o: &mut ObsLine<'a>, mut on_subject: impl FnMut(&str)) -> R<()> {
+        let mut s = Scanner::new(line);
+        let on = s.is_clean() && self.on();
+        if on {
+            self.lines += 1;
+            let quotes = s.quote_count();
+            for i in 0..self.known.len() {
+                let known = &self.known[i];
+                if known.shape.quotes() != quotes {
+                    continue;
+                }
+                *o = known.base;
+                let matched = known.shape.matches(&s, |k, text| {
+                    if let Some(field) = obs_slot(o, k) {
+                        *field = Some(text);
+                    }
+                });
+                if matched {
+                    self.hit(i);
+                    if let Some(subject) = o.subject {
+                        on_subject(subject);
+                    }
+                    return Ok(());
+                }
+            }
+            *o = ObsLine::default();
+        }
+        scan_observation_in(&mut s, o, on_subject)?;
+        if on && let Some(known) = learn_observation(&s, o) {
+            if self.known.len() == MAX_SHAPES {
+                self.known.pop();
+            }
+            self.known.push(known);
+        }
+        Ok(())
+    }
+
+    /// Whether to try shapes on this line: not while resting after a window in which fewer
+    /// than half the lines had a known shape (lines of a hundred shapes would pay for the
+    /// tries and the learning, and gain nothing).
+    fn on(&mut self) -> bool {
+        if self.rest > 0 {
+            self.rest -= 1;
+            return false;
+        }
+        if self.lines >= SHAPE_WINDOW {
+            if self.hits * 2 < self.lines {
+                self.rest = SHAPE_REST;
+            }
+            self.lines = 0;
+            self.hits = 0;
+        }
+        self.rest == 0
+    }
+
+    /// Counts a hit on shape `i`, keeping the shapes about in order of hits (tried first).
+    fn hit(&mut self, i: usize) {
+        self.hits += 1;
+        self.known[i].hits += 1;
+        if i > 0 && self.known[i].hits > self.known[i - 1].hits {
+            self.known.swap(i, i - 1);
+        }
+    }
+}
+
+/// The shape of an Observation line just scanned into `o` (see [`ObsShapes`]).
+fn learn_observation(s: &Scanner<'_>, o: &ObsLine<'_>) -> Option<ObsShape> {
+    let line = s.text().as_ptr() as usize;
+    let mut read = *o;
+    // Where each field was read, as (start, length) in the line.
+    let mut span = |k: u8| match obs_slot(&mut read, k).map(|f| *f) {
+        Some(Some(text)) => Some((text.as_ptr() as usize - line, text.len())),
+        _ => None,
+    };
+    let mut spans = [None; OBS_HOLES as usize];
+    for (k, x) in (0..OBS_HOLES).zip(&mut spans) {
+        *x = span(k);
+    }
+    let mut raw: Vec<(usize, usize, u8)> = OBS_RAW
+        .iter()
+        .filter_map(|&k| span(k).map(|(start, len)| (start, start + len, k)))
+        .collect();
+    raw.sort_unstable();
+    let shape = Shape::learn(s, &raw, |start, end| {
+        match spans.iter().position(|&x| x == Some((start, end - start))) {
+            Some(k) => {
+                spans[k] = None; // each field from one hole only
+                k as u8
+            }
+            None => NO_SLOT,
+        }
+    })?;
+    let base = ObsLine {
+        id: None,
+        status: None,
+        has_code: o.has_code,
+        codes: Codes {
+            n: o.codes.n,
+            ..Codes::default()
+        },
+        subject: None,
+        effective_date_time: None,
+        effective_period: o.effective_period.map(|_| None),
+        effective_instant: None,
+        has_quantity: o.has_quantity,
+        q_value: None,
+        q_comparator: None,
+        q_unit: None,
+        q_system: None,
+        q_code: None,
+        value_string: None,
+        value_integer: None,
+        value_concept: None,
+        reference_range: None,
+        component_codes: Codes {
+            n: o.component_codes.n,
+            ..Codes::default()
+        },
+        component_of: o.component_of,
+        components: o.components,
+    };
+    // The shape must give back what the scan read, from this very line.
+    let mut again = base;
+    let same = shape.matches(s, |k, text| {
+        if let Some(field) = obs_slot(&mut again, k) {
+            *field = Some(text);
+        }
+    });
+    (same && again == *o).then_some(ObsShape { shape, base, hits: 0 })
 }
 
 /// What the fast way did with a line.
@@ -966,6 +1165,57 @@ mod tests {
             "the fast way answered only {answered} of {} lines",
             lines.len()
         );
+    }
+
+    /// Every line read through a learnt shape reads exactly as the scanner reads it: each
+    /// template's shape is learnt, then tried on the edited templates and on every
+    /// single-byte edit of the template at every position (inside strings and numbers, most
+    /// keep the shape; elsewhere most must not). A line the shape takes must also be one
+    /// serde takes.
+    #[test]
+    fn shapes_read_lines_exactly_as_the_scanner() {
+        let mut edited: Vec<String> = Vec::new();
+        for t in TEMPLATES {
+            edited.extend(
+                EDITS
+                    .iter()
+                    .filter(|(from, _)| t.contains(from))
+                    .map(|(from, to)| t.replacen(from, to, 1)),
+            );
+        }
+        let bytes = b"{}[]:,\" \t\\x0-.eEtnf5";
+        let mut through_shape = 0;
+        for t in TEMPLATES {
+            let mut primed = ObsShapes::default();
+            let mut o = ObsLine::default();
+            primed.scan(t, &mut o, |_| {}).expect("a template scans");
+            assert_eq!(primed.known.len(), 1, "no shape learnt from {t}");
+            let mut cases = edited.clone();
+            for at in 0..t.len() {
+                let (head, tail) = t.split_at(at);
+                cases.push(format!("{head}{}", &tail[1..]));
+                for &b in bytes {
+                    let c = b as char;
+                    cases.push(format!("{head}{c}{}", &tail[1..]));
+                    cases.push(format!("{head}{c}{tail}"));
+                }
+            }
+            for line in &cases {
+                let mut shapes = primed.clone();
+                let mut o = ObsLine::default();
+                let got = shapes.scan(line, &mut o, |_| {}).map(|_| o);
+                assert_eq!(got, scan_observation(line), "{line}");
+                if shapes.hits > 0 {
+                    through_shape += 1;
+                    assert!(
+                        serde_json::from_str::<Observation>(line).is_ok(),
+                        "a shape took what serde rejects: {line}"
+                    );
+                }
+            }
+        }
+        // The edits inside strings and numbers alone are thousands.
+        assert!(through_shape > 2000, "only {through_shape} lines went through a shape");
     }
 
     const CONDITION: &str = r#"{"resourceType":"Condition","id":"c1","meta":{"lastUpdated":"2025-01-31T00:38:10Z"},"clinicalStatus":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/condition-clinical","code":"active"}]},"verificationStatus":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/condition-ver-status","code":"confirmed"}]},"category":[{"coding":[{"code":"problem-list-item"}]}],"code":{"coding":[{"system":"http://snomed.info/sct","code":"55464009","display":"SLE"}],"text":"SLE"},"subject":{"reference":"Patient/a"},"onsetDateTime":"2021-03-03T04:29:48Z","recordedDate":"2021-03-08T04:29:48Z"}"#;

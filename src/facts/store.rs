@@ -365,11 +365,11 @@ pub struct Partial {
 }
 
 impl Partial {
-    /// Reduces one NDJSON Observation line the fast way (see [`super::fast`]). False: the
-    /// line was left alone, for the full parse.
-    pub fn observation_line(&mut self, reg: &Registry, line: &str, m: &Mappings) -> bool {
+    /// Reduces one NDJSON Observation line the fast way (see [`super::fast`]), through the
+    /// reader's `shapes`. False: the line was left alone, for the full parse.
+    pub fn observation_line(&mut self, reg: &Registry, line: &str, m: &Mappings, shapes: &mut fast::ObsShapes) -> bool {
         let mut o = fast::ObsLine::default();
-        if fast::scan_observation_with(line, &mut o, |subject| reg.alias.prefetch(subject)).is_err() {
+        if shapes.scan(line, &mut o, |subject| reg.alias.prefetch(subject)).is_err() {
             return false;
         }
         // No subject, an unknown patient (kept aside) or no id: the full way counts them.

@@ -6,6 +6,7 @@ pub mod files;
 pub mod model;
 pub mod record;
 pub mod scan;
+pub mod shape;
 pub mod smart;
 
 use model::*;
