@@ -729,7 +729,7 @@ impl ObsShapes {
     /// Counts a hit on shape `i`, keeping the shapes about in order of hits (tried first).
     fn hit(&mut self, i: usize) {
         self.hits += 1;
-        self.known[i].hits += 1;
+        self.known[i].hits = self.known[i].hits.saturating_add(1);
         if i > 0 && self.known[i].hits > self.known[i - 1].hits {
             self.known.swap(i, i - 1);
         }
@@ -740,9 +740,10 @@ impl ObsShapes {
 fn learn_observation(s: &Scanner<'_>, o: &ObsLine<'_>) -> Option<ObsShape> {
     let line = s.text().as_ptr() as usize;
     let mut read = *o;
-    // Where each field was read, as (start, length) in the line.
+    // Where each field was read, as (start, length) in the line. (All of them borrow from
+    // it; were one not to, the check at the end would refuse the shape.)
     let mut span = |k: u8| match obs_slot(&mut read, k).map(|f| *f) {
-        Some(Some(text)) => Some((text.as_ptr() as usize - line, text.len())),
+        Some(Some(text)) => Some(((text.as_ptr() as usize).checked_sub(line)?, text.len())),
         _ => None,
     };
     let mut spans = [None; OBS_HOLES as usize];
