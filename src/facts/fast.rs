@@ -1185,7 +1185,6 @@ mod tests {
                     .map(|(from, to)| t.replacen(from, to, 1)),
             );
         }
-        let bytes = b"{}[]:,\" \t\\x0-.eEtnf5";
         let mut through_shape = 0;
         for t in TEMPLATES {
             let mut primed = ObsShapes::default();
@@ -1193,15 +1192,7 @@ mod tests {
             primed.scan(t, &mut o, |_| {}).expect("a template scans");
             assert_eq!(primed.known.len(), 1, "no shape learnt from {t}");
             let mut cases = edited.clone();
-            for at in 0..t.len() {
-                let (head, tail) = t.split_at(at);
-                cases.push(format!("{head}{}", &tail[1..]));
-                for &b in bytes {
-                    let c = b as char;
-                    cases.push(format!("{head}{c}{}", &tail[1..]));
-                    cases.push(format!("{head}{c}{tail}"));
-                }
-            }
+            cases.extend(scan::single_byte_edits(t, b"{}[]:,\" \t\\x0-.eEtnf5"));
             for line in &cases {
                 let mut shapes = primed.clone();
                 let mut o = ObsLine::default();

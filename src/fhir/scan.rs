@@ -709,6 +709,24 @@ fn classify_bytewise(block: &[u8; 64]) -> (u64, bool) {
     (q, dirty)
 }
 
+/// Every single-byte edit of the ASCII `line` at every position: the byte deleted, replaced
+/// by each of `bytes`, and preceded by each of them. (Shared by the scanner's and the shapes'
+/// tests.)
+#[cfg(test)]
+pub(crate) fn single_byte_edits(line: &str, bytes: &[u8]) -> Vec<String> {
+    let mut cases = Vec::new();
+    for at in 0..line.len() {
+        let (head, tail) = line.split_at(at);
+        cases.push(format!("{head}{}", &tail[1..]));
+        for &b in bytes {
+            let c = b as char;
+            cases.push(format!("{head}{c}{}", &tail[1..]));
+            cases.push(format!("{head}{c}{tail}"));
+        }
+    }
+    cases
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -817,17 +835,7 @@ mod tests {
     #[test]
     fn single_byte_edits_of_a_real_line_agree_with_serde() {
         let line = r#"{"resourceType":"Observation","id":"3ea490ba","meta":{"lastUpdated":"2026-04-04T10:42:09Z"},"status":"amended","category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"laboratory","display":"Laboratory"}]}],"code":{"coding":[{"system":"http://loinc.org","code":"777-3","display":"Platelets [#/volume] in Blood by Automated count"}],"text":"Platelets"},"subject":{"reference":"Patient/8ddb0499"},"effectiveDateTime":"2026-04-04T00:42:09Z","valueQuantity":{"value":301.5,"unit":"10*9/L","code":"10*9/L"},"referenceRange":[{"low":{"value":-1e2},"high":{"value":450}}],"x":[true,false,null,[],{}]}"#;
-        let bytes: &[u8] = b"{}[]:,\" \t\\x0-.eEtnf";
-        let mut cases = Vec::new();
-        for at in 0..line.len() {
-            let (head, tail) = line.split_at(at);
-            cases.push(format!("{head}{}", &tail[1..]));
-            for &b in bytes {
-                let c = b as char;
-                cases.push(format!("{head}{c}{}", &tail[1..]));
-                cases.push(format!("{head}{c}{tail}"));
-            }
-        }
+        let cases = single_byte_edits(line, b"{}[]:,\" \t\\x0-.eEtnf");
         let cases: Vec<&str> = cases.iter().map(String::as_str).collect();
         check_against_serde(&cases);
     }
