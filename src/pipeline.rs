@@ -159,7 +159,7 @@ fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings
                 }
             }
         };
-        let t = text.trim();
+        let t = crate::fhir::trim(text);
         let done = if t.starts_with("{\"resourceType\":\"Observation\"") {
             partial.observation_line(reg, t, m, shapes)
         } else if t.starts_with("{\"resourceType\":\"Condition\"") {

@@ -119,7 +119,7 @@ impl fmt::Display for Instant {
 /// Parses a FHIR `date`, `dateTime` or `instant` into a UTC instant.
 /// Returns `None` for partial dates and anything unparsable.
 pub fn parse_fhir_instant(s: &str) -> Option<Instant> {
-    let s = s.trim();
+    let s = crate::fhir::trim(s);
     if s.len() == 10 {
         return Date::parse(s).map(Date::start);
     }
@@ -173,7 +173,7 @@ pub fn parse_fhir_range(s: &str) -> Option<(Instant, Instant)> {
     if let Some(t) = parse_fhir_instant(s) {
         return Some((t, Instant(t.0 + 1)));
     }
-    let s = s.trim();
+    let s = crate::fhir::trim(s);
     let b = s.as_bytes();
     let year = |b: &[u8]| parse_digits(b).filter(|_| b.len() == 4);
     match b.len() {

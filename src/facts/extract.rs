@@ -150,8 +150,11 @@ const UCUM: &str = "http://unitsofmeasure.org";
 /// The unit a quantity is in: its `code` when that is a UCUM code (system UCUM or absent),
 /// else its human-readable `unit` (a code from another system, such as SNOMED, is not a unit).
 pub(crate) fn unit_key(q: &Quantity) -> Option<&str> {
-    let code = q.code.as_deref().filter(|_| q.system.as_deref().is_none_or(|s| s.trim() == UCUM));
-    code.or(q.unit.as_deref()).map(str::trim)
+    let code = q
+        .code
+        .as_deref()
+        .filter(|_| q.system.as_deref().is_none_or(|s| crate::fhir::trim(s) == UCUM));
+    code.or(q.unit.as_deref()).map(crate::fhir::trim)
 }
 
 /// `<0.1`, `> 60`, `≥1.5`, `60`: a bound or an exact number.

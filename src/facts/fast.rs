@@ -13,6 +13,7 @@ use super::{Basics, LabValue, Unmapped};
 use crate::fhir::model::*;
 use crate::fhir::scan::{self, Bail, R, Scanner, Ty};
 use crate::fhir::shape::{NO_SLOT, Shape};
+use crate::fhir::trim;
 use crate::time::{Instant, Window, parse_fhir_instant};
 use std::collections::HashMap;
 
@@ -813,9 +814,9 @@ pub enum Outcome {
 
 /// The unit key, as `extract::unit_key` reads it from a Quantity.
 fn unit_key<'a>(o: &ObsLine<'a>) -> Option<&'a str> {
-    let ucum = o.q_system.is_none_or(|s| s.trim() == "http://unitsofmeasure.org");
+    let ucum = o.q_system.is_none_or(|s| trim(s) == "http://unitsofmeasure.org");
     let code = o.q_code.filter(|_| ucum);
-    code.or(o.q_unit).map(str::trim)
+    code.or(o.q_unit).map(trim)
 }
 
 /// Reduces a scanned Observation of a known patient, exactly as `extract::observation`
@@ -854,7 +855,7 @@ pub fn reduce_observation(
     let lab_of = |codes: &Codes| {
         codes
             .iter()
-            .find_map(|(sys, code)| m.lab_for_str(m.system_key_str(sys), code?.trim()))
+            .find_map(|(sys, code)| m.lab_for_str(m.system_key_str(sys), trim(code?)))
     };
     let top = lab_of(&o.codes);
     // Each component's first lab code counts (blood pressure's systolic and diastolic): one
@@ -867,7 +868,7 @@ pub fn reduce_observation(
         if comp == last {
             continue; // this component's lab is found already
         }
-        if let Some(lab) = code.and_then(|c| m.lab_for_str(m.system_key_str(sys), c.trim())) {
+        if let Some(lab) = code.and_then(|c| m.lab_for_str(m.system_key_str(sys), trim(c))) {
             last = comp;
             comp_lab = true;
             if wanted(lab) {
@@ -889,7 +890,7 @@ pub fn reduce_observation(
                 unmapped_key.clear();
                 unmapped_key.push_str(m.system_key_str(sys));
                 unmapped_key.push('\0');
-                unmapped_key.push_str(code.trim());
+                unmapped_key.push_str(trim(code));
                 unmapped_key.push('\0');
                 unmapped_key.push_str(unit);
                 match unmapped.get_mut(unmapped_key.as_str()) {

@@ -419,13 +419,13 @@ impl Mappings {
 
     /// The mapping key for a code system URI (`urn:oid:2.16.840.1.113883.6.1` -> `loinc`).
     pub fn system_key(&self, uri: Option<&str>) -> String {
-        let uri = uri.unwrap_or("").trim();
+        let uri = crate::fhir::trim(uri.unwrap_or(""));
         self.system_keys.get(uri).cloned().unwrap_or_else(|| uri.to_string())
     }
 
     /// [`Mappings::system_key`] without allocating: the key, or the trimmed URI itself.
     pub fn system_key_str<'a>(&'a self, uri: Option<&'a str>) -> &'a str {
-        let uri = uri.unwrap_or("").trim();
+        let uri = crate::fhir::trim(uri.unwrap_or(""));
         self.system_keys.get(uri).map(String::as_str).unwrap_or(uri)
     }
 
@@ -444,7 +444,7 @@ impl Mappings {
 
     /// Resolves a unit string through the alias table (`K/uL` -> `10*3/uL`).
     pub fn unit_alias(&self, unit: &str) -> Option<&str> {
-        self.unit_aliases.get(unit.trim()).map(String::as_str)
+        self.unit_aliases.get(crate::fhir::trim(unit)).map(String::as_str)
     }
 
     /// The factor converting `unit` to lab `lab`'s canonical unit, trying the alias table.
@@ -506,7 +506,7 @@ impl Mappings {
 
 /// ICD-10 codes arrive with and without the dot (`M32.14`, `M3214`): compare them without it.
 fn normalize_code<'a>(system: &str, code: &'a str) -> std::borrow::Cow<'a, str> {
-    let code = code.trim();
+    let code = crate::fhir::trim(code);
     if system == "icd10" && code.bytes().any(|b| b == b'.' || b.is_ascii_lowercase()) {
         code.replace('.', "").to_ascii_uppercase().into()
     } else {
