@@ -11,7 +11,7 @@
 use crate::criteria::decisions::Decisions;
 use crate::criteria::eval::{TrialResult, evaluate};
 use crate::facts::PatientFacts;
-use crate::facts::fast::ObsShapes;
+use crate::facts::fast::ReaderShapes;
 use crate::facts::held::Held;
 use crate::facts::mappings::Mappings;
 use crate::facts::store::{FactStore, Partial, Registry};
@@ -115,7 +115,7 @@ const LINE_MARK: &str = "\0";
 /// Reduces the lines of one block. Observation and Condition lines take the fast way
 /// (`facts::fast`) first; it hands back, for the full parse, an Observation whose lab is read
 /// through JSONPath (the full parse then keeps its JSON).
-fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings, shapes: &mut ObsShapes) -> Reduced {
+fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings, shapes: &mut ReaderShapes) -> Reduced {
     let mut out = ReadOutput::default();
     let mut partial = Partial::default();
     let mut issues = Vec::new();
@@ -163,7 +163,7 @@ fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings
         let done = if t.starts_with("{\"resourceType\":\"Observation\"") {
             partial.observation_line(reg, t, m, shapes)
         } else if t.starts_with("{\"resourceType\":\"Condition\"") {
-            partial.condition_line(reg, t, m)
+            partial.condition_line(reg, t, m, shapes)
         } else if t.starts_with("{\"resourceType\":\"Patient\"") {
             partial.patient_line(t)
         } else {
@@ -253,7 +253,7 @@ fn read_ndjson(
             s.spawn(move || {
                 let mut buf = Vec::new();
                 // Kept from block to block: a file's lines keep their shapes.
-                let mut shapes = ObsShapes::default();
+                let mut shapes = ReaderShapes::default();
                 loop {
                     let k = taken.fetch_add(1, Ordering::Relaxed);
                     if k >= blocks {

@@ -122,11 +122,16 @@ fn codes_of(cc: Option<&CodeableConcept>, m: &Mappings) -> Vec<SystemCode> {
     .unwrap_or_default()
 }
 
-fn label(codes: &[SystemCode]) -> String {
-    codes
-        .first()
-        .map(|c| format!("{}|{}", c.system, c.code))
+/// How a record's first code is shown: `system|code`.
+fn label(first: Option<(&str, &str)>) -> String {
+    first
+        .map(|(system, code)| format!("{system}|{code}"))
         .unwrap_or_else(|| "(no code)".into())
+}
+
+/// The first of `codes`, for [`label`].
+fn first(codes: &[SystemCode]) -> Option<(&str, &str)> {
+    codes.first().map(|c| (c.system.as_str(), c.code.as_str()))
 }
 
 fn sets_for(codes: &[SystemCode], m: &Mappings) -> Vec<usize> {
@@ -457,51 +462,119 @@ fn uln_of(
 const CLINICAL: &[&str] = &["active", "recurrence", "relapse", "inactive", "remission", "resolved"];
 
 pub(crate) fn condition(reference: &str, c: &Condition, m: &Mappings, unmapped: &mut Unmapped) -> Option<ConditionFact> {
-    if c.verification_status
-        .as_ref()
-        .is_some_and(|v| v.has_code(&["entered-in-error", "refuted"]))
-    {
+    fn period(p: &Option<Period>) -> Option<(Option<&str>, Option<&str>)> {
+        p.as_ref().map(|p| (p.start.as_deref(), p.end.as_deref()))
+    }
+    let fields = ConditionFields {
+        clinical: c.clinical_status.as_ref(),
+        verification: c.verification_status.as_ref(),
+        code: c.code.as_ref(),
+        onset_date_time: c.onset_date_time.as_deref(),
+        onset_period: period(&c.onset_period),
+        abatement_date_time: c.abatement_date_time.as_deref(),
+        abatement_period: period(&c.abatement_period),
+        abatement_boolean: c.abatement_boolean,
+        recorded_date: c.recorded_date.as_deref(),
+    };
+    condition_of(&fields, || reference.to_string(), m, unmapped)
+}
+
+/// A CodeableConcept, as the reduction of a Condition reads it.
+pub(crate) trait Concept {
+    /// Each coding's (system, code).
+    fn codings(&self) -> impl Iterator<Item = (Option<&str>, Option<&str>)>;
+    fn text(&self) -> Option<&str>;
+}
+
+impl Concept for CodeableConcept {
+    fn codings(&self) -> impl Iterator<Item = (Option<&str>, Option<&str>)> {
+        self.coding.iter().map(|c| (c.system.as_deref(), c.code.as_deref()))
+    }
+
+    fn text(&self) -> Option<&str> {
+        self.text.as_deref()
+    }
+}
+
+/// The fields of a Condition its reduction reads, borrowed: from a parsed Condition, or
+/// straight from an NDJSON line (`fast::ConditionLine`), so that both ways share one rule.
+pub(crate) struct ConditionFields<'a, C: Concept> {
+    pub clinical: Option<&'a C>,
+    pub verification: Option<&'a C>,
+    pub code: Option<&'a C>,
+    pub onset_date_time: Option<&'a str>,
+    /// (start, end)
+    pub onset_period: Option<(Option<&'a str>, Option<&'a str>)>,
+    pub abatement_date_time: Option<&'a str>,
+    pub abatement_period: Option<(Option<&'a str>, Option<&'a str>)>,
+    pub abatement_boolean: Option<bool>,
+    pub recorded_date: Option<&'a str>,
+}
+
+/// A Condition's fact, or None when it is no usable diagnosis (entered in error, refuted,
+/// or of no mapped code: those with a code of an unknown system are counted as unmapped).
+/// `reference` names the Condition; it is made only for a fact.
+pub(crate) fn condition_of<C: Concept>(
+    c: &ConditionFields<'_, C>,
+    reference: impl FnOnce() -> String,
+    m: &Mappings,
+    unmapped: &mut Unmapped,
+) -> Option<ConditionFact> {
+    if c.verification.is_some_and(|v| {
+        v.codings()
+            .any(|(_, code)| code.is_some_and(|k| ["entered-in-error", "refuted"].contains(&k)))
+    }) {
         return None;
     }
-    let codes = codes_of(c.code.as_ref(), m);
-    let sets = sets_for(&codes, m);
+    // (system key, code), as `codes_of` gives them, borrowed.
+    let codes: Vec<(&str, &str)> = c
+        .code
+        .map(|cc| {
+            cc.codings()
+                .filter_map(|(system, code)| Some((m.system_key_str(system), crate::fhir::trim(code?))))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut sets = Vec::new();
+    for (system, code) in &codes {
+        m.sets_of_str(system, code, &mut sets);
+    }
     if sets.is_empty() {
-        for code in codes.iter().filter(|c| !m.known_system(&c.system)) {
-            unmapped.add(&code.system, &code.code, "");
+        for (system, code) in codes.iter().filter(|(system, _)| !m.known_system(system)) {
+            unmapped.add(system, code, "");
         }
         return None;
     }
     // Some feeds send the status as text only ({"text": "Active"}): read that too.
-    let clinical = c.clinical_status.as_ref().map(|cs| {
-        cs.coding
-            .iter()
-            .filter_map(|x| x.code.as_deref())
-            .chain(cs.text.as_deref())
-            .map(|k| k.trim().to_ascii_lowercase())
-            .find(|k| CLINICAL.contains(&k.as_str()))
-            .unwrap_or_else(|| "unrecognised".to_string())
+    let clinical = c.clinical.map(|cs| {
+        cs.codings()
+            .filter_map(|(_, code)| code)
+            .chain(cs.text())
+            .find_map(|k| CLINICAL.iter().find(|c| crate::fhir::trim(k).eq_ignore_ascii_case(c)))
+            .map_or("unrecognised", |c| c)
+            .to_string()
     });
-    let period_range = |p: &Period| p.start.as_deref().and_then(parse_fhir_range);
-    let onset = match (&c.onset_date_time, &c.onset_period) {
+    let period_range = |p: Option<&str>| p.and_then(parse_fhir_range);
+    let onset = match (c.onset_date_time, c.onset_period) {
         (Some(t), _) => parse_fhir_range(t),
-        (None, Some(p)) => period_range(p),
+        (None, Some((start, _))) => period_range(start),
         (None, None) => None,
     };
-    let abatement = match (&c.abatement_date_time, &c.abatement_period) {
+    let abatement = match (c.abatement_date_time, c.abatement_period) {
         (Some(t), _) => parse_fhir_range(t),
-        (None, Some(p)) => p.end.as_deref().or(p.start.as_deref()).and_then(parse_fhir_range),
+        (None, Some((start, end))) => period_range(end.or(start)),
         (None, None) => None,
     };
     Some(ConditionFact {
-        resource: reference.to_string(),
+        resource: reference(),
         sets,
-        code: label(&codes),
+        code: label(codes.first().copied()),
         clinical,
         onset,
         abatement,
         // Over, date unknown; an unusable abatement date is ignored like any unusable time.
         abated_undated: abatement.is_none() && c.abatement_boolean == Some(true),
-        recorded: c.recorded_date.as_deref().and_then(parse_fhir_instant),
+        recorded: c.recorded_date.and_then(parse_fhir_instant),
     })
 }
 
@@ -551,7 +624,7 @@ fn medication_sets(
             unmapped.add(&c.system, &c.code, "");
         }
     }
-    (sets, routes, label(&codes))
+    (sets, routes, label(first(&codes)))
 }
 
 fn route_sets(route: Option<&CodeableConcept>, m: &Mappings, out: &mut Vec<usize>) {
@@ -782,7 +855,7 @@ fn procedure(reference: &str, p: &Procedure, m: &Mappings, f: &mut PatientFacts)
     f.procedures.push(EventFact {
         resource: reference.to_string(),
         sets,
-        code: label(&codes),
+        code: label(first(&codes)),
         time: start,
         end,
     });
@@ -800,7 +873,7 @@ fn immunization(reference: &str, i: &Immunization, m: &Mappings) -> Option<Event
     Some(EventFact {
         resource: reference.to_string(),
         sets,
-        code: label(&codes),
+        code: label(first(&codes)),
         time: i.occurrence_date_time.as_deref().and_then(parse_fhir_instant),
         end: None,
     })
@@ -837,7 +910,7 @@ fn allergy(reference: &str, a: &AllergyIntolerance, m: &Mappings) -> Option<Alle
     Some(AllergyFact {
         resource: reference.to_string(),
         sets,
-        code: label(&codes),
+        code: label(first(&codes)),
     })
 }
 

@@ -7,7 +7,7 @@
 //! `extract::observation`, the very code the full parse goes to; anything the scanner is not
 //! sure of goes to the full parse. The rules are therefore the same on both ways.
 
-use super::extract::observation;
+use super::extract::{Concept, ConditionFields, observation};
 use super::mappings::Mappings;
 use super::{Basics, LabValue, Unmapped};
 use crate::fhir::model::*;
@@ -146,7 +146,7 @@ fn reference<'a>(s: &mut Scanner<'a>) -> R<Option<&'a str>> {
 }
 
 /// The Condition fields `extract::condition` reads, borrowed from the line.
-#[derive(Default)]
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct ConditionLine<'a> {
     pub id: Option<&'a str>,
     pub subject: Option<&'a str>,
@@ -164,7 +164,12 @@ pub struct ConditionLine<'a> {
 /// Scans one Condition line (trimmed). Bails on anything not plainly readable.
 pub fn scan_condition(line: &str) -> R<ConditionLine<'_>> {
     let mut c = ConditionLine::default();
-    let mut s = Scanner::new(line);
+    scan_condition_in(&mut Scanner::new(line), &mut c)?;
+    Ok(c)
+}
+
+/// [`scan_condition`] on a scanner made for the line, into `c` (fresh).
+fn scan_condition_in<'a>(s: &mut Scanner<'a>, c: &mut ConditionLine<'a>) -> R<()> {
     let mut seen = 0u32;
     s.object(|s, k| {
         match k {
@@ -216,33 +221,33 @@ pub fn scan_condition(line: &str) -> R<ConditionLine<'_>> {
         }
         Ok(())
     })?;
-    s.end()?;
-    Ok(c)
+    s.end()
 }
 
-impl ConditionLine<'_> {
-    /// The Condition as `fhir::model` holds it (subject left out: it is resolved already).
-    pub fn owned(&self) -> Condition {
-        let owned = |s: Option<&str>| s.map(str::to_string);
-        let period = |p: Option<(Option<&str>, Option<&str>)>| {
-            p.map(|(start, end)| Period {
-                start: owned(start),
-                end: owned(end),
-            })
-        };
-        Condition {
-            id: owned(self.id),
-            clinical_status: self.clinical.as_ref().map(Codes::owned),
-            verification_status: self.verification.as_ref().map(Codes::owned),
-            code: self.code.as_ref().map(Codes::owned),
-            subject: None,
-            onset_date_time: owned(self.onset_date_time),
-            onset_period: period(self.onset_period),
-            abatement_date_time: owned(self.abatement_date_time),
-            abatement_period: period(self.abatement_period),
+impl<'a> ConditionLine<'a> {
+    /// The fields `extract::condition_of` reduces, as the full way hands them too.
+    pub(crate) fn fields(&self) -> ConditionFields<'_, Codes<'a>> {
+        ConditionFields {
+            clinical: self.clinical.as_ref(),
+            verification: self.verification.as_ref(),
+            code: self.code.as_ref(),
+            onset_date_time: self.onset_date_time,
+            onset_period: self.onset_period,
+            abatement_date_time: self.abatement_date_time,
+            abatement_period: self.abatement_period,
             abatement_boolean: self.abatement_boolean,
-            recorded_date: owned(self.recorded_date),
+            recorded_date: self.recorded_date,
         }
+    }
+}
+
+impl Concept for Codes<'_> {
+    fn codings(&self) -> impl Iterator<Item = (Option<&str>, Option<&str>)> {
+        self.iter()
+    }
+
+    fn text(&self) -> Option<&str> {
+        self.text
     }
 }
 
@@ -608,70 +613,235 @@ fn scan_observation_in<'a>(s: &mut Scanner<'a>, o: &mut ObsLine<'a>, mut on_subj
     s.end()
 }
 
-/// The fields of an [`ObsLine`] a shape's hole can fill ([`obs_slot`] names them); after
-/// them, those holding a value's whole JSON text.
-const OBS_HOLES: u8 = 28;
-const OBS_RAW: [u8; 4] = [28, 29, 30, 31];
+/// A kind of line read through shapes (see [`Shapes`]): its fields, by slot, and its scan.
+pub trait Kind {
+    /// The fields read from a line, borrowed from it.
+    type Line<'a>: Copy + Default + PartialEq + std::fmt::Debug;
+    /// Slots `0..HOLES` are fields a string or a number fills; those of `RAW` hold a value's
+    /// whole JSON text.
+    const HOLES: u8;
+    const RAW: &'static [u8];
+    /// The slot of the reference to the patient.
+    const SUBJECT: u8;
+    /// Field `k` of `l`. None: not there (a field of an object that is absent or null).
+    fn slot<'s, 'a: 's>(l: &'s mut Self::Line<'a>, k: u8) -> Option<&'s mut Option<&'a str>>;
+    /// What every line of `l`'s shape reads apart from its holes: `l` without those fields.
+    fn base(l: &Self::Line<'_>) -> Self::Line<'static>;
+    /// A base, as a line of the line being read.
+    fn widen<'a>(l: Self::Line<'static>) -> Self::Line<'a>;
+    /// Reads the line the scanner was made for, in full.
+    fn scan<'a>(s: &mut Scanner<'a>, l: &mut Self::Line<'a>, on_subject: impl FnMut(&str)) -> R<()>;
+}
 
-/// Field `k` of `o`, for [`ObsShapes`]. effectivePeriod's start is there only when the
-/// period is.
-fn obs_slot<'s, 'a>(o: &'s mut ObsLine<'a>, k: u8) -> Option<&'s mut Option<&'a str>> {
-    let i = usize::from(k);
+/// Field `k` (`0..9`) of a CodeableConcept's codings: the systems, the codes, the text.
+fn codes_slot<'s, 'a>(c: &'s mut Codes<'a>, k: usize) -> Option<&'s mut Option<&'a str>> {
     Some(match k {
-        0 => &mut o.id,
-        1 => &mut o.status,
-        2..=5 => &mut o.codes.c[i - 2].0,
-        6..=9 => &mut o.codes.c[i - 6].1,
-        10 => &mut o.codes.text,
-        11 => &mut o.subject,
-        12 => &mut o.effective_date_time,
-        13 => return o.effective_period.as_mut(),
-        14 => &mut o.effective_instant,
-        15 => &mut o.q_value,
-        16 => &mut o.q_comparator,
-        17 => &mut o.q_unit,
-        18 => &mut o.q_system,
-        19 => &mut o.q_code,
-        20..=23 => &mut o.component_codes.c[i - 20].0,
-        24..=27 => &mut o.component_codes.c[i - 24].1,
-        28 => &mut o.value_string,
-        29 => &mut o.value_integer,
-        30 => &mut o.value_concept,
-        31 => &mut o.reference_range,
+        0..=3 => &mut c.c[k].0,
+        4..=7 => &mut c.c[k - 4].1,
+        8 => &mut c.text,
         _ => return None,
     })
 }
 
-/// A learnt Observation shape, with what its lines read apart from their holes.
-#[derive(Clone)]
-struct ObsShape {
+/// A CodeableConcept's codings, counted but not read.
+fn codes_base(c: &Codes<'_>) -> Codes<'static> {
+    Codes {
+        n: c.n,
+        ..Codes::default()
+    }
+}
+
+/// Observation lines, for [`Shapes`].
+pub struct ObsKind;
+
+impl Kind for ObsKind {
+    type Line<'a> = ObsLine<'a>;
+    const HOLES: u8 = 28;
+    const RAW: &'static [u8] = &[28, 29, 30, 31];
+    const SUBJECT: u8 = 11;
+
+    /// effectivePeriod's start is there only when the period is.
+    fn slot<'s, 'a: 's>(o: &'s mut ObsLine<'a>, k: u8) -> Option<&'s mut Option<&'a str>> {
+        let i = usize::from(k);
+        Some(match k {
+            0 => &mut o.id,
+            1 => &mut o.status,
+            2..=10 => return codes_slot(&mut o.codes, i - 2),
+            11 => &mut o.subject,
+            12 => &mut o.effective_date_time,
+            13 => return o.effective_period.as_mut(),
+            14 => &mut o.effective_instant,
+            15 => &mut o.q_value,
+            16 => &mut o.q_comparator,
+            17 => &mut o.q_unit,
+            18 => &mut o.q_system,
+            19 => &mut o.q_code,
+            // The components' codes, without a text.
+            20..=27 => return codes_slot(&mut o.component_codes, i - 20),
+            28 => &mut o.value_string,
+            29 => &mut o.value_integer,
+            30 => &mut o.value_concept,
+            31 => &mut o.reference_range,
+            _ => return None,
+        })
+    }
+
+    fn base(o: &ObsLine<'_>) -> ObsLine<'static> {
+        ObsLine {
+            id: None,
+            status: None,
+            has_code: o.has_code,
+            codes: codes_base(&o.codes),
+            subject: None,
+            effective_date_time: None,
+            effective_period: o.effective_period.map(|_| None),
+            effective_instant: None,
+            has_quantity: o.has_quantity,
+            q_value: None,
+            q_comparator: None,
+            q_unit: None,
+            q_system: None,
+            q_code: None,
+            value_string: None,
+            value_integer: None,
+            value_concept: None,
+            reference_range: None,
+            component_codes: codes_base(&o.component_codes),
+            component_of: o.component_of,
+            components: o.components,
+        }
+    }
+
+    fn widen<'a>(o: ObsLine<'static>) -> ObsLine<'a> {
+        o
+    }
+
+    fn scan<'a>(s: &mut Scanner<'a>, o: &mut ObsLine<'a>, on_subject: impl FnMut(&str)) -> R<()> {
+        scan_observation_in(s, o, on_subject)
+    }
+}
+
+/// Condition lines, for [`Shapes`].
+pub struct ConditionKind;
+
+impl Kind for ConditionKind {
+    type Line<'a> = ConditionLine<'a>;
+    const HOLES: u8 = 36;
+    const RAW: &'static [u8] = &[];
+    const SUBJECT: u8 = 1;
+
+    /// A CodeableConcept's or a Period's fields are there only when it is.
+    fn slot<'s, 'a: 's>(c: &'s mut ConditionLine<'a>, k: u8) -> Option<&'s mut Option<&'a str>> {
+        let i = usize::from(k);
+        Some(match k {
+            0 => &mut c.id,
+            1 => &mut c.subject,
+            2..=10 => return codes_slot(c.clinical.as_mut()?, i - 2),
+            11..=19 => return codes_slot(c.verification.as_mut()?, i - 11),
+            20..=28 => return codes_slot(c.code.as_mut()?, i - 20),
+            29 => &mut c.onset_date_time,
+            30 => &mut c.onset_period.as_mut()?.0,
+            31 => &mut c.onset_period.as_mut()?.1,
+            32 => &mut c.abatement_date_time,
+            33 => &mut c.abatement_period.as_mut()?.0,
+            34 => &mut c.abatement_period.as_mut()?.1,
+            35 => &mut c.recorded_date,
+            _ => return None,
+        })
+    }
+
+    fn base(c: &ConditionLine<'_>) -> ConditionLine<'static> {
+        ConditionLine {
+            id: None,
+            subject: None,
+            clinical: c.clinical.as_ref().map(codes_base),
+            verification: c.verification.as_ref().map(codes_base),
+            code: c.code.as_ref().map(codes_base),
+            onset_date_time: None,
+            onset_period: c.onset_period.map(|_| (None, None)),
+            abatement_date_time: None,
+            abatement_period: c.abatement_period.map(|_| (None, None)),
+            abatement_boolean: c.abatement_boolean,
+            recorded_date: None,
+        }
+    }
+
+    fn widen<'a>(c: ConditionLine<'static>) -> ConditionLine<'a> {
+        c
+    }
+
+    fn scan<'a>(s: &mut Scanner<'a>, c: &mut ConditionLine<'a>, _: impl FnMut(&str)) -> R<()> {
+        scan_condition_in(s, c)
+    }
+}
+
+/// A learnt shape, with what its lines read apart from their holes.
+struct Learnt<K: Kind> {
     shape: Shape,
-    base: ObsLine<'static>,
+    base: K::Line<'static>,
     hits: u32,
 }
 
-/// Shapes kept per reader: an export rarely writes more kinds of Observation line than this.
+impl<K: Kind> Clone for Learnt<K> {
+    fn clone(&self) -> Self {
+        Learnt {
+            shape: self.shape.clone(),
+            base: self.base,
+            hits: self.hits,
+        }
+    }
+}
+
+/// Shapes kept per reader and kind: an export rarely writes more kinds of line than this.
 const MAX_SHAPES: usize = 64;
 /// Lines per check of whether shapes pay, and lines they then rest for when they do not.
 const SHAPE_WINDOW: u32 = 1024;
 const SHAPE_REST: u32 = 1 << 16;
 
-/// The shapes (see [`crate::fhir::shape`]) of the Observation lines one reader has met: a
+/// The shapes (see [`crate::fhir::shape`]) of the lines of one kind a reader has met: a
 /// line of a known shape is read by matching it, without walking its grammar. Each reader
 /// (thread) keeps its own.
-#[derive(Default, Clone)]
-pub struct ObsShapes {
-    known: Vec<ObsShape>,
+pub struct Shapes<K: Kind> {
+    known: Vec<Learnt<K>>,
     /// Clean lines and shape hits in the current window; lines left to rest.
     lines: u32,
     hits: u32,
     rest: u32,
 }
 
-impl ObsShapes {
-    /// [`scan_observation_with`], through a known shape where the line has one: the fields
+impl<K: Kind> Default for Shapes<K> {
+    fn default() -> Self {
+        Shapes {
+            known: Vec::new(),
+            lines: 0,
+            hits: 0,
+            rest: 0,
+        }
+    }
+}
+
+impl<K: Kind> Clone for Shapes<K> {
+    fn clone(&self) -> Self {
+        Shapes {
+            known: self.known.clone(),
+            lines: self.lines,
+            hits: self.hits,
+            rest: self.rest,
+        }
+    }
+}
+
+/// The shapes one reader has learnt, per kind of line.
+#[derive(Default, Clone)]
+pub struct ReaderShapes {
+    pub observations: Shapes<ObsKind>,
+    pub conditions: Shapes<ConditionKind>,
+}
+
+impl<K: Kind> Shapes<K> {
+    /// The kind's scan of `line`, through a known shape where the line has one: the fields
     /// are the same either way.
-    pub fn scan<'a>(&mut self, line: &'a str, o: &mut ObsLine<'a>, mut on_subject: impl FnMut(&str)) -> R<()> {
+    pub fn scan<'a>(&mut self, line: &'a str, l: &mut K::Line<'a>, mut on_subject: impl FnMut(&str)) -> R<()> {
         let mut s = Scanner::new(line);
         let on = s.is_clean() && self.on();
         if on {
@@ -682,24 +852,24 @@ impl ObsShapes {
                 if known.shape.quotes() != quotes {
                     continue;
                 }
-                *o = known.base;
+                *l = K::widen(known.base);
                 let matched = known.shape.matches(&s, |k, text| {
-                    if let Some(field) = obs_slot(o, k) {
+                    if let Some(field) = K::slot(l, k) {
                         *field = Some(text);
                     }
                 });
                 if matched {
                     self.hit(i);
-                    if let Some(subject) = o.subject {
+                    if let Some(Some(subject)) = K::slot(l, K::SUBJECT) {
                         on_subject(subject);
                     }
                     return Ok(());
                 }
             }
-            *o = ObsLine::default();
+            *l = K::Line::default();
         }
-        scan_observation_in(&mut s, o, on_subject)?;
-        if on && let Some(known) = learn_observation(&s, o) {
+        K::scan(&mut s, l, on_subject)?;
+        if on && let Some(known) = learn::<K>(&s, l) {
             if self.known.len() == MAX_SHAPES {
                 self.known.pop();
             }
@@ -737,21 +907,18 @@ impl ObsShapes {
     }
 }
 
-/// The shape of an Observation line just scanned into `o` (see [`ObsShapes`]).
-fn learn_observation(s: &Scanner<'_>, o: &ObsLine<'_>) -> Option<ObsShape> {
+/// The shape of a line just scanned into `l` (see [`Shapes`]).
+fn learn<'a, K: Kind>(s: &Scanner<'a>, l: &K::Line<'a>) -> Option<Learnt<K>> {
     let line = s.text().as_ptr() as usize;
-    let mut read = *o;
+    let mut read = *l;
     // Where each field was read, as (start, length) in the line. (All of them borrow from
     // it; were one not to, the check at the end would refuse the shape.)
-    let mut span = |k: u8| match obs_slot(&mut read, k).map(|f| *f) {
+    let mut span = |k: u8| match K::slot(&mut read, k).map(|f| *f) {
         Some(Some(text)) => Some(((text.as_ptr() as usize).checked_sub(line)?, text.len())),
         _ => None,
     };
-    let mut spans = [None; OBS_HOLES as usize];
-    for (k, x) in (0..OBS_HOLES).zip(&mut spans) {
-        *x = span(k);
-    }
-    let mut raw: Vec<(usize, usize, u8)> = OBS_RAW
+    let mut spans: Vec<Option<(usize, usize)>> = (0..K::HOLES).map(&mut span).collect();
+    let mut raw: Vec<(usize, usize, u8)> = K::RAW
         .iter()
         .filter_map(|&k| span(k).map(|(start, len)| (start, start + len, k)))
         .collect();
@@ -765,43 +932,15 @@ fn learn_observation(s: &Scanner<'_>, o: &ObsLine<'_>) -> Option<ObsShape> {
             None => NO_SLOT,
         }
     })?;
-    let base = ObsLine {
-        id: None,
-        status: None,
-        has_code: o.has_code,
-        codes: Codes {
-            n: o.codes.n,
-            ..Codes::default()
-        },
-        subject: None,
-        effective_date_time: None,
-        effective_period: o.effective_period.map(|_| None),
-        effective_instant: None,
-        has_quantity: o.has_quantity,
-        q_value: None,
-        q_comparator: None,
-        q_unit: None,
-        q_system: None,
-        q_code: None,
-        value_string: None,
-        value_integer: None,
-        value_concept: None,
-        reference_range: None,
-        component_codes: Codes {
-            n: o.component_codes.n,
-            ..Codes::default()
-        },
-        component_of: o.component_of,
-        components: o.components,
-    };
+    let base = K::base(l);
     // The shape must give back what the scan read, from this very line.
-    let mut again = base;
+    let mut again = K::widen(base);
     let same = shape.matches(s, |k, text| {
-        if let Some(field) = obs_slot(&mut again, k) {
+        if let Some(field) = K::slot(&mut again, k) {
             *field = Some(text);
         }
     });
-    (same && again == *o).then_some(ObsShape { shape, base, hits: 0 })
+    (same && again == *l).then_some(Learnt { shape, base, hits: 0 })
 }
 
 /// What the fast way did with a line.
@@ -1174,41 +1313,52 @@ mod tests {
     /// template's shape is learnt, then tried on the edited templates and on every
     /// single-byte edit of the template at every position (inside strings and numbers, most
     /// keep the shape; elsewhere most must not). A line the shape takes must also be one
-    /// serde takes.
-    #[test]
-    fn shapes_read_lines_exactly_as_the_scanner() {
+    /// serde takes. Returns how many lines went through a shape.
+    fn shapes_read_as_the_scanner<K: Kind, T: serde::de::DeserializeOwned>(
+        templates: &[&str],
+        edits: &[(&str, &str)],
+        scan: for<'a> fn(&'a str) -> R<K::Line<'a>>,
+    ) -> usize {
         let mut edited: Vec<String> = Vec::new();
-        for t in TEMPLATES {
+        for t in templates {
             edited.extend(
-                EDITS
+                edits
                     .iter()
                     .filter(|(from, _)| t.contains(from))
                     .map(|(from, to)| t.replacen(from, to, 1)),
             );
         }
         let mut through_shape = 0;
-        for t in TEMPLATES {
-            let mut primed = ObsShapes::default();
-            let mut o = ObsLine::default();
-            primed.scan(t, &mut o, |_| {}).expect("a template scans");
+        for t in templates {
+            let mut primed = Shapes::<K>::default();
+            primed.scan(t, &mut K::Line::default(), |_| {}).expect("a template scans");
             assert_eq!(primed.known.len(), 1, "no shape learnt from {t}");
             let mut cases = edited.clone();
             cases.extend(scan::single_byte_edits(t, b"{}[]:,\" \t\\x0-.eEtnf5"));
             for line in &cases {
                 let mut shapes = primed.clone();
-                let mut o = ObsLine::default();
-                let got = shapes.scan(line, &mut o, |_| {}).map(|_| o);
-                assert_eq!(got, scan_observation(line), "{line}");
+                let mut l = K::Line::default();
+                let got = shapes.scan(line, &mut l, |_| {}).map(|_| l);
+                assert_eq!(got, scan(line), "{line}");
                 if shapes.hits > 0 {
                     through_shape += 1;
-                    assert!(
-                        serde_json::from_str::<Observation>(line).is_ok(),
-                        "a shape took what serde rejects: {line}"
-                    );
+                    assert!(serde_json::from_str::<T>(line).is_ok(), "a shape took what serde rejects: {line}");
                 }
             }
         }
+        through_shape
+    }
+
+    #[test]
+    fn shapes_read_observations_exactly_as_the_scanner() {
+        let through_shape = shapes_read_as_the_scanner::<ObsKind, Observation>(TEMPLATES, EDITS, scan_observation);
         // The edits inside strings and numbers alone are thousands.
+        assert!(through_shape > 2000, "only {through_shape} lines went through a shape");
+    }
+
+    #[test]
+    fn shapes_read_conditions_exactly_as_the_scanner() {
+        let through_shape = shapes_read_as_the_scanner::<ConditionKind, Condition>(&[CONDITION], CONDITION_EDITS, scan_condition);
         assert!(through_shape > 2000, "only {through_shape} lines went through a shape");
     }
 
@@ -1274,7 +1424,7 @@ mod tests {
             answered += 1;
             let reference = format!("Condition/{id}");
             let mut u = Unmapped::default();
-            let fast = crate::facts::extract::condition(&reference, &c.owned(), &m, &mut u);
+            let fast = crate::facts::extract::condition_of(&c.fields(), || reference.clone(), &m, &mut u);
             let fast = (format!("{fast:?}"), u.counts);
             let mut out = ReadOutput::default();
             read_line(&|| "t".into(), line, ReadOptions::default(), &mut out);

@@ -367,9 +367,13 @@ pub struct Partial {
 impl Partial {
     /// Reduces one NDJSON Observation line the fast way (see [`super::fast`]), through the
     /// reader's `shapes`. False: the line was left alone, for the full parse.
-    pub fn observation_line(&mut self, reg: &Registry, line: &str, m: &Mappings, shapes: &mut fast::ObsShapes) -> bool {
+    pub fn observation_line(&mut self, reg: &Registry, line: &str, m: &Mappings, shapes: &mut fast::ReaderShapes) -> bool {
         let mut o = fast::ObsLine::default();
-        if shapes.scan(line, &mut o, |subject| reg.alias.prefetch(subject)).is_err() {
+        if shapes
+            .observations
+            .scan(line, &mut o, |subject| reg.alias.prefetch(subject))
+            .is_err()
+        {
             return false;
         }
         // No subject, an unknown patient (kept aside) or no id: the full way counts them.
@@ -400,10 +404,14 @@ impl Partial {
         true
     }
 
-    /// Reduces one NDJSON Condition line the fast way: scanned, then built from the fields
-    /// `extract::condition` reads and reduced there. False: left for the full parse.
-    pub fn condition_line(&mut self, reg: &Registry, line: &str, m: &Mappings) -> bool {
-        let Ok(c) = fast::scan_condition(line) else { return false };
+    /// Reduces one NDJSON Condition line the fast way, through the reader's `shapes`:
+    /// scanned, then built from the fields `extract::condition` reads and reduced there.
+    /// False: left for the full parse.
+    pub fn condition_line(&mut self, reg: &Registry, line: &str, m: &Mappings, shapes: &mut fast::ReaderShapes) -> bool {
+        let mut c = fast::ConditionLine::default();
+        if shapes.conditions.scan(line, &mut c, |_| {}).is_err() {
+            return false;
+        }
         let Some(patient) = c.subject.and_then(|t| reg.patient_of(t)) else {
             return false;
         };
@@ -412,8 +420,8 @@ impl Partial {
             return true;
         }
         self.diagnosed.push(patient as u32);
-        let reference = format!("Condition/{id}");
-        if let Some(x) = super::extract::condition(&reference, &c.owned(), m, &mut self.unmapped) {
+        let reference = || format!("Condition/{id}");
+        if let Some(x) = super::extract::condition_of(&c.fields(), reference, m, &mut self.unmapped) {
             let f = facts_of(&mut self.facts, &mut self.at, patient);
             f.present.conditions = true;
             f.conditions.push(x);
