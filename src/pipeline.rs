@@ -128,8 +128,6 @@ fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings
         };
     }
     let mut index = 0u64;
-    // One check for the whole block: a line that is not UTF-8 is the rare case.
-    let all_utf8 = std::str::from_utf8(text).is_ok();
     let mut lines = 0;
     let mut from = 0;
     for i in 0.. {
@@ -140,31 +138,14 @@ fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings
         let line = &text[from..to];
         from = to + 1;
         lines = i + 1;
-        let loc = || LINE_MARK.to_string();
-        let text = if all_utf8 {
-            // SAFETY: the whole block is UTF-8 and lines are cut at ASCII newlines.
-            unsafe { std::str::from_utf8_unchecked(line) }
-        } else {
-            match std::str::from_utf8(line) {
-                Ok(text) => text,
-                Err(e) => {
-                    issues.push((
-                        i,
-                        InputIssue {
-                            location: loc(),
-                            message: format!("not valid UTF-8 ({e}); line skipped"),
-                        },
-                    ));
-                    continue;
-                }
-            }
-        };
-        let t = crate::fhir::trim(text);
-        let done = if t.starts_with("{\"resourceType\":\"Observation\"") {
+        // The fast ways take the line's bytes: they check that it is UTF-8 as they scan it,
+        // nearly for free (see `Scanner::from_bytes`), and leave it alone when it is not.
+        let t = line.trim_ascii_end();
+        let done = if t.starts_with(b"{\"resourceType\":\"Observation\"") {
             partial.observation_line(reg, t, m, shapes)
-        } else if t.starts_with("{\"resourceType\":\"Condition\"") {
+        } else if t.starts_with(b"{\"resourceType\":\"Condition\"") {
             partial.condition_line(reg, t, m, shapes)
-        } else if t.starts_with("{\"resourceType\":\"Patient\"") {
+        } else if t.starts_with(b"{\"resourceType\":\"Patient\"") {
             partial.patient_line(t)
         } else {
             false
@@ -172,6 +153,20 @@ fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings
         if done {
             continue;
         }
+        let loc = || LINE_MARK.to_string();
+        let text = match std::str::from_utf8(line) {
+            Ok(text) => text,
+            Err(e) => {
+                issues.push((
+                    i,
+                    InputIssue {
+                        location: loc(),
+                        message: format!("not valid UTF-8 ({e}); line skipped"),
+                    },
+                ));
+                continue;
+            }
+        };
         read_line(&loc, text, opts, &mut out);
         for parsed in out.resources.drain(..) {
             partial.add(reg, (seq << 32) | index, parsed, m);

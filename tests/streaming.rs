@@ -110,3 +110,70 @@ fn large_files_are_read_in_blocks_with_true_line_numbers() {
     assert_eq!(status(&format!("Patient/p{bad_line}")), None);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A line that is not UTF-8 is reported at its line and skipped, whichever way it would have
+/// been read; lines with other non-ASCII text (a name, a display) are read as any other.
+#[test]
+fn lines_that_are_not_utf8_are_reported_and_the_rest_read() {
+    let dir = temp("utf8");
+    // Written as exports write them, resourceType first, so that they take the fast ways.
+    let patient = |id: &str, family: &str| {
+        format!(r#"{{"resourceType":"Patient","id":"{id}","gender":"female","birthDate":"1990-01-01","name":[{{"family":"{family}"}}]}}"#)
+    };
+    let egfr = |id: &str, patient: &str, display: &str| {
+        format!(
+            r#"{{"resourceType":"Observation","id":"{id}","status":"final","code":{{"coding":[{{"system":"http://loinc.org","code":"98979-8","display":"{display}"}}]}},"subject":{{"reference":"Patient/{patient}"}},"effectiveDateTime":"2026-05-20T09:00:00Z","valueQuantity":{{"value":40,"unit":"mL/min/{{1.73_m2}}","system":"http://unitsofmeasure.org","code":"mL/min/{{1.73_m2}}"}}}}"#
+        )
+    };
+    // An ISO-8859-1 byte where UTF-8 is due: "M\xfcller" is Müller in Latin-1.
+    let latin1 = |line: String, from: &str| {
+        line.replace(from, "M\u{1}ller")
+            .into_bytes()
+            .iter()
+            .map(|&b| if b == 1 { 0xfc } else { b })
+            .collect::<Vec<u8>>()
+    };
+    let mut patients = Vec::new();
+    for line in [
+        patient("p1", "Plain").into_bytes(),
+        patient("p2", "Zoë").into_bytes(),
+        latin1(patient("p3", "X"), "X"),
+    ] {
+        patients.extend(line);
+        patients.push(b'\n');
+    }
+    std::fs::write(dir.join("Patient.ndjson"), patients).unwrap();
+    let mut observations = Vec::new();
+    for line in [
+        egfr("o1", "p1", "Débit de filtration glomérulaire").into_bytes(),
+        latin1(egfr("o2", "p2", "X"), "X"),
+    ] {
+        observations.extend(line);
+        observations.push(b'\n');
+    }
+    std::fs::write(dir.join("Observation.ndjson"), observations).unwrap();
+
+    let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &["NCT06406205".into()]).unwrap();
+    let s = trialgate::screen(&dir, &cfg, as_of(), &Decisions::default()).unwrap();
+    assert_eq!(s.patients, 2, "{:?}", s.issues);
+    let mut at: Vec<&str> = s.issues.iter().map(|i| i.location.as_str()).collect();
+    at.sort();
+    assert_eq!(at.len(), 2, "{:?}", s.issues);
+    assert!(
+        at[0].ends_with("Observation.ndjson:2") && at[1].ends_with("Patient.ndjson:3"),
+        "{at:?}"
+    );
+    assert!(s.issues.iter().all(|i| i.message.contains("not valid UTF-8")), "{:?}", s.issues);
+    let status = |p: &str| s.results.iter().find(|r| r.patient == p).map(|r| r.status);
+    assert_eq!(
+        status("Patient/p1"),
+        Some(Status::Ineligible),
+        "the accented Observation line is read: eGFR 40 excludes"
+    );
+    assert!(
+        matches!(status("Patient/p2"), Some(s) if s != Status::Ineligible),
+        "the broken line gives no eGFR"
+    );
+    assert_eq!(status("Patient/p3"), None);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -282,8 +282,17 @@ fn opt_bool(s: &mut Scanner<'_>) -> R<Option<bool>> {
 
 /// Scans one Patient line (trimmed). Bails on anything not plainly readable.
 pub fn scan_patient(line: &str) -> R<PatientLine<'_>> {
+    scan_patient_in(&mut Scanner::new(line))
+}
+
+/// [`scan_patient`] of the line `line`, which is UTF-8 or bails.
+pub fn scan_patient_bytes(line: &[u8]) -> R<PatientLine<'_>> {
+    scan_patient_in(&mut Scanner::from_bytes(line))
+}
+
+/// [`scan_patient`] on a scanner made for the line.
+fn scan_patient_in<'a>(s: &mut Scanner<'a>) -> R<PatientLine<'a>> {
     let mut p = PatientLine::default();
-    let mut s = Scanner::new(line);
     let mut seen = 0u32;
     s.object(|s, k| {
         match k {
@@ -840,9 +849,9 @@ pub struct ReaderShapes {
 
 impl<K: Kind> Shapes<K> {
     /// The kind's scan of `line`, through a known shape where the line has one: the fields
-    /// are the same either way.
-    pub fn scan<'a>(&mut self, line: &'a str, l: &mut K::Line<'a>, mut on_subject: impl FnMut(&str)) -> R<()> {
-        let mut s = Scanner::new(line);
+    /// are the same either way. A line that is not UTF-8 bails.
+    pub fn scan<'a>(&mut self, line: &'a [u8], l: &mut K::Line<'a>, mut on_subject: impl FnMut(&str)) -> R<()> {
+        let mut s = Scanner::from_bytes(line);
         let on = s.is_clean() && self.on();
         if on {
             self.lines += 1;
@@ -1331,14 +1340,16 @@ mod tests {
         let mut through_shape = 0;
         for t in templates {
             let mut primed = Shapes::<K>::default();
-            primed.scan(t, &mut K::Line::default(), |_| {}).expect("a template scans");
+            primed
+                .scan(t.as_bytes(), &mut K::Line::default(), |_| {})
+                .expect("a template scans");
             assert_eq!(primed.known.len(), 1, "no shape learnt from {t}");
             let mut cases = edited.clone();
             cases.extend(scan::single_byte_edits(t, b"{}[]:,\" \t\\x0-.eEtnf5"));
             for line in &cases {
                 let mut shapes = primed.clone();
                 let mut l = K::Line::default();
-                let got = shapes.scan(line, &mut l, |_| {}).map(|_| l);
+                let got = shapes.scan(line.as_bytes(), &mut l, |_| {}).map(|_| l);
                 assert_eq!(got, scan(line), "{line}");
                 if shapes.hits > 0 {
                     through_shape += 1;
@@ -1360,6 +1371,31 @@ mod tests {
     fn shapes_read_conditions_exactly_as_the_scanner() {
         let through_shape = shapes_read_as_the_scanner::<ConditionKind, Condition>(&[CONDITION], CONDITION_EDITS, scan_condition);
         assert!(through_shape > 2000, "only {through_shape} lines went through a shape");
+    }
+
+    /// Lines come as bytes: one with non-ASCII text reads, through its shape, exactly as the
+    /// scanner reads it as text; one that is not UTF-8 bails, shape or no shape.
+    #[test]
+    fn shaped_lines_are_checked_for_utf8() {
+        let mut shapes = Shapes::<ObsKind>::default();
+        shapes
+            .scan(TEMPLATES[0].as_bytes(), &mut ObsLine::default(), |_| {})
+            .expect("a template scans");
+        let accented = TEMPLATES[0].replace("\"Platelets\"", "\"Plättchen\"");
+        let mut o = ObsLine::default();
+        assert_eq!(
+            shapes.scan(accented.as_bytes(), &mut o, |_| {}).map(|_| o),
+            scan_observation(&accented)
+        );
+        assert_eq!(shapes.hits, 1, "the accented line has the template's shape");
+        let latin1: Vec<u8> = accented
+            .replace('ä', "\u{1}")
+            .bytes()
+            .map(|b| if b == 1 { 0xe4 } else { b })
+            .collect();
+        assert!(std::str::from_utf8(&latin1).is_err());
+        assert_eq!(shapes.scan(&latin1, &mut ObsLine::default(), |_| {}), Err(Bail));
+        assert_eq!(shapes.hits, 1);
     }
 
     const CONDITION: &str = r#"{"resourceType":"Condition","id":"c1","meta":{"lastUpdated":"2025-01-31T00:38:10Z"},"clinicalStatus":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/condition-clinical","code":"active"}]},"verificationStatus":{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/condition-ver-status","code":"confirmed"}]},"category":[{"coding":[{"code":"problem-list-item"}]}],"code":{"coding":[{"system":"http://snomed.info/sct","code":"55464009","display":"SLE"}],"text":"SLE"},"subject":{"reference":"Patient/a"},"onsetDateTime":"2021-03-03T04:29:48Z","recordedDate":"2021-03-08T04:29:48Z"}"#;

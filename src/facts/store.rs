@@ -366,8 +366,9 @@ pub struct Partial {
 
 impl Partial {
     /// Reduces one NDJSON Observation line the fast way (see [`super::fast`]), through the
-    /// reader's `shapes`. False: the line was left alone, for the full parse.
-    pub fn observation_line(&mut self, reg: &Registry, line: &str, m: &Mappings, shapes: &mut fast::ReaderShapes) -> bool {
+    /// reader's `shapes`. False: the line was left alone (as one that is not UTF-8), for
+    /// the full parse.
+    pub fn observation_line(&mut self, reg: &Registry, line: &[u8], m: &Mappings, shapes: &mut fast::ReaderShapes) -> bool {
         let mut o = fast::ObsLine::default();
         if shapes
             .observations
@@ -407,7 +408,7 @@ impl Partial {
     /// Reduces one NDJSON Condition line the fast way, through the reader's `shapes`:
     /// scanned, then built from the fields `extract::condition` reads and reduced there.
     /// False: left for the full parse.
-    pub fn condition_line(&mut self, reg: &Registry, line: &str, m: &Mappings, shapes: &mut fast::ReaderShapes) -> bool {
+    pub fn condition_line(&mut self, reg: &Registry, line: &[u8], m: &Mappings, shapes: &mut fast::ReaderShapes) -> bool {
         let mut c = fast::ConditionLine::default();
         if shapes.conditions.scan(line, &mut c, |_| {}).is_err() {
             return false;
@@ -441,8 +442,8 @@ impl Partial {
 
     /// Registers one NDJSON Patient line read the fast way (see [`super::fast`]). False:
     /// the line was left alone, for the full parse.
-    pub fn patient_line(&mut self, line: &str) -> bool {
-        let Ok(p) = fast::scan_patient(line) else { return false };
+    pub fn patient_line(&mut self, line: &[u8]) -> bool {
+        let Ok(p) = fast::scan_patient_bytes(line) else { return false };
         self.structural.push(Structural::patient(p.owned(), None));
         true
     }

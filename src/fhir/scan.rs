@@ -108,10 +108,24 @@ impl<'a> Scanner<'a> {
     /// Inlined so that the scanner (half a kilobyte) is built where it is used, not copied there.
     #[inline(always)]
     pub fn new(s: &'a str) -> Scanner<'a> {
-        let b = s.as_bytes();
+        Scanner::build(s.as_bytes(), Some(s))
+    }
+
+    /// A scanner for the line `b`, which reads as an empty line (one no scan accepts) when
+    /// `b` is not UTF-8. The quote map tells on the way whether every byte is ASCII: then `b`
+    /// is surely UTF-8, and only lines with other bytes (or too long to map) are checked
+    /// apart, not every byte of the input twice. (No `Option`: the scanner would be copied.)
+    #[inline(always)]
+    pub fn from_bytes(b: &'a [u8]) -> Scanner<'a> {
+        Scanner::build(b, None)
+    }
+
+    /// The scanner of `b`, whose text is `s`, or is to be checked when None.
+    #[inline(always)]
+    fn build(b: &'a [u8], s: Option<&'a str>) -> Scanner<'a> {
         let mut scanner = Scanner {
             b,
-            s,
+            s: "",
             i: 0,
             depth: 0,
             clean: false,
@@ -119,13 +133,29 @@ impl<'a> Scanner<'a> {
             quote_n: 0,
             quotes: [const { MaybeUninit::uninit() }; MAPPED / 64],
         };
-        if b.len() <= MAPPED
-            && let Some(n) = map_quotes(b, &mut scanner.quotes)
-        {
-            scanner.clean = true;
-            scanner.words = b.len().div_ceil(64);
-            scanner.quote_n = n;
+        let mut ascii = false;
+        if b.len() <= MAPPED {
+            let (clean, high) = map_quotes(b, &mut scanner.quotes);
+            ascii = !high;
+            if let Some(n) = clean {
+                scanner.clean = true;
+                scanner.words = b.len().div_ceil(64);
+                scanner.quote_n = n;
+            }
         }
+        scanner.s = match s {
+            Some(s) => s,
+            // SAFETY: every byte of `b` is below 0x80: `b` is ASCII, hence UTF-8.
+            None if ascii => unsafe { std::str::from_utf8_unchecked(b) },
+            None => match std::str::from_utf8(b) {
+                Ok(s) => s,
+                Err(_) => {
+                    // As the scanner of an empty line.
+                    (scanner.b, scanner.clean, scanner.words, scanner.quote_n) = (&[], true, 0, 0);
+                    ""
+                }
+            },
+        };
         scanner
     }
 
@@ -611,7 +641,7 @@ impl<'a> Scanner<'a> {
 /// when `b` is free of `\` and control characters (None otherwise). One pass of vector
 /// compares: the line's strings are then found by bit scans, not by a loop that leaves at an
 /// unpredictable byte per string.
-fn map_quotes(b: &[u8], quotes: &mut [MaybeUninit<u64>; MAPPED / 64]) -> Option<u32> {
+fn map_quotes(b: &[u8], quotes: &mut [MaybeUninit<u64>; MAPPED / 64]) -> (Option<u32>, bool) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("popcnt") {
         // SAFETY: the CPU has AVX2 and POPCNT, checked just above (std caches the answer).
@@ -624,20 +654,24 @@ fn map_quotes(b: &[u8], quotes: &mut [MaybeUninit<u64>; MAPPED / 64]) -> Option<
 /// quotes counted by one instruction a word).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,popcnt")]
-fn map_quotes_avx2(b: &[u8], quotes: &mut [MaybeUninit<u64>; MAPPED / 64]) -> Option<u32> {
+fn map_quotes_avx2(b: &[u8], quotes: &mut [MaybeUninit<u64>; MAPPED / 64]) -> (Option<u32>, bool) {
     // The closure runs with this function's AVX2.
     fill_quotes(b, quotes, |block| classify_avx2(block))
 }
 
 #[inline(always)]
-fn fill_quotes(b: &[u8], quotes: &mut [MaybeUninit<u64>; MAPPED / 64], classify: impl Fn(&[u8; 64]) -> (u64, bool)) -> Option<u32> {
-    let mut dirty = false;
+fn fill_quotes(
+    b: &[u8],
+    quotes: &mut [MaybeUninit<u64>; MAPPED / 64],
+    classify: impl Fn(&[u8; 64]) -> (u64, bool, bool),
+) -> (Option<u32>, bool) {
+    let (mut dirty, mut high) = (false, false);
     let mut n = 0;
     for (w, chunk) in b.chunks(64).enumerate() {
-        let (q, d) = match <&[u8; 64]>::try_from(chunk) {
+        let (q, d, h) = match <&[u8; 64]>::try_from(chunk) {
             Ok(full) => classify(full),
             Err(_) => {
-                // The tail, padded with spaces (neither a quote nor dirty).
+                // The tail, padded with spaces (neither a quote, nor dirty, nor high).
                 let mut block = [b' '; 64];
                 block[..chunk.len()].copy_from_slice(chunk);
                 classify(&block)
@@ -646,34 +680,39 @@ fn fill_quotes(b: &[u8], quotes: &mut [MaybeUninit<u64>; MAPPED / 64], classify:
         quotes[w] = MaybeUninit::new(q);
         n += q.count_ones();
         dirty |= d;
+        high |= h;
     }
-    (!dirty).then_some(n)
+    ((!dirty).then_some(n), high)
 }
 
 /// [`classify`] with AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-fn classify_avx2(block: &[u8; 64]) -> (u64, bool) {
+fn classify_avx2(block: &[u8; 64]) -> (u64, bool, bool) {
     use std::arch::x86_64::*;
     let quote = _mm256_set1_epi8(b'"' as i8);
     let slash = _mm256_set1_epi8(b'\\' as i8);
     let ctl = _mm256_set1_epi8(0x1f);
     let mut q = 0u64;
     let mut bad = _mm256_setzero_si256();
+    let mut all = _mm256_setzero_si256();
     for k in 0..2 {
         // SAFETY: the two loads read the 64 bytes of `block`.
         let x = unsafe { _mm256_loadu_si256(block.as_ptr().add(32 * k) as *const __m256i) };
         q |= u64::from(_mm256_movemask_epi8(_mm256_cmpeq_epi8(x, quote)) as u32) << (32 * k);
         let d = _mm256_or_si256(_mm256_cmpeq_epi8(x, slash), _mm256_cmpeq_epi8(_mm256_max_epu8(x, ctl), ctl));
         bad = _mm256_or_si256(bad, d);
+        all = _mm256_or_si256(all, x);
     }
-    (q, _mm256_movemask_epi8(bad) != 0)
+    // A byte of 0x80 or more has its top bit set: the mask takes the top bits.
+    (q, _mm256_movemask_epi8(bad) != 0, _mm256_movemask_epi8(all) != 0)
 }
 
-/// The `"` bits of 64 bytes, and whether any of them is `\` or below 0x20.
+/// The `"` bits of 64 bytes; whether any of them is `\` or below 0x20; whether any is 0x80
+/// or more (not ASCII).
 #[inline(always)]
-fn classify(block: &[u8; 64]) -> (u64, bool) {
+fn classify(block: &[u8; 64]) -> (u64, bool, bool) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::*;
@@ -684,13 +723,15 @@ fn classify(block: &[u8; 64]) -> (u64, bool) {
             let ctl = _mm_set1_epi8(0x1f);
             let mut q = 0u64;
             let mut bad = _mm_setzero_si128();
+            let mut all = _mm_setzero_si128();
             for k in 0..4 {
                 let x = _mm_loadu_si128(block.as_ptr().add(16 * k) as *const __m128i);
                 q |= u64::from(_mm_movemask_epi8(_mm_cmpeq_epi8(x, quote)) as u16) << (16 * k);
                 let d = _mm_or_si128(_mm_cmpeq_epi8(x, slash), _mm_cmpeq_epi8(_mm_max_epu8(x, ctl), ctl));
                 bad = _mm_or_si128(bad, d);
+                all = _mm_or_si128(all, x);
             }
-            (q, _mm_movemask_epi8(bad) != 0)
+            (q, _mm_movemask_epi8(bad) != 0, _mm_movemask_epi8(all) != 0)
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -699,14 +740,15 @@ fn classify(block: &[u8; 64]) -> (u64, bool) {
 
 /// [`classify`] a byte at a time: the way without vectors, and the tests' reference.
 #[cfg(any(test, not(target_arch = "x86_64")))]
-fn classify_bytewise(block: &[u8; 64]) -> (u64, bool) {
+fn classify_bytewise(block: &[u8; 64]) -> (u64, bool, bool) {
     let mut q = 0u64;
-    let mut dirty = false;
+    let (mut dirty, mut high) = (false, false);
     for (k, &c) in block.iter().enumerate() {
         q |= u64::from(c == b'"') << k;
         dirty |= c == b'\\' || c < 0x20;
+        high |= c >= 0x80;
     }
-    (q, dirty)
+    (q, dirty, high)
 }
 
 /// Every single-byte edit of the ASCII `line` at every position: the byte deleted, replaced
@@ -838,6 +880,24 @@ mod tests {
         let cases = single_byte_edits(line, b"{}[]:,\" \t\\x0-.eEtnf");
         let cases: Vec<&str> = cases.iter().map(String::as_str).collect();
         check_against_serde(&cases);
+    }
+
+    /// A line taken as bytes reads as the same text taken as a string when it is UTF-8,
+    /// ASCII or not, short or longer than the quote map; otherwise as an empty line.
+    #[test]
+    fn lines_as_bytes_read_as_text_when_utf8() {
+        let long = format!(r#"{{"a":"{}","b":"é"}}"#, "x".repeat(MAPPED));
+        for line in [r#"{"a":"x"}"#, r#"{"a":"Müller","b":"日本"}"#, long.as_str()] {
+            let mut s = Scanner::from_bytes(line.as_bytes());
+            assert_eq!(s.text(), line);
+            assert_eq!(s.is_clean(), Scanner::new(line).is_clean());
+            assert!(s.skip().and_then(|_| s.end()).is_ok(), "{line}");
+        }
+        for bytes in [&b"{\"a\":\"M\xfcller\"}"[..], b"{\"a\":\"\xe6\x97\"}", b"{}\xff"] {
+            let mut s = Scanner::from_bytes(bytes);
+            assert_eq!(s.text(), "");
+            assert!(s.skip().is_err(), "{bytes:?}");
+        }
     }
 
     /// The vector ways of mapping quotes agree with a byte-by-byte one, on blocks holding
