@@ -88,8 +88,7 @@ impl<'a> Codes<'a> {
         if s.null()? { Ok(None) } else { Codes::read(s).map(Some) }
     }
 
-    /// The CodeableConcept, owned (displays are not kept: no Observation or Condition rule
-    /// reads them).
+    /// The CodeableConcept, owned (displays are not kept: no Observation rule reads them).
     fn owned(&self) -> CodeableConcept {
         CodeableConcept {
             coding: self
@@ -145,7 +144,7 @@ fn reference<'a>(s: &mut Scanner<'a>) -> R<Option<&'a str>> {
     Ok(out)
 }
 
-/// The Condition fields `extract::condition` reads, borrowed from the line.
+/// The Condition fields `extract::condition_of` reads, borrowed from the line.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct ConditionLine<'a> {
     pub id: Option<&'a str>,

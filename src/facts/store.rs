@@ -406,8 +406,8 @@ impl Partial {
     }
 
     /// Reduces one NDJSON Condition line the fast way, through the reader's `shapes`:
-    /// scanned, then built from the fields `extract::condition` reads and reduced there.
-    /// False: left for the full parse.
+    /// scanned, then reduced from its borrowed fields by `extract::condition_of`, as the full
+    /// way reduces a parsed Condition. False: left for the full parse.
     pub fn condition_line(&mut self, reg: &Registry, line: &[u8], m: &Mappings, shapes: &mut fast::ReaderShapes) -> bool {
         let mut c = fast::ConditionLine::default();
         if shapes.conditions.scan(line, &mut c, |_| {}).is_err() {
