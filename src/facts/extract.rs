@@ -108,15 +108,20 @@ pub fn demographics(p: &Patient) -> Demographics {
 }
 
 fn codes_of(cc: Option<&CodeableConcept>, m: &Mappings) -> Vec<SystemCode> {
+    codings_of(cc, m)
+        .into_iter()
+        .map(|(system, code)| SystemCode {
+            system: system.to_string(),
+            code: code.to_string(),
+        })
+        .collect()
+}
+
+/// The (system key, trimmed code) of each coding that has a code, borrowed.
+fn codings_of<'a, C: Concept>(cc: Option<&'a C>, m: &'a Mappings) -> Vec<(&'a str, &'a str)> {
     cc.map(|cc| {
-        cc.coding
-            .iter()
-            .filter_map(|c| {
-                Some(SystemCode {
-                    system: m.system_key(c.system.as_deref()),
-                    code: c.code.clone()?.trim().to_string(),
-                })
-            })
+        cc.codings()
+            .filter_map(|(system, code)| Some((m.system_key_str(system), crate::fhir::trim(code?))))
             .collect()
     })
     .unwrap_or_default()
@@ -526,15 +531,7 @@ pub(crate) fn condition_of<C: Concept>(
     }) {
         return None;
     }
-    // (system key, code), as `codes_of` gives them, borrowed.
-    let codes: Vec<(&str, &str)> = c
-        .code
-        .map(|cc| {
-            cc.codings()
-                .filter_map(|(system, code)| Some((m.system_key_str(system), crate::fhir::trim(code?))))
-                .collect()
-        })
-        .unwrap_or_default();
+    let codes = codings_of(c.code, m);
     let mut sets = Vec::new();
     for (system, code) in &codes {
         m.sets_of_str(system, code, &mut sets);

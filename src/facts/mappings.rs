@@ -417,13 +417,8 @@ impl Mappings {
         self.set_by_name.get(name).copied()
     }
 
-    /// The mapping key for a code system URI (`urn:oid:2.16.840.1.113883.6.1` -> `loinc`).
-    pub fn system_key(&self, uri: Option<&str>) -> String {
-        let uri = crate::fhir::trim(uri.unwrap_or(""));
-        self.system_keys.get(uri).cloned().unwrap_or_else(|| uri.to_string())
-    }
-
-    /// [`Mappings::system_key`] without allocating: the key, or the trimmed URI itself.
+    /// The mapping key for a code system URI (`urn:oid:2.16.840.1.113883.6.1` -> `loinc`), or
+    /// the trimmed URI itself when it has none.
     pub fn system_key_str<'a>(&'a self, uri: Option<&'a str>) -> &'a str {
         let uri = crate::fhir::trim(uri.unwrap_or(""));
         self.system_keys.get(uri).map(String::as_str).unwrap_or(uri)
