@@ -130,7 +130,7 @@ fn codings_of<'a, C: Concept>(cc: Option<&'a C>, m: &'a Mappings) -> Vec<(&'a st
 /// How a record's first code is shown: `system|code`.
 fn label(first: Option<(&str, &str)>) -> String {
     first
-        .map(|(system, code)| format!("{system}|{code}"))
+        .map(|(system, code)| [system, "|", code].concat())
         .unwrap_or_else(|| "(no code)".into())
 }
 
@@ -312,7 +312,7 @@ fn lab_value(
         resource: reference.to_string(),
         tie: tie.to_string(),
         time,
-        code: format!("{}|{}", code.system, code.code),
+        code: [code.system.as_str(), "|", &code.code].concat(),
         equation: m.labs[lab].equation_of.get(&code.code).cloned(),
         raw_value: None,
         raw_text: None,

@@ -1102,7 +1102,7 @@ fn build(
         })
     })();
     let Ok(obs) = built else { return Outcome::Full };
-    let reference = format!("Observation/{id}");
+    let reference = ["Observation/", id].concat();
     observation(&reference, &obs, None, demo, m, spans, unmapped, labs);
     Outcome::Done
 }

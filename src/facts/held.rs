@@ -205,7 +205,7 @@ impl Held {
                 }
                 Item::Lab(lab, named, mut v) => {
                     if named {
-                        v.resource = format!("{OBSERVATION}{}", v.tie);
+                        v.resource = [OBSERVATION, &v.tie].concat();
                     }
                     f.labs.entry(lab).or_default().push(v)
                 }

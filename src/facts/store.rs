@@ -421,7 +421,7 @@ impl Partial {
             return true;
         }
         self.diagnosed.push(patient as u32);
-        let reference = || format!("Condition/{id}");
+        let reference = || ["Condition/", id].concat();
         if let Some(x) = super::extract::condition_of(&c.fields(), reference, m, &mut self.unmapped) {
             let f = facts_of(&mut self.facts, &mut self.at, patient);
             f.present.conditions = true;
@@ -472,7 +472,7 @@ impl Partial {
         if !reg.mine[patient] {
             return; // another shard's patient
         }
-        let reference = format!("{}/{id}", resource.type_name());
+        let reference = [resource.type_name(), "/", id].concat();
         let f = facts_of(&mut self.facts, &mut self.at, patient);
         extract_one(
             &reference,
@@ -561,7 +561,7 @@ impl FactStore {
                 demographics,
             } => {
                 let key = match (&id, &full_url) {
-                    (Some(id), _) => format!("Patient/{id}"),
+                    (Some(id), _) => ["Patient/", id.as_str()].concat(),
                     (None, Some(url)) => url.clone(),
                     (None, None) => format!("Patient#{i}"),
                 };
