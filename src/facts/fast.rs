@@ -844,6 +844,8 @@ impl<K: Kind> Clone for Shapes<K> {
 pub struct ReaderShapes {
     pub observations: Shapes<ObsKind>,
     pub conditions: Shapes<ConditionKind>,
+    /// Not a shape, but learnt per reader like them.
+    pub lab_codes: LabCodes,
 }
 
 impl<K: Kind> Shapes<K> {
@@ -959,6 +961,92 @@ pub enum Outcome {
     Full,
 }
 
+/// Slots of [`LabCodes`] (a power of two, at most 256): a cohort's Observations use a few
+/// dozen codes.
+const LAB_CODE_SLOTS: usize = 256;
+
+/// What each (system, code) of a coding stands for, as one reader last looked it up: its
+/// system's key and its lab. Looking a coding up in the mappings (the system's key by its
+/// trimmed URI, then the code in that system's map) cost about 350 instructions, a fifth of
+/// reducing an Observation that gives no value; a slot here is found by one hash of the
+/// code's bytes and checked by comparing the two strings as written.
+pub struct LabCodes {
+    slots: Vec<Option<CodeSlot>>,
+}
+
+struct CodeSlot {
+    /// The system as written (absent: empty, which the mappings read alike) and the code.
+    system: String,
+    code: String,
+    key: String,
+    lab: Option<usize>,
+}
+
+impl Default for LabCodes {
+    fn default() -> Self {
+        LabCodes {
+            slots: (0..LAB_CODE_SLOTS).map(|_| None).collect(),
+        }
+    }
+}
+
+impl Clone for LabCodes {
+    /// An empty cache: what one reader looked up is no use to another.
+    fn clone(&self) -> Self {
+        LabCodes::default()
+    }
+}
+
+impl LabCodes {
+    /// The system key and lab of a coding: `m.system_key_str(system)` and
+    /// `m.lab_for_str(key, trim(code))`.
+    pub fn get(&mut self, m: &Mappings, system: Option<&str>, code: &str) -> (&str, Option<usize>) {
+        let system = system.unwrap_or("");
+        // The number of slots is a power of two (a test shrinks them, to make codings share).
+        let mask = self.slots.len() - 1;
+        let slot = &mut self.slots[code_slot(system, code) & mask];
+        let hit = slot.as_ref().is_some_and(|s| s.code == code && s.system == system);
+        if !hit {
+            let key = m.system_key_str(Some(system));
+            let lab = m.lab_for_str(key, trim(code));
+            // A slot taken by another coding is overwritten in place: two codings that share
+            // one then cost lookups, never an allocation per line.
+            let s = slot.get_or_insert_with(|| CodeSlot {
+                system: String::new(),
+                code: String::new(),
+                key: String::new(),
+                lab: None,
+            });
+            for (to, from) in [(&mut s.system, system), (&mut s.code, code), (&mut s.key, key)] {
+                to.clear();
+                to.push_str(from);
+            }
+            s.lab = lab;
+        }
+        match slot {
+            Some(s) => (&s.key, s.lab),
+            None => ("", None), // filled just above
+        }
+    }
+}
+
+/// The slot of a coding: a hash of the code's first and last 8 bytes, its length and the
+/// system's length (systems differ in length far more often than codes in a system do).
+#[inline]
+fn code_slot(system: &str, code: &str) -> usize {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let c = code.as_bytes();
+    let word = |b: &[u8]| {
+        let mut w = [0u8; 8];
+        let n = b.len().min(8);
+        w[..n].copy_from_slice(&b[..n]);
+        u64::from_le_bytes(w)
+    };
+    let tail = if c.len() > 8 { word(&c[c.len() - 8..]) } else { 0 };
+    let h = (word(c) ^ tail.rotate_left(29) ^ ((c.len() as u64) << 56) ^ ((system.len() as u64) << 48)).wrapping_mul(K);
+    (h >> 56) as usize
+}
+
 /// The unit key, as `extract::unit_key` reads it from a Quantity.
 fn unit_key<'a>(o: &ObsLine<'a>) -> Option<&'a str> {
     let ucum = o.q_system.is_none_or(|s| trim(s) == "http://unitsofmeasure.org");
@@ -974,6 +1062,7 @@ pub fn reduce_observation(
     demo: &Basics,
     m: &Mappings,
     spans: Option<&[Option<Window>]>,
+    codes: &mut LabCodes,
     unmapped_key: &mut String,
     unmapped: &mut HashMap<String, usize, super::store::FastHash>,
     slow_unmapped: &mut Unmapped,
@@ -999,12 +1088,7 @@ pub fn reduce_observation(
         },
     };
     let wanted = |lab: usize| spans.is_none_or(|sp| sp.get(lab).copied().flatten().is_some_and(|w| w.contains(time)));
-    let lab_of = |codes: &Codes| {
-        codes
-            .iter()
-            .find_map(|(sys, code)| m.lab_for_str(m.system_key_str(sys), trim(code?)))
-    };
-    let top = lab_of(&o.codes);
+    let top = o.codes.iter().find_map(|(sys, code)| codes.get(m, sys, code?).1);
     // Each component's first lab code counts (blood pressure's systolic and diastolic): one
     // that a rule wants now takes the full way; one that none wants still makes the
     // Observation a mapped one.
@@ -1015,7 +1099,7 @@ pub fn reduce_observation(
         if comp == last {
             continue; // this component's lab is found already
         }
-        if let Some(lab) = code.and_then(|c| m.lab_for_str(m.system_key_str(sys), trim(c))) {
+        if let Some(lab) = code.and_then(|c| codes.get(m, sys, c).1) {
             last = comp;
             comp_lab = true;
             if wanted(lab) {
@@ -1035,7 +1119,7 @@ pub fn reduce_observation(
             if let Some((sys, code)) = o.codes.iter().find_map(|(s, c)| Some((s, c?))) {
                 let unit = unit_key(o).unwrap_or("");
                 unmapped_key.clear();
-                unmapped_key.push_str(m.system_key_str(sys));
+                unmapped_key.push_str(codes.get(m, sys, code).0);
                 unmapped_key.push('\0');
                 unmapped_key.push_str(trim(code));
                 unmapped_key.push('\0');
@@ -1260,12 +1344,13 @@ mod tests {
         Some((labs_text(&f.labs), u.counts))
     }
 
-    fn fast(line: &str, m: &Mappings, spans: &[Option<Window>]) -> Option<Seen> {
+    /// The fast way's answer; `codes` is kept from line to line, as a reader keeps it.
+    fn fast(line: &str, m: &Mappings, spans: &[Option<Window>], codes: &mut LabCodes) -> Option<Seen> {
         let o = scan_observation(line).ok()?;
         o.id?;
         let (mut key, mut counts, mut u, mut labs) = (String::new(), HashMap::default(), Unmapped::default(), HashMap::new());
         let demo = Basics::default();
-        if let Outcome::Full = reduce_observation(&o, &demo, m, Some(spans), &mut key, &mut counts, &mut u, &mut labs) {
+        if let Outcome::Full = reduce_observation(&o, &demo, m, Some(spans), codes, &mut key, &mut counts, &mut u, &mut labs) {
             return None;
         }
         for (k, n) in counts {
@@ -1301,8 +1386,9 @@ mod tests {
             }
         }
         let mut answered = 0;
+        let mut codes = LabCodes::default();
         for line in &lines {
-            let Some(f) = fast(line, &m, &spans) else { continue };
+            let Some(f) = fast(line, &m, &spans, &mut codes) else { continue };
             answered += 1;
             match slow(line, &m, &spans) {
                 Some(s) => assert_eq!(f, s, "fast and full ways differ on {line}"),
@@ -1315,6 +1401,54 @@ mod tests {
             "the fast way answered only {answered} of {} lines",
             lines.len()
         );
+    }
+
+    #[test]
+    fn lab_codes_answer_as_the_mappings() {
+        let (m, _) = setup();
+        let systems = [
+            None,
+            Some(""),
+            Some("http://loinc.org"),
+            Some(" http://loinc.org "),
+            Some("urn:oid:2.16.840.1.113883.6.1"),
+            Some("http://example.org/local"),
+        ];
+        let codes = [
+            "777-3",
+            " 777-3",
+            "1742-6",
+            "2890-2",
+            "4548-4",
+            "8480-6",
+            "ALT",
+            "",
+            "x",
+            "12345678-90123456",
+        ];
+        // Full size, and so few slots that codings share them: each coding must still get
+        // its own answer, whether it follows the same code in another system or another code.
+        let mut caches: Vec<LabCodes> = [256, 2, 1]
+            .into_iter()
+            .map(|n| {
+                let mut c = LabCodes::default();
+                c.slots.truncate(n);
+                c
+            })
+            .collect();
+        let pairs = systems.iter().flat_map(|&s| codes.iter().map(move |&c| (s, c)));
+        let by_code = codes.iter().flat_map(|&c| systems.iter().map(move |&s| (s, c)));
+        for (round, (system, code)) in pairs.chain(by_code).cycle().take(3 * 2 * 60).enumerate() {
+            let key = m.system_key_str(system);
+            let want = (key.to_string(), m.lab_for_str(key, trim(code)));
+            for cache in &mut caches {
+                let n = cache.slots.len();
+                let got = cache.get(&m, system, code);
+                assert_eq!((got.0.to_string(), got.1), want, "{n} slots, query {round}: {system:?} {code:?}");
+            }
+        }
+        // Some of these are labs: the test means something.
+        assert!(codes.iter().any(|c| caches[0].get(&m, Some("http://loinc.org"), c).1.is_some()));
     }
 
     /// Every line read through a learnt shape reads exactly as the scanner reads it: each

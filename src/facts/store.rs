@@ -391,7 +391,8 @@ impl Partial {
         let spans = reg.spans.as_deref().map(Vec::as_slice);
         let demo = &reg.basics[patient];
         let (key, counts, slow) = (&mut self.key, &mut self.unmapped_fast, &mut self.unmapped);
-        if let Outcome::Full = fast::reduce_observation(&o, demo, m, spans, key, counts, slow, &mut labs) {
+        let codes = &mut shapes.lab_codes;
+        if let Outcome::Full = fast::reduce_observation(&o, demo, m, spans, codes, key, counts, slow, &mut labs) {
             return false;
         }
         self.observed.push(patient as u32);
