@@ -185,8 +185,7 @@ pub struct Mappings {
     unit_aliases: HashMap<String, String>,
     pub labs: Vec<Lab>,
     lab_by_name: HashMap<String, usize>,
-    lab_codes: HashMap<(String, String), usize>,
-    /// `lab_codes` by system key then code, for lookups with borrowed strings.
+    /// The lab of each code, by system key then code: looked up with borrowed strings.
     lab_codes_by: HashMap<String, HashMap<String, usize, Quick>, Quick>,
     pub sets: Vec<Set>,
     set_by_name: HashMap<String, usize>,
@@ -307,8 +306,7 @@ impl Mappings {
                     ));
                 }
                 for c in codes {
-                    m.lab_codes_by.entry(sys.clone()).or_default().insert(c.clone(), i);
-                    if let Some(prev) = m.lab_codes.insert((sys.clone(), c.clone()), i) {
+                    if let Some(prev) = m.lab_codes_by.entry(sys.clone()).or_default().insert(c.clone(), i) {
                         if prev != i {
                             errors.push(ConfigError::at(
                                 &lab.file,
@@ -434,7 +432,7 @@ impl Mappings {
     }
 
     pub fn lab_for_code(&self, sc: &SystemCode) -> Option<usize> {
-        self.lab_codes.get(&(sc.system.clone(), sc.code.clone())).copied()
+        self.lab_for_str(&sc.system, &sc.code)
     }
 
     /// Resolves a unit string through the alias table (`K/uL` -> `10*3/uL`).
