@@ -146,7 +146,7 @@ fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings
         } else if t.starts_with(b"{\"resourceType\":\"Condition\"") {
             partial.condition_line(reg, t, m, shapes)
         } else if t.starts_with(b"{\"resourceType\":\"Patient\"") {
-            partial.patient_line(t)
+            partial.patient_line(t, shapes)
         } else {
             false
         };

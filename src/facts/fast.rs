@@ -253,7 +253,13 @@ impl Concept for Codes<'_> {
 /// The Patient fields `extract::demographics` reads, borrowed from the line. Anything
 /// unusual (a `link`, a null where serde's `Lenient` would drop a whole name list, an escape
 /// in a captured string) makes the scan bail to serde, which decides it as before.
-#[derive(Default)]
+/// Names, given names and identifiers a Patient line may hold for the fast way (more: the
+/// full parse). Fixed, so that a line's fields can be copied as a shape's base.
+const MAX_NAMES: usize = 4;
+const MAX_GIVEN: usize = 4;
+const MAX_IDS: usize = 6;
+
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct PatientLine<'a> {
     pub id: Option<&'a str>,
     active: Option<bool>,
@@ -261,17 +267,29 @@ pub struct PatientLine<'a> {
     birth_date: Option<&'a str>,
     deceased_boolean: Option<bool>,
     deceased_date_time: Option<&'a str>,
-    /// `None`: no `name` at all (serde's default); otherwise every HumanName in it.
-    names: Option<Vec<NameLine<'a>>>,
-    identifiers: Option<Vec<(Option<Codes<'a>>, Option<&'a str>)>>,
+    /// Whether `name` is there at all (absent: serde's default); its first `names_n` names.
+    has_names: bool,
+    names_n: usize,
+    names: [NameLine<'a>; MAX_NAMES],
+    has_ids: bool,
+    ids_n: usize,
+    ids: [IdLine<'a>; MAX_IDS],
 }
 
-#[derive(Default)]
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
 struct NameLine<'a> {
     use_: Option<&'a str>,
     text: Option<&'a str>,
     family: Option<&'a str>,
-    given: Vec<&'a str>,
+    /// Every given name is a string (serde takes no null there): the first `given_n` are Some.
+    given_n: usize,
+    given: [Option<&'a str>; MAX_GIVEN],
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct IdLine<'a> {
+    kind: Option<Codes<'a>>,
+    value: Option<&'a str>,
 }
 
 /// `Option<bool>`: true, false or null.
@@ -281,17 +299,13 @@ fn opt_bool(s: &mut Scanner<'_>) -> R<Option<bool>> {
 
 /// Scans one Patient line (trimmed). Bails on anything not plainly readable.
 pub fn scan_patient(line: &str) -> R<PatientLine<'_>> {
-    scan_patient_in(&mut Scanner::new(line))
-}
-
-/// [`scan_patient`] of the line `line`, which is UTF-8 or bails.
-pub fn scan_patient_bytes(line: &[u8]) -> R<PatientLine<'_>> {
-    scan_patient_in(&mut Scanner::from_bytes(line))
-}
-
-/// [`scan_patient`] on a scanner made for the line.
-fn scan_patient_in<'a>(s: &mut Scanner<'a>) -> R<PatientLine<'a>> {
     let mut p = PatientLine::default();
+    scan_patient_in(&mut Scanner::new(line), &mut p)?;
+    Ok(p)
+}
+
+/// [`scan_patient`] on a scanner made for the line, into `p` (fresh).
+fn scan_patient_in<'a>(s: &mut Scanner<'a>, p: &mut PatientLine<'a>) -> R<()> {
     let mut seen = 0u32;
     s.object(|s, k| {
         match k {
@@ -323,7 +337,6 @@ fn scan_patient_in<'a>(s: &mut Scanner<'a>) -> R<PatientLine<'a>> {
             "link" => return Err(Bail),
             "name" => {
                 once32(&mut seen, 64)?;
-                let mut names = Vec::new();
                 s.array(|s| {
                     let mut n = NameLine::default();
                     let mut seen = 0u8;
@@ -345,67 +358,73 @@ fn scan_patient_in<'a>(s: &mut Scanner<'a>) -> R<PatientLine<'a>> {
                         }
                         "given" => {
                             once(&mut seen, 8)?;
-                            s.array(|s| s.string().map(|g| n.given.push(g)))
+                            s.array(|s| {
+                                let g = s.string()?;
+                                *n.given.get_mut(n.given_n).ok_or(Bail)? = Some(g);
+                                n.given_n += 1;
+                                Ok(())
+                            })
                         }
                         _ => s.skip(),
                     })?;
-                    names.push(n);
+                    *p.names.get_mut(p.names_n).ok_or(Bail)? = n;
+                    p.names_n += 1;
                     Ok(())
                 })?;
-                p.names = Some(names);
+                p.has_names = true;
             }
             "identifier" => {
                 once32(&mut seen, 128)?;
-                let mut ids = Vec::new();
                 s.array(|s| {
-                    let (mut kind, mut value) = (None, None);
+                    let mut id = IdLine::default();
                     let mut seen = 0u8;
                     s.object(|s, k| match k {
                         "type" => {
                             once(&mut seen, 1)?;
-                            kind = Codes::read_opt(s)?;
+                            id.kind = Codes::read_opt(s)?;
                             Ok(())
                         }
                         "value" => {
                             once(&mut seen, 2)?;
-                            value = opt_str(s)?;
+                            id.value = opt_str(s)?;
                             Ok(())
                         }
                         _ => s.skip(),
                     })?;
-                    ids.push((kind, value));
+                    *p.ids.get_mut(p.ids_n).ok_or(Bail)? = id;
+                    p.ids_n += 1;
                     Ok(())
                 })?;
-                p.identifiers = Some(ids);
+                p.has_ids = true;
             }
             _ => s.skip()?,
         }
         Ok(())
     })?;
-    s.end()?;
-    Ok(p)
+    s.end()
 }
 
 impl PatientLine<'_> {
     /// The Patient as `fhir::model` holds it.
     pub fn owned(&self) -> Patient {
         let owned = |s: Option<&str>| s.map(str::to_string);
-        let names = self.names.as_ref().map(|names| {
-            names
+        let names = self.has_names.then(|| {
+            self.names[..self.names_n]
                 .iter()
                 .map(|n| HumanName {
                     use_: owned(n.use_),
                     text: owned(n.text),
                     family: owned(n.family),
-                    given: n.given.iter().map(|g| g.to_string()).collect(),
+                    given: n.given[..n.given_n].iter().flatten().map(|g| g.to_string()).collect(),
                 })
                 .collect()
         });
-        let identifiers = self.identifiers.as_ref().map(|ids| {
-            ids.iter()
-                .map(|(kind, value)| Identifier {
-                    kind: kind.as_ref().map(Codes::owned),
-                    value: owned(*value),
+        let identifiers = self.has_ids.then(|| {
+            self.ids[..self.ids_n]
+                .iter()
+                .map(|id| Identifier {
+                    kind: id.kind.as_ref().map(Codes::owned),
+                    value: owned(id.value),
                 })
                 .collect()
         });
@@ -783,6 +802,80 @@ impl Kind for ConditionKind {
     }
 }
 
+/// Patient lines, for [`Shapes`].
+pub struct PatientKind;
+
+/// Slots of a name: use, text, family, then its given names.
+const NAME_SLOTS: usize = 3 + MAX_GIVEN;
+/// Slots of an identifier: its type's codings and text (see [`codes_slot`]), then its value.
+const ID_SLOTS: usize = 10;
+const PATIENT_NAMES: usize = 4;
+const PATIENT_IDS: usize = PATIENT_NAMES + MAX_NAMES * NAME_SLOTS;
+
+impl Kind for PatientKind {
+    type Line<'a> = PatientLine<'a>;
+    const HOLES: u8 = (PATIENT_IDS + MAX_IDS * ID_SLOTS) as u8;
+    const RAW: &'static [u8] = &[];
+    /// None: a Patient refers to no patient.
+    const SUBJECT: u8 = NO_SLOT;
+
+    /// A name's, given name's or identifier's fields are there only when it is.
+    fn slot<'s, 'a: 's>(p: &'s mut PatientLine<'a>, k: u8) -> Option<&'s mut Option<&'a str>> {
+        let i = usize::from(k);
+        Some(match i {
+            0 => &mut p.id,
+            1 => &mut p.gender,
+            2 => &mut p.birth_date,
+            3 => &mut p.deceased_date_time,
+            PATIENT_NAMES..PATIENT_IDS => {
+                let (n, f) = ((i - PATIENT_NAMES) / NAME_SLOTS, (i - PATIENT_NAMES) % NAME_SLOTS);
+                let name = p.names[..p.names_n].get_mut(n)?;
+                match f {
+                    0 => &mut name.use_,
+                    1 => &mut name.text,
+                    2 => &mut name.family,
+                    _ => name.given[..name.given_n].get_mut(f - 3)?,
+                }
+            }
+            _ => {
+                let (n, f) = ((i - PATIENT_IDS) / ID_SLOTS, (i - PATIENT_IDS) % ID_SLOTS);
+                let id = p.ids[..p.ids_n].get_mut(n)?;
+                match f {
+                    0..=8 => return codes_slot(id.kind.as_mut()?, f),
+                    _ => &mut id.value,
+                }
+            }
+        })
+    }
+
+    fn base(p: &PatientLine<'_>) -> PatientLine<'static> {
+        let mut base = PatientLine {
+            active: p.active,
+            deceased_boolean: p.deceased_boolean,
+            has_names: p.has_names,
+            names_n: p.names_n,
+            has_ids: p.has_ids,
+            ids_n: p.ids_n,
+            ..PatientLine::default()
+        };
+        for (to, from) in base.names.iter_mut().zip(&p.names) {
+            to.given_n = from.given_n;
+        }
+        for (to, from) in base.ids.iter_mut().zip(&p.ids) {
+            to.kind = from.kind.as_ref().map(codes_base);
+        }
+        base
+    }
+
+    fn widen<'a>(p: PatientLine<'static>) -> PatientLine<'a> {
+        p
+    }
+
+    fn scan<'a>(s: &mut Scanner<'a>, p: &mut PatientLine<'a>, _: impl FnMut(&str)) -> R<()> {
+        scan_patient_in(s, p)
+    }
+}
+
 /// A learnt shape, with what its lines read apart from their holes.
 struct Learnt<K: Kind> {
     shape: Shape,
@@ -844,6 +937,7 @@ impl<K: Kind> Clone for Shapes<K> {
 pub struct ReaderShapes {
     pub observations: Shapes<ObsKind>,
     pub conditions: Shapes<ConditionKind>,
+    pub patients: Shapes<PatientKind>,
     /// Not a shape, but learnt per reader like them.
     pub lab_codes: LabCodes,
 }
@@ -1505,6 +1599,12 @@ mod tests {
     }
 
     #[test]
+    fn shapes_read_patients_exactly_as_the_scanner() {
+        let through_shape = shapes_read_as_the_scanner::<PatientKind, Patient>(&[PATIENT], PATIENT_EDITS, scan_patient);
+        assert!(through_shape > 1000, "only {through_shape} lines went through a shape");
+    }
+
+    #[test]
     fn shapes_read_observations_exactly_as_the_scanner() {
         let through_shape = shapes_read_as_the_scanner::<ObsKind, Observation>(TEMPLATES, EDITS, scan_observation);
         // The edits inside strings and numbers alone are thousands.
@@ -1650,6 +1750,14 @@ mod tests {
         (r#""given":["Noah","J"]"#, r#""given":null"#),
         (r#""given":["Noah","J"]"#, r#""given":"Noah""#),
         (r#""given":["Noah","J"]"#, r#""given":["No\u0061h"]"#),
+        (r#""given":["Noah","J"]"#, r#""given":["A","B","C","D"]"#),
+        (r#""given":["Noah","J"]"#, r#""given":["A","B","C","D","E"]"#),
+        (r#""given":["Noah","J"]"#, r#""given":["Noah",null]"#),
+        (
+            r#""name":[{"#,
+            r#""name":[{"use":"old","family":"A"},{"text":"B"},{"given":["C"]},{"use":"maiden","family":"D"},{"#,
+        ),
+        (r#""name":[{"#, r#""name":[{"family":"A"},{"text":"B"},{"given":["C"]},{"#),
         (r#""family":"Brown","#, r#""text":"  Noah\t Brown ","#),
         (r#""family":"Brown","#, r#""family":"Brown","family":"Green","#),
         (r#""family":"Brown","#, r#""family":5,"#),
@@ -1661,6 +1769,14 @@ mod tests {
         (r#""value":"MRN61044364""#, r#""value":null"#),
         (r#""value":"MRN61044364""#, r#""value":7"#),
         (r#""identifier":[{"#, r#""identifier":[{"value":"X1"},{"#),
+        (
+            r#""identifier":[{"#,
+            r#""identifier":[{"value":"1"},{"type":null},{},{"value":"4"},{"type":{"text":"MR"}},{"#,
+        ),
+        (
+            r#""identifier":[{"#,
+            r#""identifier":[{"value":"1"},{"value":"2"},{"value":"3"},{"value":"4"},{"value":"5"},{"value":"6"},{"#,
+        ),
         (r#""identifier":[{"#, r#""identifier":null,"x":[{"#),
         (r#""id":"p1""#, r#""id":null"#),
         (r#""id":"p1""#, r#""id":"p1","id":"p2""#),

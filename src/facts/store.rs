@@ -441,10 +441,13 @@ impl Partial {
         }
     }
 
-    /// Registers one NDJSON Patient line read the fast way (see [`super::fast`]). False:
-    /// the line was left alone, for the full parse.
-    pub fn patient_line(&mut self, line: &[u8]) -> bool {
-        let Ok(p) = fast::scan_patient_bytes(line) else { return false };
+    /// Registers one NDJSON Patient line read the fast way (see [`super::fast`]), through
+    /// the reader's `shapes`. False: the line was left alone, for the full parse.
+    pub fn patient_line(&mut self, line: &[u8], shapes: &mut fast::ReaderShapes) -> bool {
+        let mut p = fast::PatientLine::default();
+        if shapes.patients.scan(line, &mut p, |_| {}).is_err() {
+            return false;
+        }
         self.structural.push(Structural::patient(p.owned(), None));
         true
     }
