@@ -14,7 +14,7 @@ use crate::facts::PatientFacts;
 use crate::facts::fast::ReaderShapes;
 use crate::facts::held::Held;
 use crate::facts::mappings::Mappings;
-use crate::facts::store::{FactStore, Partial, Registry};
+use crate::facts::store::{FactStore, Partial, Registry, Room};
 use crate::fhir::InputIssue;
 use crate::fhir::files::{ReadError, ReadOptions, ReadOutput, first_type, is_ndjson_name, read_line, read_text};
 use crate::time::Date;
@@ -115,9 +115,9 @@ const LINE_MARK: &str = "\0";
 /// Reduces the lines of one block. Observation and Condition lines take the fast way
 /// (`facts::fast`) first; it hands back, for the full parse, an Observation whose lab is read
 /// through JSONPath (the full parse then keeps its JSON).
-fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings, shapes: &mut ReaderShapes) -> Reduced {
+fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings, shapes: &mut ReaderShapes, room: &mut Room) -> Reduced {
     let mut out = ReadOutput::default();
-    let mut partial = Partial::default();
+    let mut partial = Partial::in_room(room);
     let mut issues = Vec::new();
     if text.is_empty() {
         return Reduced {
@@ -178,7 +178,7 @@ fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings
     if text.last() == Some(&b'\n') {
         lines -= 1;
     }
-    partial.pack();
+    partial.pack_into(room);
     Reduced {
         seq,
         partial,
@@ -249,6 +249,7 @@ fn read_ndjson(
                 let mut buf = Vec::new();
                 // Kept from block to block: a file's lines keep their shapes.
                 let mut shapes = ReaderShapes::default();
+                let mut room = Room::default();
                 loop {
                     let k = taken.fetch_add(1, Ordering::Relaxed);
                     if k >= blocks {
@@ -267,7 +268,7 @@ fn read_ndjson(
                     };
                     PROGRESS.bytes_read.fetch_add(region.len() as u64, Ordering::Relaxed);
                     if done_tx
-                        .send(reduce(first_seq + k, &buf[region], reg, opts, m, &mut shapes))
+                        .send(reduce(first_seq + k, &buf[region], reg, opts, m, &mut shapes, &mut room))
                         .is_err()
                     {
                         return;

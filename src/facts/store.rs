@@ -338,6 +338,15 @@ fn facts_of<'a>(
     &mut facts[i].1
 }
 
+/// What one reader's [`Partial`]s pass on to each other: the room for a block's per-patient
+/// facts, empty once packed. A patient's facts are several hundred bytes; grown anew for
+/// every block, the room copied each of them several times over.
+#[derive(Debug, Default)]
+pub struct Room {
+    facts: Vec<(usize, PatientFacts)>,
+    at: HashMap<usize, usize, FastHash>,
+}
+
 /// What reducing one run of resources against a frozen registry gave.
 #[derive(Debug, Default)]
 pub struct Partial {
@@ -429,6 +438,22 @@ impl Partial {
             f.conditions.push(x);
         }
         true
+    }
+
+    /// An empty partial in the room `room` lends it.
+    pub fn in_room(room: &mut Room) -> Partial {
+        Partial {
+            facts: std::mem::take(&mut room.facts),
+            at: std::mem::take(&mut room.at),
+            ..Partial::default()
+        }
+    }
+
+    /// [`Partial::pack`], then gives the room, emptied, back.
+    pub fn pack_into(&mut self, room: &mut Room) {
+        self.pack();
+        room.facts = std::mem::take(&mut self.facts);
+        room.at = std::mem::take(&mut self.at);
     }
 
     /// Encodes the facts gathered (see [`held`]), on the thread that gathered them: the
