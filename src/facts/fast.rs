@@ -654,8 +654,9 @@ pub trait Kind {
     fn slot<'s, 'a: 's>(l: &'s mut Self::Line<'a>, k: u8) -> Option<&'s mut Option<&'a str>>;
     /// What every line of `l`'s shape reads apart from its holes: `l` without those fields.
     fn base(l: &Self::Line<'_>) -> Self::Line<'static>;
-    /// A base, as a line of the line being read.
-    fn widen<'a>(l: Self::Line<'static>) -> Self::Line<'a>;
+    /// Sets `l` to a base. (In place: returning the base by value cost a second copy of
+    /// the struct, several hundred bytes, for every line.)
+    fn reset<'a>(l: &mut Self::Line<'a>, base: &Self::Line<'static>);
     /// Reads the line the scanner was made for, in full.
     fn scan<'a>(s: &mut Scanner<'a>, l: &mut Self::Line<'a>, on_subject: impl FnMut(&str)) -> R<()>;
 }
@@ -739,8 +740,8 @@ impl Kind for ObsKind {
         }
     }
 
-    fn widen<'a>(o: ObsLine<'static>) -> ObsLine<'a> {
-        o
+    fn reset<'a>(o: &mut ObsLine<'a>, base: &ObsLine<'static>) {
+        *o = *base;
     }
 
     fn scan<'a>(s: &mut Scanner<'a>, o: &mut ObsLine<'a>, on_subject: impl FnMut(&str)) -> R<()> {
@@ -793,8 +794,8 @@ impl Kind for ConditionKind {
         }
     }
 
-    fn widen<'a>(c: ConditionLine<'static>) -> ConditionLine<'a> {
-        c
+    fn reset<'a>(c: &mut ConditionLine<'a>, base: &ConditionLine<'static>) {
+        *c = *base;
     }
 
     fn scan<'a>(s: &mut Scanner<'a>, c: &mut ConditionLine<'a>, _: impl FnMut(&str)) -> R<()> {
@@ -867,8 +868,8 @@ impl Kind for PatientKind {
         base
     }
 
-    fn widen<'a>(p: PatientLine<'static>) -> PatientLine<'a> {
-        p
+    fn reset<'a>(p: &mut PatientLine<'a>, base: &PatientLine<'static>) {
+        *p = *base;
     }
 
     fn scan<'a>(s: &mut Scanner<'a>, p: &mut PatientLine<'a>, _: impl FnMut(&str)) -> R<()> {
@@ -946,7 +947,8 @@ impl<K: Kind> Shapes<K> {
     /// The kind's scan of `line`, through a known shape where the line has one: the fields
     /// are the same either way. A line that is not UTF-8 bails.
     pub fn scan<'a>(&mut self, line: &'a [u8], l: &mut K::Line<'a>, mut on_subject: impl FnMut(&str)) -> R<()> {
-        let mut s = Scanner::from_bytes(line);
+        let mut s = Scanner::unmapped(line);
+        s.map(None);
         let on = s.is_clean() && self.on();
         if on {
             self.lines += 1;
@@ -956,7 +958,7 @@ impl<K: Kind> Shapes<K> {
                 if known.shape.quotes() != quotes {
                     continue;
                 }
-                *l = K::widen(known.base);
+                K::reset(l, &known.base);
                 let matched = known.shape.matches(&s, |k, text| {
                     if let Some(field) = K::slot(l, k) {
                         *field = Some(text);
@@ -1038,7 +1040,8 @@ fn learn<'a, K: Kind>(s: &Scanner<'a>, l: &K::Line<'a>) -> Option<Learnt<K>> {
     })?;
     let base = K::base(l);
     // The shape must give back what the scan read, from this very line.
-    let mut again = K::widen(base);
+    let mut again = K::Line::default();
+    K::reset(&mut again, &base);
     let same = shape.matches(s, |k, text| {
         if let Some(field) = K::slot(&mut again, k) {
             *field = Some(text);

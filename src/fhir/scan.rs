@@ -120,10 +120,14 @@ impl<'a> Scanner<'a> {
         Scanner::build(b, None)
     }
 
-    /// The scanner of `b`, whose text is `s`, or is to be checked when None.
+    /// [`Scanner::from_bytes`] in two steps, for a hot caller: `let mut s =
+    /// Scanner::unmapped(b); s.map(None);` builds the map where the scanner lives. Returned
+    /// whole, the scanner was copied (its map is half a kilobyte) into the caller for every
+    /// line, inlining notwithstanding; returned before its map is filled, nothing is there
+    /// to copy.
     #[inline(always)]
-    fn build(b: &'a [u8], s: Option<&'a str>) -> Scanner<'a> {
-        let mut scanner = Scanner {
+    pub fn unmapped(b: &'a [u8]) -> Scanner<'a> {
+        Scanner {
             b,
             s: "",
             i: 0,
@@ -132,7 +136,22 @@ impl<'a> Scanner<'a> {
             words: 0,
             quote_n: 0,
             quotes: [const { MaybeUninit::uninit() }; MAPPED / 64],
-        };
+        }
+    }
+
+    /// The scanner of `b`, whose text is `s`, or is to be checked when None.
+    #[inline(always)]
+    fn build(b: &'a [u8], s: Option<&'a str>) -> Scanner<'a> {
+        let mut scanner = Scanner::unmapped(b);
+        scanner.map(s);
+        scanner
+    }
+
+    /// Fills the map of a scanner made by [`Scanner::unmapped`]; `s` as for `build`.
+    #[inline(always)]
+    pub fn map(&mut self, s: Option<&'a str>) {
+        let scanner = self;
+        let b = scanner.b;
         let mut ascii = false;
         if b.len() <= MAPPED {
             let (clean, high) = map_quotes(b, &mut scanner.quotes);
@@ -156,7 +175,6 @@ impl<'a> Scanner<'a> {
                 }
             },
         };
-        scanner
     }
 
     /// Whether the line is clean: no `\` and no control character, so every string in it
