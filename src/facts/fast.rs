@@ -939,8 +939,8 @@ pub struct ReaderShapes {
     pub observations: Shapes<ObsKind>,
     pub conditions: Shapes<ConditionKind>,
     pub patients: Shapes<PatientKind>,
-    /// Not a shape, but learnt per reader like them.
-    pub lab_codes: LabCodes,
+    /// Not shapes, but learnt per reader like them.
+    pub lookups: Lookups,
 }
 
 impl<K: Kind> Shapes<K> {
@@ -1058,6 +1058,46 @@ pub enum Outcome {
     Full,
 }
 
+/// What one reader remembers of the codes and reference ranges it has looked up.
+#[derive(Default, Clone)]
+pub struct Lookups {
+    pub codes: LabCodes,
+    pub ranges: Ranges,
+}
+
+/// Reference ranges a reader keeps parsed, at most.
+const MAX_RANGES: usize = 1024;
+
+/// The referenceRange arrays one reader has parsed, by their JSON text: a lab's range is
+/// written alike on most of its Observations, and parsing one through serde_json cost about
+/// 5.8k instructions, more than the rest of building the Observation. (At most
+/// [`MAX_RANGES`] are kept; any others are parsed each time.)
+#[derive(Default)]
+pub struct Ranges {
+    parsed: HashMap<Box<str>, Vec<ReferenceRange>, super::store::FastHash>,
+}
+
+impl Clone for Ranges {
+    /// Empty, as [`LabCodes`].
+    fn clone(&self) -> Self {
+        Ranges::default()
+    }
+}
+
+impl Ranges {
+    /// The referenceRange array whose JSON text is `raw`, as serde reads it.
+    fn get(&mut self, raw: &str) -> Result<Vec<ReferenceRange>, serde_json::Error> {
+        if let Some(r) = self.parsed.get(raw) {
+            return Ok(r.clone());
+        }
+        let r: Vec<ReferenceRange> = serde_json::from_str(raw)?;
+        if self.parsed.len() < MAX_RANGES {
+            self.parsed.insert(raw.into(), r.clone());
+        }
+        Ok(r)
+    }
+}
+
 /// Slots of [`LabCodes`] (a power of two, at most 256): a cohort's Observations use a few
 /// dozen codes.
 const LAB_CODE_SLOTS: usize = 256;
@@ -1159,7 +1199,7 @@ pub fn reduce_observation(
     demo: &Basics,
     m: &Mappings,
     spans: Option<&[Option<Window>]>,
-    codes: &mut LabCodes,
+    lookups: &mut Lookups,
     unmapped_key: &mut String,
     unmapped: &mut HashMap<String, usize, super::store::FastHash>,
     slow_unmapped: &mut Unmapped,
@@ -1185,7 +1225,7 @@ pub fn reduce_observation(
         },
     };
     let wanted = |lab: usize| spans.is_none_or(|sp| sp.get(lab).copied().flatten().is_some_and(|w| w.contains(time)));
-    let top = o.codes.iter().find_map(|(sys, code)| codes.get(m, sys, code?).1);
+    let top = o.codes.iter().find_map(|(sys, code)| lookups.codes.get(m, sys, code?).1);
     // Each component's first lab code counts (blood pressure's systolic and diastolic): one
     // that a rule wants now takes the full way; one that none wants still makes the
     // Observation a mapped one.
@@ -1196,7 +1236,7 @@ pub fn reduce_observation(
         if comp == last {
             continue; // this component's lab is found already
         }
-        if let Some(lab) = code.and_then(|c| codes.get(m, sys, c).1) {
+        if let Some(lab) = code.and_then(|c| lookups.codes.get(m, sys, c).1) {
             last = comp;
             comp_lab = true;
             if wanted(lab) {
@@ -1210,13 +1250,13 @@ pub fn reduce_observation(
         Some(_) if comp_lab => Outcome::Full,
         // A lab read through JSONPath needs the Observation's whole JSON: the full way keeps it.
         Some(lab) if m.labs[lab].value_path.is_some() => Outcome::Full,
-        Some(_) => build(o, demo, m, spans, slow_unmapped, labs),
+        Some(_) => build(o, demo, m, spans, &mut lookups.ranges, slow_unmapped, labs),
         None => {
             // Unmapped: the first coding that has a code, with the value's unit.
             if let Some((sys, code)) = o.codes.iter().find_map(|(s, c)| Some((s, c?))) {
                 let unit = unit_key(o).unwrap_or("");
                 unmapped_key.clear();
-                unmapped_key.push_str(codes.get(m, sys, code).0);
+                unmapped_key.push_str(lookups.codes.get(m, sys, code).0);
                 unmapped_key.push('\0');
                 unmapped_key.push_str(trim(code));
                 unmapped_key.push('\0');
@@ -1246,6 +1286,7 @@ fn build(
     demo: &Basics,
     m: &Mappings,
     spans: Option<&[Option<Window>]>,
+    ranges: &mut Ranges,
     unmapped: &mut Unmapped,
     labs: &mut HashMap<usize, Vec<LabValue>>,
 ) -> Outcome {
@@ -1285,7 +1326,10 @@ fn build(
             value_string: parse(o.value_string)?,
             value_integer: parse(o.value_integer)?,
             value_codeable_concept: parse(o.value_concept)?,
-            reference_range: parse(o.reference_range)?,
+            reference_range: match o.reference_range {
+                Some(raw) => ranges.get(raw).map_err(drop)?,
+                None => Vec::new(),
+            },
             component: Vec::new(),
         })
     })();
@@ -1452,13 +1496,13 @@ mod tests {
         Some((labs_text(&f.labs), u.counts))
     }
 
-    /// The fast way's answer; `codes` is kept from line to line, as a reader keeps it.
-    fn fast(line: &str, m: &Mappings, spans: &[Option<Window>], codes: &mut LabCodes) -> Option<Seen> {
+    /// The fast way's answer; `lookups` are kept from line to line, as a reader keeps them.
+    fn fast(line: &str, m: &Mappings, spans: &[Option<Window>], lookups: &mut Lookups) -> Option<Seen> {
         let o = scan_observation(line).ok()?;
         o.id?;
         let (mut key, mut counts, mut u, mut labs) = (String::new(), HashMap::default(), Unmapped::default(), HashMap::new());
         let demo = Basics::default();
-        if let Outcome::Full = reduce_observation(&o, &demo, m, Some(spans), codes, &mut key, &mut counts, &mut u, &mut labs) {
+        if let Outcome::Full = reduce_observation(&o, &demo, m, Some(spans), lookups, &mut key, &mut counts, &mut u, &mut labs) {
             return None;
         }
         for (k, n) in counts {
@@ -1494,9 +1538,9 @@ mod tests {
             }
         }
         let mut answered = 0;
-        let mut codes = LabCodes::default();
+        let mut lookups = Lookups::default();
         for line in &lines {
-            let Some(f) = fast(line, &m, &spans, &mut codes) else { continue };
+            let Some(f) = fast(line, &m, &spans, &mut lookups) else { continue };
             answered += 1;
             match slow(line, &m, &spans) {
                 Some(s) => assert_eq!(f, s, "fast and full ways differ on {line}"),

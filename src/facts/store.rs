@@ -400,8 +400,8 @@ impl Partial {
         let spans = reg.spans.as_deref().map(Vec::as_slice);
         let demo = &reg.basics[patient];
         let (key, counts, slow) = (&mut self.key, &mut self.unmapped_fast, &mut self.unmapped);
-        let codes = &mut shapes.lab_codes;
-        if let Outcome::Full = fast::reduce_observation(&o, demo, m, spans, codes, key, counts, slow, &mut labs) {
+        let lookups = &mut shapes.lookups;
+        if let Outcome::Full = fast::reduce_observation(&o, demo, m, spans, lookups, key, counts, slow, &mut labs) {
             return false;
         }
         self.observed.push(patient as u32);
