@@ -1167,21 +1167,16 @@ impl LabCodes {
     }
 }
 
-/// The slot of a coding: a hash of the code's first and last 8 bytes, its length and the
-/// system's length (systems differ in length far more often than codes in a system do).
+/// The slot of a coding: a hash of the code's bytes, its length and the system's length
+/// (systems differ in length far more often than codes in a system do). Byte by byte: codes
+/// are a few bytes, and loading a word of a shorter string took a call to copy it.
 #[inline]
 fn code_slot(system: &str, code: &str) -> usize {
-    const K: u64 = 0x9e37_79b9_7f4a_7c15;
-    let c = code.as_bytes();
-    let word = |b: &[u8]| {
-        let mut w = [0u8; 8];
-        let n = b.len().min(8);
-        w[..n].copy_from_slice(&b[..n]);
-        u64::from_le_bytes(w)
-    };
-    let tail = if c.len() > 8 { word(&c[c.len() - 8..]) } else { 0 };
-    let h = (word(c) ^ tail.rotate_left(29) ^ ((c.len() as u64) << 56) ^ ((system.len() as u64) << 48)).wrapping_mul(K);
-    (h >> 56) as usize
+    let mut h = (code.len() as u64) << 8 ^ system.len() as u64;
+    for &c in code.as_bytes() {
+        h = (h ^ u64::from(c)).wrapping_mul(0x0100_0000_01b3);
+    }
+    (h.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as usize
 }
 
 /// The unit key, as `extract::unit_key` reads it from a Quantity.
