@@ -177,3 +177,48 @@ fn lines_that_are_not_utf8_are_reported_and_the_rest_read() {
     assert_eq!(status("Patient/p3"), None);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Observation lines are scanned a few lines ahead of the one being reduced; the lines the
+/// fast way leaves (here, every third one has more codings than it holds) and the lines of
+/// another type still take their turn: a patient's values come out in the order of the file.
+#[test]
+fn lines_the_fast_way_leaves_keep_their_place() {
+    let dir = temp("place");
+    std::fs::write(
+        dir.join("Patient.ndjson"),
+        "{\"resourceType\":\"Patient\",\"id\":\"p1\",\"gender\":\"female\",\"birthDate\":\"1990-01-01\"}\n",
+    )
+    .unwrap();
+    let platelets = |i: usize| {
+        let extra: String = if i % 3 == 1 {
+            (0..4)
+                .map(|k| format!(r#",{{"system":"http://example.org/lab","code":"x{k}"}}"#))
+                .collect()
+        } else {
+            String::new()
+        };
+        format!(
+            r#"{{"resourceType":"Observation","id":"o{i}","status":"final","code":{{"coding":[{{"system":"http://loinc.org","code":"777-3"}}{extra}]}},"subject":{{"reference":"Patient/p1"}},"effectiveDateTime":"2026-05-{:02}T09:00:00Z","valueQuantity":{{"value":{},"unit":"10*9/L","system":"http://unitsofmeasure.org","code":"10*9/L"}}}}"#,
+            1 + i % 28,
+            100 + i
+        )
+    };
+    let mut lines: Vec<String> = (0..40).map(platelets).collect();
+    lines.insert(
+        20,
+        r#"{"resourceType":"Condition","id":"c1","code":{"coding":[{"system":"http://snomed.info/sct","code":"55464009"}]},"subject":{"reference":"Patient/p1"}}"#.into(),
+    );
+    std::fs::write(dir.join("Observation.ndjson"), lines.join("\n") + "\n").unwrap();
+
+    let cfg = trialgate::load_config(&root().join("mappings"), &root().join("config/trials"), &[]).unwrap();
+    let read = trialgate::read_facts(&dir, &cfg, as_of(), None).unwrap();
+    assert!(read.issues.is_empty(), "{:?}", read.issues);
+    assert_eq!(read.facts.len(), 1);
+    let f = read.facts[0].try_facts().unwrap();
+    let lab = cfg.mappings.lab("platelets").unwrap();
+    let ids: Vec<&str> = f.labs[&lab].iter().map(|v| v.tie.as_str()).collect();
+    let want: Vec<String> = (0..40).map(|i| format!("o{i}")).collect();
+    assert_eq!(ids, want);
+    assert_eq!(f.conditions.len(), 1, "the Condition among them is read");
+    let _ = std::fs::remove_dir_all(&dir);
+}
