@@ -160,11 +160,36 @@ const UCUM: &str = "http://unitsofmeasure.org";
 /// The unit a quantity is in: its `code` when that is a UCUM code (system UCUM or absent),
 /// else its human-readable `unit` (a code from another system, such as SNOMED, is not a unit).
 pub(crate) fn unit_key(q: &Quantity) -> Option<&str> {
-    let code = q
-        .code
-        .as_deref()
-        .filter(|_| q.system.as_deref().is_none_or(|s| crate::fhir::trim(s) == UCUM));
-    code.or(q.unit.as_deref()).map(crate::fhir::trim)
+    QuantityFields::of(q).unit_key()
+}
+
+/// The fields of a Quantity that reductions read, borrowed: from a parsed Quantity, or from
+/// an NDJSON line (`fast::ObsLine`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QuantityFields<'a> {
+    pub value: Option<f64>,
+    pub comparator: Option<&'a str>,
+    pub unit: Option<&'a str>,
+    pub system: Option<&'a str>,
+    pub code: Option<&'a str>,
+}
+
+impl<'a> QuantityFields<'a> {
+    pub fn of(q: &'a Quantity) -> QuantityFields<'a> {
+        QuantityFields {
+            value: q.value,
+            comparator: q.comparator.as_deref(),
+            unit: q.unit.as_deref(),
+            system: q.system.as_deref(),
+            code: q.code.as_deref(),
+        }
+    }
+
+    /// See [`unit_key`].
+    pub fn unit_key(&self) -> Option<&'a str> {
+        let code = self.code.filter(|_| self.system.is_none_or(|s| crate::fhir::trim(s) == UCUM));
+        code.or(self.unit).map(crate::fhir::trim)
+    }
 }
 
 /// `<0.1`, `> 60`, `≥1.5`, `60`: a bound or an exact number.
@@ -208,12 +233,48 @@ fn comparator(c: Option<&str>) -> Result<Option<Bound>, String> {
     }
 }
 
-struct ValueParts<'a> {
-    quantity: Option<&'a Quantity>,
-    string: Option<&'a String>,
-    integer: Option<i64>,
-    concept: Option<&'a CodeableConcept>,
-    ranges: &'a [ReferenceRange],
+/// An Observation's (or a component's) value and reference ranges, borrowed.
+pub(crate) struct ValueParts<'a> {
+    pub quantity: Option<QuantityFields<'a>>,
+    pub string: Option<&'a str>,
+    pub integer: Option<i64>,
+    pub concept: Option<&'a CodeableConcept>,
+    pub ranges: &'a [ReferenceRange],
+}
+
+/// The fields of an Observation its reduction reads, borrowed: from a parsed Observation, or
+/// built from an NDJSON line (`fast::ObsLine`), so that both ways share one rule.
+pub(crate) struct ObservationFields<'a, C: Concept> {
+    pub id: Option<&'a str>,
+    pub status: Option<&'a str>,
+    pub effective_date_time: Option<&'a str>,
+    /// `Some(start)` when effectivePeriod is there.
+    pub effective_period: Option<Option<&'a str>>,
+    pub effective_instant: Option<&'a str>,
+    pub code: Option<&'a C>,
+    pub value: ValueParts<'a>,
+    pub components: &'a [Component],
+}
+
+impl<'a> ObservationFields<'a, CodeableConcept> {
+    fn of(o: &'a Observation) -> Self {
+        ObservationFields {
+            id: o.id.as_deref(),
+            status: o.status.as_deref(),
+            effective_date_time: o.effective_date_time.as_deref(),
+            effective_period: o.effective_period.as_ref().map(|p| p.start.as_deref()),
+            effective_instant: o.effective_instant.as_deref(),
+            code: o.code.as_ref(),
+            value: ValueParts {
+                quantity: o.value_quantity.as_ref().map(QuantityFields::of),
+                string: o.value_string.as_deref(),
+                integer: o.value_integer,
+                concept: o.value_codeable_concept.as_ref(),
+                ranges: &o.reference_range,
+            },
+            components: &o.component,
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -227,41 +288,51 @@ pub(crate) fn observation(
     unmapped: &mut Unmapped,
     labs: &mut HashMap<usize, Vec<LabValue>>,
 ) {
-    if !o.status.as_deref().is_some_and(|s| OBS_VALID.contains(&s)) {
+    observation_of(reference, &ObservationFields::of(o), raw, demo, m, spans, unmapped, labs)
+}
+
+/// [`observation`] from an Observation's fields.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn observation_of<C: Concept>(
+    reference: &str,
+    o: &ObservationFields<'_, C>,
+    raw: Option<&serde_json::value::RawValue>,
+    demo: &Basics,
+    m: &Mappings,
+    spans: Option<&[Option<crate::time::Window>]>,
+    unmapped: &mut Unmapped,
+    labs: &mut HashMap<usize, Vec<LabValue>>,
+) {
+    if !o.status.is_some_and(|s| OBS_VALID.contains(&s)) {
         return;
     }
-    let time = match time_of(o.effective_date_time.as_ref(), o.effective_period.as_ref()) {
-        Some(Some(t)) => t,
-        Some(None) => return,
-        None => match o.effective_instant.as_deref().and_then(parse_fhir_instant) {
+    // Outer None: no time element at all. Inner None: present but unusable.
+    let time = match (o.effective_date_time, o.effective_period) {
+        (Some(t), _) => parse_fhir_instant(t),
+        (None, Some(start)) => match start.map(parse_fhir_instant) {
             Some(t) => t,
-            None => return,
+            None => o.effective_instant.and_then(parse_fhir_instant),
         },
+        (None, None) => o.effective_instant.and_then(parse_fhir_instant),
     };
-    let tie = o.id.clone().unwrap_or_default();
+    let Some(time) = time else { return };
+    let tie = o.id.unwrap_or_default();
     let wanted = |lab: usize| spans.is_none_or(|sp| sp.get(lab).copied().flatten().is_some_and(|w| w.contains(time)));
-    let codes = codes_of(o.code.as_ref(), m);
-    let top = codes.iter().find_map(|c| m.lab_for_code(c).map(|l| (l, c)));
+    let codes = codings_of(o.code, m);
+    let top = codes.iter().find_map(|&c| m.lab_for_str(c.0, c.1).map(|l| (l, c)));
     let mut matched = false;
     if let Some((lab, code)) = top.filter(|(lab, _)| {
         matched = true;
         wanted(*lab)
     }) {
-        let parts = ValueParts {
-            quantity: o.value_quantity.as_ref(),
-            string: o.value_string.as_ref(),
-            integer: o.value_integer,
-            concept: o.value_codeable_concept.as_ref(),
-            ranges: &o.reference_range,
-        };
         let json_value = m.labs[lab].value_path.as_ref().and_then(|p| path_number(p, raw));
-        if let Some(v) = lab_value(reference, &tie, time, lab, code, &parts, json_value, demo, m, unmapped) {
+        if let Some(v) = lab_value(reference, tie, time, lab, code, &o.value, json_value, demo, m, unmapped) {
             labs.entry(lab).or_default().push(v);
         }
     }
-    for comp in &o.component {
-        let ccodes = codes_of(comp.code.as_ref(), m);
-        let Some((lab, code)) = ccodes.iter().find_map(|c| m.lab_for_code(c).map(|l| (l, c))) else {
+    for comp in o.components {
+        let ccodes = codings_of(comp.code.as_ref(), m);
+        let Some((lab, code)) = ccodes.iter().find_map(|&c| m.lab_for_str(c.0, c.1).map(|l| (l, c))) else {
             continue;
         };
         matched = true;
@@ -269,20 +340,20 @@ pub(crate) fn observation(
             continue;
         }
         let parts = ValueParts {
-            quantity: comp.value_quantity.as_ref(),
-            string: comp.value_string.as_ref(),
+            quantity: comp.value_quantity.as_ref().map(QuantityFields::of),
+            string: comp.value_string.as_deref(),
             integer: comp.value_integer,
             concept: comp.value_codeable_concept.as_ref(),
             ranges: &comp.reference_range,
         };
-        if let Some(v) = lab_value(reference, &tie, time, lab, code, &parts, None, demo, m, unmapped) {
+        if let Some(v) = lab_value(reference, tie, time, lab, code, &parts, None, demo, m, unmapped) {
             labs.entry(lab).or_default().push(v);
         }
     }
     if !matched {
-        let unit = o.value_quantity.as_ref().and_then(unit_key).unwrap_or("");
-        if let Some(c) = codes.first() {
-            unmapped.add(&c.system, &c.code, unit);
+        let unit = o.value.quantity.and_then(|q| q.unit_key()).unwrap_or("");
+        if let Some((system, code)) = codes.first() {
+            unmapped.add(system, code, unit);
         }
     }
 }
@@ -299,7 +370,7 @@ fn lab_value(
     tie: &str,
     time: crate::time::Instant,
     lab: usize,
-    code: &SystemCode,
+    (system, code): (&str, &str),
     parts: &ValueParts,
     json_value: Option<f64>,
     demo: &Basics,
@@ -312,8 +383,8 @@ fn lab_value(
         resource: reference.to_string(),
         tie: tie.to_string(),
         time,
-        code: [code.system.as_str(), "|", &code.code].concat(),
-        equation: m.labs[lab].equation_of.get(&code.code).cloned(),
+        code: [system, "|", code].concat(),
+        equation: m.labs[lab].equation_of.get(code).cloned(),
         raw_value: None,
         raw_text: None,
         raw_unit: None,
@@ -326,9 +397,9 @@ fn lab_value(
     } else if let Some(q) = parts.quantity {
         let value = q.value?;
         v.raw_value = Some(value);
-        v.raw_unit = unit_key(q).map(str::to_string);
+        v.raw_unit = q.unit_key().map(str::to_string);
         let unit = v.raw_unit.clone().unwrap_or_default();
-        v.reading = match (comparator(q.comparator.as_deref()), m.lab_factor(lab, &unit)) {
+        v.reading = match (comparator(q.comparator), m.lab_factor(lab, &unit)) {
             (Err(c), _) => Reading::BadComparator(c),
             (Ok(bound), Some(f)) => Reading::Number(Bounded {
                 value: f.apply(value),
@@ -336,7 +407,7 @@ fn lab_value(
             }),
             (Ok(_), None) if unit.is_empty() && dimensionless => Reading::Number(Bounded { value, bound: None }),
             (Ok(_), None) => {
-                unmapped.add(&code.system, &code.code, &unit);
+                unmapped.add(system, code, &unit);
                 Reading::Unconvertible {
                     raw_unit: if unit.is_empty() { "(no unit)".into() } else { unit },
                 }
@@ -355,7 +426,7 @@ fn lab_value(
             }
         };
     } else if let Some(s) = parts.string {
-        v.raw_text = Some(s.clone());
+        v.raw_text = Some(s.to_string());
         if let Some(r) = result_of_text(spec, s) {
             v.reading = Reading::Result(r);
         } else {
@@ -366,7 +437,7 @@ fn lab_value(
                 // any unit (creatinine `88` is umol/L, not mg/dL).
                 None if b.bound.is_some() || dimensionless => v.reading = Reading::Number(b),
                 None => {
-                    unmapped.add(&code.system, &code.code, "(no unit)");
+                    unmapped.add(system, code, "(no unit)");
                     v.reading = Reading::Unconvertible {
                         raw_unit: "(no unit)".into(),
                     };
@@ -379,7 +450,7 @@ fn lab_value(
                             bound: b.bound,
                         }),
                         None => {
-                            unmapped.add(&code.system, &code.code, u);
+                            unmapped.add(system, code, u);
                             Reading::Unconvertible { raw_unit: u.to_string() }
                         }
                     };

@@ -2,12 +2,12 @@
 //! takes, borrowed, the few fields that decide whether the Observation can give a lab value
 //! (status, time, codes, subject, the unit for the unmapped-codes count). Most Observations
 //! in an export cannot (another test, an invalid status, outside every rule's window): for
-//! those nothing is built at all. One that can is built from the same fields (the rarer
-//! parts, such as referenceRange, through serde from their own text) and reduced by
-//! `extract::observation`, the very code the full parse goes to; anything the scanner is not
-//! sure of goes to the full parse. The rules are therefore the same on both ways.
+//! those nothing is built at all. One that can is reduced from the same borrowed fields (the
+//! rarer parts, such as a valueString, through serde from their own text) by
+//! `extract::observation_of`, the very code the full parse goes to; anything the scanner is
+//! not sure of goes to the full parse. The rules are therefore the same on both ways.
 
-use super::extract::{Concept, ConditionFields, observation};
+use super::extract::{Concept, ConditionFields, ObservationFields, QuantityFields, ValueParts, observation_of};
 use super::mappings::Mappings;
 use super::{Basics, LabValue, Unmapped};
 use crate::fhir::model::*;
@@ -1075,6 +1075,8 @@ const MAX_RANGES: usize = 1024;
 #[derive(Default)]
 pub struct Ranges {
     parsed: HashMap<Box<str>, Vec<ReferenceRange>, super::store::FastHash>,
+    /// The last range parsed once `parsed` is full.
+    other: Vec<ReferenceRange>,
 }
 
 impl Clone for Ranges {
@@ -1086,15 +1088,16 @@ impl Clone for Ranges {
 
 impl Ranges {
     /// The referenceRange array whose JSON text is `raw`, as serde reads it.
-    fn get(&mut self, raw: &str) -> Result<Vec<ReferenceRange>, serde_json::Error> {
-        if let Some(r) = self.parsed.get(raw) {
-            return Ok(r.clone());
+    fn get(&mut self, raw: &str) -> Result<&[ReferenceRange], serde_json::Error> {
+        if !self.parsed.contains_key(raw) {
+            let r: Vec<ReferenceRange> = serde_json::from_str(raw)?;
+            if self.parsed.len() == MAX_RANGES {
+                self.other = r;
+                return Ok(&self.other);
+            }
+            self.parsed.insert(raw.into(), r);
         }
-        let r: Vec<ReferenceRange> = serde_json::from_str(raw)?;
-        if self.parsed.len() < MAX_RANGES {
-            self.parsed.insert(raw.into(), r.clone());
-        }
-        Ok(r)
+        Ok(self.parsed.get(raw).map(Vec::as_slice).unwrap_or_default())
     }
 }
 
@@ -1275,7 +1278,9 @@ fn number(text: &str) -> Result<f64, ()> {
     text.parse::<f64>().ok().filter(|v| v.is_finite()).ok_or(())
 }
 
-/// Builds the Observation (only what `extract::observation` reads) and reduces it there.
+/// Reduces the Observation through `extract::observation_of`, from the fields scanned (the
+/// rarer ones, such as a valueString, through serde from their own text): nothing of the
+/// Observation is built but what those need.
 fn build(
     o: &ObsLine,
     demo: &Basics,
@@ -1291,46 +1296,50 @@ fn build(
             None => Ok(T::default()),
         }
     }
-    let owned = |s: Option<&str>| s.map(str::to_string);
     let Some(id) = o.id else { return Outcome::Full };
-    let built = (|| -> Result<Observation, ()> {
-        Ok(Observation {
-            id: Some(id.to_string()),
-            status: owned(o.status),
-            code: o.has_code.then(|| o.codes.owned()),
-            subject: None,
-            effective_date_time: owned(o.effective_date_time),
-            effective_period: o.effective_period.map(|start| Period {
-                start: owned(start),
-                end: None,
-            }),
-            effective_instant: owned(o.effective_instant),
-            // From the fields scanned: a Quantity through serde cost more than the rest of
-            // the build.
-            value_quantity: if o.has_quantity {
-                Some(Quantity {
-                    value: o.q_value.map(number).transpose()?,
-                    comparator: owned(o.q_comparator),
-                    unit: owned(o.q_unit),
-                    system: owned(o.q_system),
-                    code: owned(o.q_code),
-                })
-            } else {
-                None
-            },
-            value_string: parse(o.value_string)?,
-            value_integer: parse(o.value_integer)?,
-            value_codeable_concept: parse(o.value_concept)?,
-            reference_range: match o.reference_range {
-                Some(raw) => ranges.get(raw).map_err(drop)?,
-                None => Vec::new(),
-            },
-            component: Vec::new(),
-        })
+    let parsed = (|| -> Result<_, ()> {
+        let value = match (o.has_quantity, o.q_value) {
+            (true, Some(v)) => Some(Some(number(v)?)),
+            (true, None) => Some(None),
+            (false, _) => None,
+        };
+        let string: Option<String> = parse(o.value_string)?;
+        let integer: Option<i64> = parse(o.value_integer)?;
+        let concept: Option<CodeableConcept> = parse(o.value_concept)?;
+        Ok((value, string, integer, concept))
     })();
-    let Ok(obs) = built else { return Outcome::Full };
+    let Ok((value, string, integer, concept)) = parsed else {
+        return Outcome::Full;
+    };
+    let ranges = match o.reference_range.map(|raw| ranges.get(raw)) {
+        Some(Ok(r)) => r,
+        Some(Err(_)) => return Outcome::Full,
+        None => &[],
+    };
+    let fields = ObservationFields {
+        id: Some(id),
+        status: o.status,
+        effective_date_time: o.effective_date_time,
+        effective_period: o.effective_period,
+        effective_instant: o.effective_instant,
+        code: o.has_code.then_some(&o.codes),
+        value: ValueParts {
+            quantity: value.map(|value| QuantityFields {
+                value,
+                comparator: o.q_comparator,
+                unit: o.q_unit,
+                system: o.q_system,
+                code: o.q_code,
+            }),
+            string: string.as_deref(),
+            integer,
+            concept: concept.as_ref(),
+            ranges,
+        },
+        components: &[],
+    };
     let reference = ["Observation/", id].concat();
-    observation(&reference, &obs, None, demo, m, spans, unmapped, labs);
+    observation_of(&reference, &fields, None, demo, m, spans, unmapped, labs);
     Outcome::Done
 }
 
@@ -1548,6 +1557,23 @@ mod tests {
             "the fast way answered only {answered} of {} lines",
             lines.len()
         );
+    }
+
+    /// Ranges are kept up to the cap; past it each is parsed when asked for, and every one
+    /// reads as its own text says, kept or not.
+    #[test]
+    fn ranges_read_as_their_text_below_and_past_the_cap() {
+        let mut ranges = Ranges::default();
+        let raw = |i: usize| format!(r#"[{{"high":{{"value":{i}}}}}]"#);
+        let high = |r: &[ReferenceRange]| r.first().and_then(|x| x.high.as_ref()).and_then(|q| q.value);
+        for round in 0..2 {
+            for i in (0..MAX_RANGES + 3).rev() {
+                let got = ranges.get(&raw(i)).expect("a range parses");
+                assert_eq!(high(got), Some(i as f64), "round {round}, range {i}");
+            }
+        }
+        assert_eq!(ranges.parsed.len(), MAX_RANGES);
+        assert!(ranges.get(r#"[{"high":"x"}]"#).is_err());
     }
 
     #[test]
