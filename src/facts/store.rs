@@ -179,14 +179,16 @@ impl Names {
         }
     }
 
-    /// Starts loading the slot where `name` would be, so that a [`Names::get`] a little
+    /// Starts loading the slot where `name` would be, so that a [`Names::get_hashed`] a little
     /// later finds it in cache: lookups land anywhere in a table larger than the core's cache.
+    /// Returns the name's hash, for that lookup.
     #[inline]
-    fn prefetch(&self, name: &str) {
+    fn prefetch(&self, name: &str) -> u64 {
+        let h = Self::hash(name);
         if self.slots.is_empty() {
-            return;
+            return h;
         }
-        let i = Self::hash(name) as usize & (self.slots.len() - 1);
+        let i = h as usize & (self.slots.len() - 1);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `i` is in bounds; a prefetch reads nothing and cannot fault.
         unsafe {
@@ -195,14 +197,21 @@ impl Names {
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = i;
+        h
     }
 
     #[inline]
     fn get(&self, name: &str) -> Option<usize> {
+        self.get_hashed(name, Self::hash(name))
+    }
+
+    /// [`Names::get`] of a name whose hash is `h`.
+    #[inline]
+    fn get_hashed(&self, name: &str, h: u64) -> Option<usize> {
         if self.slots.is_empty() {
             return None;
         }
-        let slot = &self.slots[self.find(name, Self::hash(name))];
+        let slot = &self.slots[self.find(name, h)];
         (slot.len != 0).then_some(slot.value as usize)
     }
 
@@ -259,8 +268,22 @@ pub struct Registry {
 
 impl Registry {
     fn patient_of(&self, target: &str) -> Option<usize> {
+        self.patient_of_hashed(target, Names::hash(target))
+    }
+
+    /// [`Registry::patient_of`] of a reference whose hash a scan has told (see
+    /// [`Names::prefetch`]); a scan tells the subject it reads, which is `target`.
+    fn patient_of_told(&self, target: &str, hashed: Option<u64>) -> Option<usize> {
+        match hashed {
+            Some(h) => self.patient_of_hashed(target, h),
+            None => self.patient_of(target),
+        }
+    }
+
+    /// [`Registry::patient_of`] of a reference whose hash is `h`.
+    fn patient_of_hashed(&self, target: &str, h: u64) -> Option<usize> {
         self.alias
-            .get(target)
+            .get_hashed(target, h)
             .or_else(|| normalize_reference(target).and_then(|n| self.alias.get(&n)))
     }
 }
@@ -379,15 +402,17 @@ impl Partial {
     /// the full parse.
     pub fn observation_line(&mut self, reg: &Registry, line: &[u8], m: &Mappings, shapes: &mut fast::ReaderShapes) -> bool {
         let mut o = fast::ObsLine::default();
+        // The subject's hash, from when it was read (to start loading its entry).
+        let mut hashed = None;
         if shapes
             .observations
-            .scan(line, &mut o, |subject| reg.alias.prefetch(subject))
+            .scan(line, &mut o, |subject| hashed = Some(reg.alias.prefetch(subject)))
             .is_err()
         {
             return false;
         }
         // No subject, an unknown patient (kept aside) or no id: the full way counts them.
-        let Some(patient) = o.subject.and_then(|t| reg.patient_of(t)) else {
+        let Some(patient) = o.subject.and_then(|t| reg.patient_of_told(t, hashed)) else {
             return false;
         };
         if o.id.is_none() {
@@ -420,10 +445,15 @@ impl Partial {
     /// way reduces a parsed Condition. False: left for the full parse.
     pub fn condition_line(&mut self, reg: &Registry, line: &[u8], m: &Mappings, shapes: &mut fast::ReaderShapes) -> bool {
         let mut c = fast::ConditionLine::default();
-        if shapes.conditions.scan(line, &mut c, |_| {}).is_err() {
+        let mut hashed = None;
+        if shapes
+            .conditions
+            .scan(line, &mut c, |subject| hashed = Some(reg.alias.prefetch(subject)))
+            .is_err()
+        {
             return false;
         }
-        let Some(patient) = c.subject.and_then(|t| reg.patient_of(t)) else {
+        let Some(patient) = c.subject.and_then(|t| reg.patient_of_told(t, hashed)) else {
             return false;
         };
         let Some(id) = c.id else { return false };
