@@ -128,6 +128,11 @@ impl Decisions {
 
     /// The latest decision in force on `as_of` for this patient, trial and criterion.
     pub fn find(&self, patient: &str, trial: &str, criterion: &str, as_of: Date) -> Option<&Decision> {
+        // Asked for every criterion left unknown or manual, of every patient: most runs
+        // record no decision at all.
+        if self.list.is_empty() {
+            return None;
+        }
         self.list
             .iter()
             .filter(|d| d.patient == patient && d.trial == trial && d.criterion == criterion)

@@ -286,7 +286,7 @@ pub(crate) fn observation(
     m: &Mappings,
     spans: Option<&[Option<crate::time::Window>]>,
     unmapped: &mut Unmapped,
-    labs: &mut HashMap<usize, Vec<LabValue>>,
+    labs: &mut super::Labs,
 ) {
     observation_of(reference, &ObservationFields::of(o), raw, demo, m, spans, unmapped, labs)
 }
@@ -301,7 +301,7 @@ pub(crate) fn observation_of<C: Concept>(
     m: &Mappings,
     spans: Option<&[Option<crate::time::Window>]>,
     unmapped: &mut Unmapped,
-    labs: &mut HashMap<usize, Vec<LabValue>>,
+    labs: &mut super::Labs,
 ) {
     if !o.status.is_some_and(|s| OBS_VALID.contains(&s)) {
         return;

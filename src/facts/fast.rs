@@ -9,7 +9,7 @@
 
 use super::extract::{Concept, ConditionFields, ObservationFields, QuantityFields, ValueParts, observation_of};
 use super::mappings::Mappings;
-use super::{Basics, LabValue, Unmapped};
+use super::{Basics, Unmapped};
 use crate::fhir::model::*;
 use crate::fhir::scan::{self, Bail, R, Scanner, Ty};
 use crate::fhir::shape::{NO_SLOT, Shape};
@@ -1201,7 +1201,7 @@ pub fn reduce_observation(
     unmapped_key: &mut String,
     unmapped: &mut HashMap<String, usize, super::store::FastHash>,
     slow_unmapped: &mut Unmapped,
-    labs: &mut HashMap<usize, Vec<LabValue>>,
+    labs: &mut super::Labs,
 ) -> Outcome {
     if !o.status.is_some_and(|s| OBS_VALID.contains(&s)) {
         return Outcome::Done;
@@ -1288,7 +1288,7 @@ fn build(
     spans: Option<&[Option<Window>]>,
     ranges: &mut Ranges,
     unmapped: &mut Unmapped,
-    labs: &mut HashMap<usize, Vec<LabValue>>,
+    labs: &mut super::Labs,
 ) -> Outcome {
     fn parse<T: serde::de::DeserializeOwned + Default>(raw: Option<&str>) -> Result<T, ()> {
         match raw {
@@ -1473,7 +1473,7 @@ mod tests {
     /// (labs as text, unmapped counts), or None when serde does not read the line.
     type Seen = (String, BTreeMap<(String, String, String), usize>);
 
-    fn labs_text(labs: &HashMap<usize, Vec<LabValue>>) -> String {
+    fn labs_text(labs: &crate::facts::Labs) -> String {
         let mut v: Vec<_> = labs.iter().collect();
         v.sort_by_key(|(k, _)| **k);
         format!("{v:?}")
@@ -1504,7 +1504,12 @@ mod tests {
     fn fast(line: &str, m: &Mappings, spans: &[Option<Window>], lookups: &mut Lookups) -> Option<Seen> {
         let o = scan_observation(line).ok()?;
         o.id?;
-        let (mut key, mut counts, mut u, mut labs) = (String::new(), HashMap::default(), Unmapped::default(), HashMap::new());
+        let (mut key, mut counts, mut u, mut labs) = (
+            String::new(),
+            HashMap::default(),
+            Unmapped::default(),
+            crate::facts::Labs::default(),
+        );
         let demo = Basics::default();
         if let Outcome::Full = reduce_observation(&o, &demo, m, Some(spans), lookups, &mut key, &mut counts, &mut u, &mut labs) {
             return None;

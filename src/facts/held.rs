@@ -249,7 +249,7 @@ mod tests {
             reading,
             uln: Some(40.0),
         };
-        let mut labs = HashMap::new();
+        let mut labs = Labs::default();
         labs.insert(
             3,
             vec![

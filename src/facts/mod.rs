@@ -41,6 +41,10 @@ pub enum Reading {
     Result(String),
 }
 
+/// A patient's lab values by lab index. Looked up for every lab rule of every trial a
+/// patient is screened for: a fast hasher (the keys are small integers of our own).
+pub type Labs = HashMap<usize, Vec<LabValue>, store::FastHash>;
+
 /// One usable lab measurement.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LabValue {
@@ -210,7 +214,7 @@ pub struct PatientFacts {
     pub key: String,
     pub demographics: Demographics,
     /// Lab values by lab index, in no particular order.
-    pub labs: HashMap<usize, Vec<LabValue>>,
+    pub labs: Labs,
     pub conditions: Vec<ConditionFact>,
     pub medications: Vec<MedicationFact>,
     pub procedures: Vec<EventFact>,

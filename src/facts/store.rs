@@ -421,7 +421,7 @@ impl Partial {
         if !reg.mine[patient] {
             return true; // another shard's patient
         }
-        let mut labs = HashMap::new();
+        let mut labs = super::Labs::default();
         let spans = reg.spans.as_deref().map(Vec::as_slice);
         let demo = &reg.basics[patient];
         let (key, counts, slow) = (&mut self.key, &mut self.unmapped_fast, &mut self.unmapped);
