@@ -88,7 +88,8 @@ impl<'a> Codes<'a> {
         if s.null()? { Ok(None) } else { Codes::read(s).map(Some) }
     }
 
-    /// The CodeableConcept, owned (displays are not kept: no Observation rule reads them).
+    /// The CodeableConcept, owned (displays are not kept: no rule reads them). Only an
+    /// identifier's type is still built so, for the Patient the fast way builds.
     fn owned(&self) -> CodeableConcept {
         CodeableConcept {
             coding: self

@@ -422,17 +422,13 @@ impl Mappings {
         self.system_keys.get(uri).map(String::as_str).unwrap_or(uri)
     }
 
-    /// [`Mappings::lab_for_code`] for a system key and code (already trimmed) as borrowed.
+    /// The lab a code names, by its system key and its code (trimmed).
     pub fn lab_for_str(&self, system_key: &str, code: &str) -> Option<usize> {
         self.lab_codes_by.get(system_key)?.get(code).copied()
     }
 
     pub fn known_system(&self, key: &str) -> bool {
         self.system_keys.contains_key(key)
-    }
-
-    pub fn lab_for_code(&self, sc: &SystemCode) -> Option<usize> {
-        self.lab_for_str(&sc.system, &sc.code)
     }
 
     /// Resolves a unit string through the alias table (`K/uL` -> `10*3/uL`).
