@@ -28,7 +28,8 @@ pub fn extract_one(
     match resource {
         Resource::Observation(o, raw) => {
             f.present.observations = true;
-            observation(reference, o, raw.as_deref(), demo, m, spans, unmapped, &mut f.labs);
+            let fields = ObservationFields::of(o);
+            observation(reference, &fields, raw.as_deref(), demo, m, spans, unmapped, &mut f.labs);
         }
         Resource::Condition(c) => {
             f.present.conditions = true;
@@ -277,23 +278,10 @@ impl<'a> ObservationFields<'a, CodeableConcept> {
     }
 }
 
+/// An Observation's lab values, from its fields: those of a parsed Observation
+/// ([`ObservationFields::of`]) or of a scanned line (`fast::build`).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn observation(
-    reference: &str,
-    o: &Observation,
-    raw: Option<&serde_json::value::RawValue>,
-    demo: &Basics,
-    m: &Mappings,
-    spans: Option<&[Option<crate::time::Window>]>,
-    unmapped: &mut Unmapped,
-    labs: &mut super::Labs,
-) {
-    observation_of(reference, &ObservationFields::of(o), raw, demo, m, spans, unmapped, labs)
-}
-
-/// [`observation`] from an Observation's fields.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn observation_of<C: Concept>(
+pub(crate) fn observation<C: Concept>(
     reference: &str,
     o: &ObservationFields<'_, C>,
     raw: Option<&serde_json::value::RawValue>,

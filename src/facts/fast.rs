@@ -4,10 +4,10 @@
 //! in an export cannot (another test, an invalid status, outside every rule's window): for
 //! those nothing is built at all. One that can is reduced from the same borrowed fields (the
 //! rarer parts, such as a valueString, through serde from their own text) by
-//! `extract::observation_of`, the very code the full parse goes to; anything the scanner is
+//! `extract::observation`, the very code the full parse goes to; anything the scanner is
 //! not sure of goes to the full parse. The rules are therefore the same on both ways.
 
-use super::extract::{Concept, ConditionFields, ObservationFields, QuantityFields, ValueParts, observation_of};
+use super::extract::{Concept, ConditionFields, ObservationFields, QuantityFields, ValueParts, observation};
 use super::mappings::Mappings;
 use super::{Basics, Unmapped};
 use crate::fhir::model::*;
@@ -1279,7 +1279,7 @@ fn number(text: &str) -> Result<f64, ()> {
     text.parse::<f64>().ok().filter(|v| v.is_finite()).ok_or(())
 }
 
-/// Reduces the Observation through `extract::observation_of`, from the fields scanned (the
+/// Reduces the Observation through `extract::observation`, from the fields scanned (the
 /// rarer ones, such as a valueString, through serde from their own text): nothing of the
 /// Observation is built but what those need.
 fn build(
@@ -1340,7 +1340,7 @@ fn build(
         components: &[],
     };
     let reference = ["Observation/", id].concat();
-    observation_of(&reference, &fields, None, demo, m, spans, unmapped, labs);
+    observation(&reference, &fields, None, demo, m, spans, unmapped, labs);
     Outcome::Done
 }
 
