@@ -271,12 +271,17 @@ impl Registry {
         self.patient_of_hashed(target, Names::hash(target))
     }
 
-    /// [`Registry::patient_of`] of a reference whose hash a scan has told (see
-    /// [`Names::prefetch`]); a scan tells the subject it reads, which is `target`.
-    fn patient_of_told(&self, target: &str, hashed: Option<u64>) -> Option<usize> {
+    /// Scans `line` through `shapes` into `l` (fresh) and finds the patient it refers to: the
+    /// patient's entry starts loading as soon as the scan reads the subject, and is looked up
+    /// with the hash computed then. None: the line cannot be scanned (as one that is not
+    /// UTF-8), or has no subject or an unknown one (the full way counts those).
+    fn scan_for_patient<'a, K: fast::Kind>(&self, shapes: &mut fast::Shapes<K>, line: &'a [u8], l: &mut K::Line<'a>) -> Option<usize> {
+        let mut hashed = None;
+        shapes.scan(line, l, |subject| hashed = Some(self.alias.prefetch(subject))).ok()?;
+        let subject = K::slot(l, K::SUBJECT).and_then(|s| *s)?;
         match hashed {
-            Some(h) => self.patient_of_hashed(target, h),
-            None => self.patient_of(target),
+            Some(h) => self.patient_of_hashed(subject, h),
+            None => self.patient_of(subject),
         }
     }
 
@@ -402,17 +407,8 @@ impl Partial {
     /// the full parse.
     pub fn observation_line(&mut self, reg: &Registry, line: &[u8], m: &Mappings, shapes: &mut fast::ReaderShapes) -> bool {
         let mut o = fast::ObsLine::default();
-        // The subject's hash, from when it was read (to start loading its entry).
-        let mut hashed = None;
-        if shapes
-            .observations
-            .scan(line, &mut o, |subject| hashed = Some(reg.alias.prefetch(subject)))
-            .is_err()
-        {
-            return false;
-        }
         // No subject, an unknown patient (kept aside) or no id: the full way counts them.
-        let Some(patient) = o.subject.and_then(|t| reg.patient_of_told(t, hashed)) else {
+        let Some(patient) = reg.scan_for_patient(&mut shapes.observations, line, &mut o) else {
             return false;
         };
         if o.id.is_none() {
@@ -445,15 +441,7 @@ impl Partial {
     /// way reduces a parsed Condition. False: left for the full parse.
     pub fn condition_line(&mut self, reg: &Registry, line: &[u8], m: &Mappings, shapes: &mut fast::ReaderShapes) -> bool {
         let mut c = fast::ConditionLine::default();
-        let mut hashed = None;
-        if shapes
-            .conditions
-            .scan(line, &mut c, |subject| hashed = Some(reg.alias.prefetch(subject)))
-            .is_err()
-        {
-            return false;
-        }
-        let Some(patient) = c.subject.and_then(|t| reg.patient_of_told(t, hashed)) else {
+        let Some(patient) = reg.scan_for_patient(&mut shapes.conditions, line, &mut c) else {
             return false;
         };
         let Some(id) = c.id else { return false };
