@@ -112,8 +112,8 @@ struct Reduced {
 /// Marks where the file and line go in an issue's location until they are known.
 const LINE_MARK: &str = "\0";
 
-/// Reduces the lines of one block. Observation and Condition lines take the fast way
-/// (`facts::fast`) first; it hands back, for the full parse, an Observation whose lab is read
+/// Reduces the lines of one block. Observation, Condition and Patient lines take the fast
+/// way (`facts::fast`) first; it hands back, for the full parse, an Observation whose lab is read
 /// through JSONPath (the full parse then keeps its JSON).
 fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings, shapes: &mut ReaderShapes, room: &mut Room) -> Reduced {
     let mut out = ReadOutput::default();
@@ -139,7 +139,7 @@ fn reduce(seq: u64, text: &[u8], reg: &Registry, opts: ReadOptions, m: &Mappings
         from = to + 1;
         lines = i + 1;
         // The fast ways take the line's bytes: they check that it is UTF-8 as they scan it,
-        // nearly for free (see `Scanner::from_bytes`), and leave it alone when it is not.
+        // nearly for free (see `Scanner::map`), and leave it alone when it is not.
         let t = line.trim_ascii_end();
         let done = if t.starts_with(b"{\"resourceType\":\"Observation\"") {
             partial.observation_line(reg, t, m, shapes)

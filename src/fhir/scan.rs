@@ -108,23 +108,16 @@ impl<'a> Scanner<'a> {
     /// Inlined so that the scanner (half a kilobyte) is built where it is used, not copied there.
     #[inline(always)]
     pub fn new(s: &'a str) -> Scanner<'a> {
-        Scanner::build(s.as_bytes(), Some(s))
+        let mut scanner = Scanner::unmapped(s.as_bytes());
+        scanner.map(Some(s));
+        scanner
     }
 
-    /// A scanner for the line `b`, which reads as an empty line (one no scan accepts) when
-    /// `b` is not UTF-8. The quote map tells on the way whether every byte is ASCII: then `b`
-    /// is surely UTF-8, and only lines with other bytes (or too long to map) are checked
-    /// apart, not every byte of the input twice. (No `Option`: the scanner would be copied.)
-    #[inline(always)]
-    pub fn from_bytes(b: &'a [u8]) -> Scanner<'a> {
-        Scanner::build(b, None)
-    }
-
-    /// [`Scanner::from_bytes`] in two steps, for a hot caller: `let mut s =
-    /// Scanner::unmapped(b); s.map(None);` builds the map where the scanner lives. Returned
-    /// whole, the scanner was copied (its map is half a kilobyte) into the caller for every
-    /// line, inlining notwithstanding; returned before its map is filled, nothing is there
-    /// to copy.
+    /// A scanner for the line `b`, to be used once [`Scanner::map`] has filled its map:
+    /// `let mut s = Scanner::unmapped(b); s.map(None);` builds the map where the scanner
+    /// lives. A scanner returned with its map filled was copied (the map is half a kilobyte)
+    /// into the caller for every line, inlining notwithstanding; returned before, there is
+    /// nothing to copy.
     #[inline(always)]
     pub fn unmapped(b: &'a [u8]) -> Scanner<'a> {
         Scanner {
@@ -139,15 +132,11 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// The scanner of `b`, whose text is `s`, or is to be checked when None.
-    #[inline(always)]
-    fn build(b: &'a [u8], s: Option<&'a str>) -> Scanner<'a> {
-        let mut scanner = Scanner::unmapped(b);
-        scanner.map(s);
-        scanner
-    }
-
-    /// Fills the map of a scanner made by [`Scanner::unmapped`]; `s` as for `build`.
+    /// Fills the map of a scanner made by [`Scanner::unmapped`]; `s` is the line's text, or
+    /// None to check the bytes: a line that is not UTF-8 then reads as an empty line (one no
+    /// scan accepts). The quote map tells on the way whether every byte is ASCII: then the
+    /// line is surely UTF-8, and only lines with other bytes (or too long to map) are checked
+    /// apart, not every byte of the input twice.
     #[inline(always)]
     pub fn map(&mut self, s: Option<&'a str>) {
         let scanner = self;
@@ -956,13 +945,15 @@ mod tests {
     fn lines_as_bytes_read_as_text_when_utf8() {
         let long = format!(r#"{{"a":"{}","b":"é"}}"#, "x".repeat(MAPPED));
         for line in [r#"{"a":"x"}"#, r#"{"a":"Müller","b":"日本"}"#, long.as_str()] {
-            let mut s = Scanner::from_bytes(line.as_bytes());
+            let mut s = Scanner::unmapped(line.as_bytes());
+            s.map(None);
             assert_eq!(s.text(), line);
             assert_eq!(s.is_clean(), Scanner::new(line).is_clean());
             assert!(s.skip().and_then(|_| s.end()).is_ok(), "{line}");
         }
         for bytes in [&b"{\"a\":\"M\xfcller\"}"[..], b"{\"a\":\"\xe6\x97\"}", b"{}\xff"] {
-            let mut s = Scanner::from_bytes(bytes);
+            let mut s = Scanner::unmapped(bytes);
+            s.map(None);
             assert_eq!(s.text(), "");
             assert!(s.skip().is_err(), "{bytes:?}");
         }
