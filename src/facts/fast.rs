@@ -501,22 +501,12 @@ pub struct ObsLine<'a> {
 /// Scans one Observation line (trimmed). Bails on anything not plainly readable.
 pub fn scan_observation(line: &str) -> R<ObsLine<'_>> {
     let mut o = ObsLine::default();
-    scan_observation_into(line, &mut o)?;
+    scan_observation_in(&mut Scanner::new(line), &mut o, |_| {})?;
     Ok(o)
 }
 
-/// [`scan_observation`] into `o` (fresh), sparing the copy of a returned struct per line.
-pub fn scan_observation_into<'a>(line: &'a str, o: &mut ObsLine<'a>) -> R<()> {
-    scan_observation_with(line, o, |_| {})
-}
-
-/// [`scan_observation_into`], telling `on_subject` the subject's reference as soon as it is
-/// read, while the rest of the line is still to scan (to start fetching the patient).
-pub fn scan_observation_with<'a>(line: &'a str, o: &mut ObsLine<'a>, on_subject: impl FnMut(&str)) -> R<()> {
-    scan_observation_in(&mut Scanner::new(line), o, on_subject)
-}
-
-/// [`scan_observation_with`] on a scanner made for the line.
+/// [`scan_observation`] on a scanner made for the line, into `o` (fresh), telling
+/// `on_subject` the subject's reference as soon as it is read.
 fn scan_observation_in<'a>(s: &mut Scanner<'a>, o: &mut ObsLine<'a>, mut on_subject: impl FnMut(&str)) -> R<()> {
     let mut seen = 0u32;
     s.object(|s, k| {
