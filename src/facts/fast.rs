@@ -1197,23 +1197,12 @@ pub fn reduce_observation(
     if !o.status.is_some_and(|s| OBS_VALID.contains(&s)) {
         return Outcome::Done;
     }
-    let time: Instant = match o.effective_date_time {
-        Some(t) => match parse_fhir_instant(t) {
-            Some(t) => t,
-            None => return Outcome::Done,
-        },
-        None => match o.effective_period.flatten() {
-            Some(start) => match parse_fhir_instant(start) {
-                Some(t) => t,
-                None => return Outcome::Done,
-            },
-            None => match o.effective_instant.and_then(parse_fhir_instant) {
-                Some(t) => t,
-                None => return Outcome::Done,
-            },
-        },
-    };
-    let wanted = |lab: usize| spans.is_none_or(|sp| sp.get(lab).copied().flatten().is_some_and(|w| w.contains(time)));
+    // The time is read only where the outcome depends on it: a lab that no rule looks at
+    // ends the line the same whether its time is usable or not (vital signs, in a cohort
+    // screened for lab thresholds, are two lines in five).
+    let mut time: Option<Option<Instant>> = None;
+    let mut when = || *time.get_or_insert_with(|| observation_time(o));
+    let ignored = |lab: usize| spans.is_some_and(|sp| sp.get(lab).copied().flatten().is_none());
     let top = o.codes.iter().find_map(|(sys, code)| lookups.codes.get(m, sys, code?).1);
     // Each component's first lab code counts (blood pressure's systolic and diastolic): one
     // that a rule wants now takes the full way; one that none wants still makes the
@@ -1228,14 +1217,24 @@ pub fn reduce_observation(
         if let Some(lab) = code.and_then(|c| lookups.codes.get(m, sys, c).1) {
             last = comp;
             comp_lab = true;
-            if wanted(lab) {
-                return Outcome::Full;
+            if ignored(lab) {
+                continue;
+            }
+            match when() {
+                None => return Outcome::Done,
+                Some(t) if wanted(spans, lab, t) => return Outcome::Full,
+                Some(_) => {}
             }
         }
     }
     match top {
-        None if comp_lab => Outcome::Done,
-        Some(lab) if !wanted(lab) => Outcome::Done,
+        None if comp_lab => return Outcome::Done,
+        Some(lab) if ignored(lab) => return Outcome::Done,
+        _ => {}
+    }
+    let Some(time) = when() else { return Outcome::Done };
+    match top {
+        Some(lab) if !wanted(spans, lab, time) => Outcome::Done,
         Some(_) if comp_lab => Outcome::Full,
         // A lab read through JSONPath needs the Observation's whole JSON: the full way keeps it.
         Some(lab) if m.labs[lab].value_path.is_some() => Outcome::Full,
@@ -1260,6 +1259,20 @@ pub fn reduce_observation(
             Outcome::Done
         }
     }
+}
+
+/// The time an Observation is placed at, as `extract::observation` reads it: None when it
+/// has none or it is unusable (the Observation then gives nothing).
+fn observation_time(o: &ObsLine) -> Option<Instant> {
+    match (o.effective_date_time, o.effective_period.flatten()) {
+        (Some(t), _) | (None, Some(t)) => parse_fhir_instant(t),
+        (None, None) => o.effective_instant.and_then(parse_fhir_instant),
+    }
+}
+
+/// Whether a rule looks at `lab` at `time` (every lab, every time, without `spans`).
+fn wanted(spans: Option<&[Option<Window>]>, lab: usize, time: Instant) -> bool {
+    spans.is_none_or(|sp| sp.get(lab).copied().flatten().is_some_and(|w| w.contains(time)))
 }
 
 /// A JSON number's text (as the scanner checked it) as serde_json reads it into an `f64`:
