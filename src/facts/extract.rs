@@ -540,7 +540,7 @@ pub(crate) fn condition(reference: &str, c: &Condition, m: &Mappings, unmapped: 
         abatement_boolean: c.abatement_boolean,
         recorded_date: c.recorded_date.as_deref(),
     };
-    condition_of(&fields, || reference.to_string(), m, unmapped)
+    condition_of(&fields, || reference.to_string(), m, |s, c, out| m.sets_of_str(s, c, out), unmapped)
 }
 
 /// A CodeableConcept, as the reduction of a Condition reads it.
@@ -582,6 +582,7 @@ pub(crate) fn condition_of<C: Concept>(
     c: &ConditionFields<'_, C>,
     reference: impl FnOnce() -> String,
     m: &Mappings,
+    mut sets_of: impl FnMut(&str, &str, &mut Vec<usize>),
     unmapped: &mut Unmapped,
 ) -> Option<ConditionFact> {
     if c.verification.is_some_and(|v| {
@@ -593,7 +594,7 @@ pub(crate) fn condition_of<C: Concept>(
     let codes = codings_of(c.code, m);
     let mut sets = Vec::new();
     for (system, code) in &codes {
-        m.sets_of_str(system, code, &mut sets);
+        sets_of(system, code, &mut sets);
     }
     if sets.is_empty() {
         for (system, code) in codes.iter().filter(|(system, _)| !m.known_system(system)) {

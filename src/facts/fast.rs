@@ -1053,6 +1053,7 @@ pub enum Outcome {
 #[derive(Default, Clone)]
 pub struct Lookups {
     pub codes: LabCodes,
+    pub sets: SetCodes,
     pub ranges: Ranges,
 }
 
@@ -1092,71 +1093,103 @@ impl Ranges {
     }
 }
 
-/// Slots of [`LabCodes`] (a power of two, at most 256): a cohort's Observations use a few
+/// Slots of a [`CodeCache`] (a power of two, at most 256): a cohort's records use a few
 /// dozen codes.
-const LAB_CODE_SLOTS: usize = 256;
+const CODE_SLOTS: usize = 256;
 
-/// What each (system, code) of a coding stands for, as one reader last looked it up: its
-/// system's key and its lab. Looking a coding up in the mappings (the system's key by its
-/// trimmed URI, then the code in that system's map) cost about 350 instructions, a fifth of
-/// reducing an Observation that gives no value; a slot here is found by one hash of the
-/// code's bytes and checked by comparing the two strings as written.
-pub struct LabCodes {
-    slots: Vec<Option<CodeSlot>>,
+/// What one reader last worked out for each (system, code) of a coding, in a direct-mapped
+/// table: a slot is found by one hash of the code's bytes and checked by comparing the two
+/// strings as written. A slot taken by another coding is overwritten in place: two codings
+/// that share one then cost lookups, never an allocation per line.
+pub struct CodeCache<V> {
+    slots: Vec<Option<CodeSlot<V>>>,
 }
 
-struct CodeSlot {
+struct CodeSlot<V> {
     /// The system as written (absent: empty, which the mappings read alike) and the code.
     system: String,
     code: String,
-    key: String,
-    lab: Option<usize>,
+    value: V,
 }
 
-impl Default for LabCodes {
+impl<V> Default for CodeCache<V> {
     fn default() -> Self {
-        LabCodes {
-            slots: (0..LAB_CODE_SLOTS).map(|_| None).collect(),
+        CodeCache {
+            slots: (0..CODE_SLOTS).map(|_| None).collect(),
         }
     }
 }
 
-impl Clone for LabCodes {
+impl<V> Clone for CodeCache<V> {
     /// An empty cache: what one reader looked up is no use to another.
     fn clone(&self) -> Self {
-        LabCodes::default()
+        CodeCache::default()
     }
 }
+
+impl<V: Default> CodeCache<V> {
+    /// The value kept for (system, code); when the slot holds another coding, `fill` writes
+    /// this one's into the slot's value (left as the other coding had it, to reuse its room).
+    fn get(&mut self, system: &str, code: &str, fill: impl FnOnce(&mut V)) -> &V {
+        // The number of slots is a power of two (tests shrink them, to make codings share).
+        let mask = self.slots.len() - 1;
+        let slot = &mut self.slots[code_slot(system, code) & mask];
+        let hit = slot.as_ref().is_some_and(|s| s.code == code && s.system == system);
+        let s = slot.get_or_insert_with(|| CodeSlot {
+            system: String::new(),
+            code: String::new(),
+            value: V::default(),
+        });
+        if !hit {
+            for (to, from) in [(&mut s.system, system), (&mut s.code, code)] {
+                to.clear();
+                to.push_str(from);
+            }
+            fill(&mut s.value);
+        }
+        &s.value
+    }
+}
+
+/// Each coding's system key and lab. Looking a coding up in the mappings (the system's key
+/// by its trimmed URI, then the code in that system's map) cost about 350 instructions, a
+/// fifth of reducing an Observation that gives no value.
+#[derive(Default, Clone)]
+pub struct LabCodes(CodeCache<(String, Option<usize>)>);
 
 impl LabCodes {
     /// The system key and lab of a coding: `m.system_key_str(system)` and
     /// `m.lab_for_str(key, trim(code))`.
     pub fn get(&mut self, m: &Mappings, system: Option<&str>, code: &str) -> (&str, Option<usize>) {
         let system = system.unwrap_or("");
-        // The number of slots is a power of two (a test shrinks them, to make codings share).
-        let mask = self.slots.len() - 1;
-        let slot = &mut self.slots[code_slot(system, code) & mask];
-        let hit = slot.as_ref().is_some_and(|s| s.code == code && s.system == system);
-        if !hit {
-            let key = m.system_key_str(Some(system));
-            let lab = m.lab_for_str(key, trim(code));
-            // A slot taken by another coding is overwritten in place: two codings that share
-            // one then cost lookups, never an allocation per line.
-            let s = slot.get_or_insert_with(|| CodeSlot {
-                system: String::new(),
-                code: String::new(),
-                key: String::new(),
-                lab: None,
-            });
-            for (to, from) in [(&mut s.system, system), (&mut s.code, code), (&mut s.key, key)] {
-                to.clear();
-                to.push_str(from);
+        let (key, lab) = self.0.get(system, code, |(key, lab)| {
+            key.clear();
+            key.push_str(m.system_key_str(Some(system)));
+            *lab = m.lab_for_str(key, trim(code));
+        });
+        (key, *lab)
+    }
+}
+
+/// The condition sets of each (system key, code). `Mappings::sets_of_str` tries every code
+/// pattern of the system, a dozen string compares: a quarter of reducing a Condition.
+#[derive(Default, Clone)]
+pub struct SetCodes(CodeCache<Vec<usize>>);
+
+impl SetCodes {
+    /// Adds to `out` what `m.sets_of_str(system, code, out)` adds.
+    pub fn extend(&mut self, m: &Mappings, system: &str, code: &str, out: &mut Vec<usize>) {
+        let sets = self.0.get(system, code, |sets| {
+            sets.clear();
+            m.sets_of_str(system, code, sets);
+        });
+        // A set already in `out` came with all its parents (`sets_of_str` adds a set's
+        // parents after it), so leaving out what is there adds what `sets_of_str` would, in
+        // its order.
+        for &i in sets {
+            if !out.contains(&i) {
+                out.push(i);
             }
-            s.lab = lab;
-        }
-        match slot {
-            Some(s) => (&s.key, s.lab),
-            None => ("", None), // filled just above
         }
     }
 }
@@ -1614,7 +1647,7 @@ mod tests {
             .into_iter()
             .map(|n| {
                 let mut c = LabCodes::default();
-                c.slots.truncate(n);
+                c.0.slots.truncate(n);
                 c
             })
             .collect();
@@ -1624,13 +1657,56 @@ mod tests {
             let key = m.system_key_str(system);
             let want = (key.to_string(), m.lab_for_str(key, trim(code)));
             for cache in &mut caches {
-                let n = cache.slots.len();
+                let n = cache.0.slots.len();
                 let got = cache.get(&m, system, code);
                 assert_eq!((got.0.to_string(), got.1), want, "{n} slots, query {round}: {system:?} {code:?}");
             }
         }
         // Some of these are labs: the test means something.
         assert!(codes.iter().any(|c| caches[0].get(&m, Some("http://loinc.org"), c).1.is_some()));
+    }
+
+    #[test]
+    fn set_codes_answer_as_the_mappings() {
+        let (m, _) = setup();
+        let codings = [
+            ("snomed", "68815009"),  // SLE and lupus nephritis, with parents
+            ("snomed", "55464009"),  // SLE
+            ("icd10", "M32.14"),     // a pattern and an exact code
+            ("icd10", "M3214"),      // the same, without its dot
+            ("icd10", "M32.0"),      // excluded
+            ("icd10", "N18.6"),      // another set
+            ("snomed", "N18.6"),     // the same code in another system
+            ("snomed", "404684003"), // no set
+            ("", "x"),
+        ];
+        // Full size, and so few slots that codings share them. A record's codings go into one
+        // list, so each answer is also checked after every other coding, in both orders.
+        let mut caches: Vec<SetCodes> = [256, 2, 1]
+            .into_iter()
+            .map(|n| {
+                let mut c = SetCodes::default();
+                c.0.slots.truncate(n);
+                c
+            })
+            .collect();
+        let mut found = 0;
+        for (round, &first) in codings.iter().cycle().take(3 * codings.len()).enumerate() {
+            for &second in &codings {
+                let mut want = Vec::new();
+                m.sets_of_str(first.0, first.1, &mut want);
+                m.sets_of_str(second.0, second.1, &mut want);
+                found += want.len();
+                for cache in &mut caches {
+                    let mut got = Vec::new();
+                    cache.extend(&m, first.0, first.1, &mut got);
+                    cache.extend(&m, second.0, second.1, &mut got);
+                    let n = cache.0.slots.len();
+                    assert_eq!(got, want, "{n} slots, round {round}: {first:?} then {second:?}");
+                }
+            }
+        }
+        assert!(found > 0, "none of the codings is in a set: the test means nothing");
     }
 
     /// Every line read through a learnt shape reads exactly as the scanner reads it: each
@@ -1775,13 +1851,16 @@ mod tests {
             lines.push(one);
         }
         let mut answered = 0;
+        // One cache for every line, as a reader keeps: later lines take their sets from it.
+        let mut sets = SetCodes::default();
         for line in &lines {
             let Ok(c) = scan_condition(line) else { continue };
             let Some(id) = c.id else { continue };
             answered += 1;
             let reference = format!("Condition/{id}");
             let mut u = Unmapped::default();
-            let fast = crate::facts::extract::condition_of(&c.fields(), || reference.clone(), &m, &mut u);
+            let sets_of = |system: &str, code: &str, out: &mut Vec<usize>| sets.extend(&m, system, code, out);
+            let fast = crate::facts::extract::condition_of(&c.fields(), || reference.clone(), &m, sets_of, &mut u);
             let fast = (format!("{fast:?}"), u.counts);
             let mut out = ReadOutput::default();
             read_line(&|| "t".into(), line, ReadOptions::default(), &mut out);

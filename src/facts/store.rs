@@ -450,7 +450,9 @@ impl Partial {
         }
         self.diagnosed.push(patient as u32);
         let reference = || ["Condition/", id].concat();
-        if let Some(x) = super::extract::condition_of(&c.fields(), reference, m, &mut self.unmapped) {
+        let sets = &mut shapes.lookups.sets;
+        let sets_of = |system: &str, code: &str, out: &mut Vec<usize>| sets.extend(m, system, code, out);
+        if let Some(x) = super::extract::condition_of(&c.fields(), reference, m, sets_of, &mut self.unmapped) {
             let f = facts_of(&mut self.facts, &mut self.at, patient);
             f.present.conditions = true;
             f.conditions.push(x);
