@@ -648,6 +648,12 @@ pub trait Kind {
     /// Sets `l` to a base. (In place: returning the base by value cost a second copy of
     /// the struct, several hundred bytes, for every line.)
     fn reset<'a>(l: &mut Self::Line<'a>, base: &Self::Line<'static>);
+    /// Sets a default `l` to a base: a kind whose bases differ from the default in a few
+    /// small fields copies only those (a whole Observation line is several hundred bytes,
+    /// copied for every line).
+    fn prime<'a>(l: &mut Self::Line<'a>, base: &Self::Line<'static>) {
+        Self::reset(l, base);
+    }
     /// Reads the line the scanner was made for, in full.
     fn scan<'a>(s: &mut Scanner<'a>, l: &mut Self::Line<'a>, on_subject: impl FnMut(&str)) -> R<()>;
 }
@@ -733,6 +739,17 @@ impl Kind for ObsKind {
 
     fn reset<'a>(o: &mut ObsLine<'a>, base: &ObsLine<'static>) {
         *o = *base;
+    }
+
+    /// The fields [`ObsKind::base`] keeps; the others are None in a base as in a default line.
+    fn prime<'a>(o: &mut ObsLine<'a>, base: &ObsLine<'static>) {
+        o.has_code = base.has_code;
+        o.codes.n = base.codes.n;
+        o.effective_period = base.effective_period;
+        o.has_quantity = base.has_quantity;
+        o.component_codes.n = base.component_codes.n;
+        o.component_of = base.component_of;
+        o.components = base.components;
     }
 
     fn scan<'a>(s: &mut Scanner<'a>, o: &mut ObsLine<'a>, on_subject: impl FnMut(&str)) -> R<()> {
@@ -935,21 +952,30 @@ pub struct ReaderShapes {
 }
 
 impl<K: Kind> Shapes<K> {
-    /// The kind's scan of `line`, through a known shape where the line has one: the fields
-    /// are the same either way. A line that is not UTF-8 bails.
+    /// The kind's scan of `line` into `l`, which must be `K::Line::default()`, through a
+    /// known shape where the line has one: the fields are the same either way. A line that is
+    /// not UTF-8 bails.
     pub fn scan<'a>(&mut self, line: &'a [u8], l: &mut K::Line<'a>, mut on_subject: impl FnMut(&str)) -> R<()> {
+        debug_assert!(*l == K::Line::default(), "a line is scanned into a default one");
         let mut s = Scanner::unmapped(line);
         s.map(None);
         let on = s.is_clean() && self.on();
         if on {
             self.lines += 1;
             let quotes = s.quote_count();
+            // Whether `l` is still the default: a shape that failed has filled some holes.
+            let mut fresh = true;
             for i in 0..self.known.len() {
                 let known = &self.known[i];
                 if known.shape.quotes() != quotes {
                     continue;
                 }
-                K::reset(l, &known.base);
+                if fresh {
+                    K::prime(l, &known.base);
+                    fresh = false;
+                } else {
+                    K::reset(l, &known.base);
+                }
                 let matched = known.shape.matches(&s, |k, text| {
                     if let Some(field) = K::slot(l, k) {
                         *field = Some(text);
@@ -1735,6 +1761,10 @@ mod tests {
                 .scan(t.as_bytes(), &mut K::Line::default(), |_| {})
                 .expect("a template scans");
             assert_eq!(primed.known.len(), 1, "no shape learnt from {t}");
+            let base = primed.known[0].base;
+            let mut l = K::Line::default();
+            K::prime(&mut l, &base);
+            assert_eq!(l, base, "priming a default line gives the base of {t}");
             let mut cases = edited.clone();
             cases.extend(scan::single_byte_edits(t, b"{}[]:,\" \t\\x0-.eEtnf5"));
             for line in &cases {
