@@ -149,9 +149,13 @@ const EMPTY: Slot = Slot {
 
 impl Names {
     fn hash(name: &str) -> u64 {
+        Self::hash_bytes(name.as_bytes())
+    }
+
+    fn hash_bytes(name: &[u8]) -> u64 {
         use std::hash::Hasher;
         let mut h = Words::default();
-        h.write(name.as_bytes());
+        h.write(name);
         h.finish()
     }
 
@@ -220,16 +224,23 @@ impl Names {
         if (self.count + 1) * 4 > self.slots.len() * 3 {
             let size = (self.slots.len() * 2).max(1024);
             let old = std::mem::replace(&mut self.slots, vec![EMPTY; size]);
-            let long = std::mem::take(&mut self.long);
-            self.count = 0;
-            for slot in old.iter().filter(|s| s.len != 0) {
-                let name = if slot.len == u16::MAX {
-                    let i = u32::from_le_bytes([slot.name[0], slot.name[1], slot.name[2], slot.name[3]]) as usize;
-                    long[i].clone()
-                } else {
-                    String::from_utf8_lossy(&slot.name[..usize::from(slot.len) - 1]).into_owned()
+            let mask = size - 1;
+            // Each name is in the table once: its slot moves whole, a long name keeping its
+            // place in `long`. (Inserting every name again built a String of each, on the
+            // thread that registers patients one by one.)
+            for slot in old.into_iter().filter(|s| s.len != 0) {
+                let h = match slot.len {
+                    u16::MAX => {
+                        let i = u32::from_le_bytes([slot.name[0], slot.name[1], slot.name[2], slot.name[3]]) as usize;
+                        Self::hash(self.long.get(i).map_or("", String::as_str))
+                    }
+                    len => Self::hash_bytes(&slot.name[..usize::from(len) - 1]),
                 };
-                self.insert(name, slot.value as usize);
+                let mut i = h as usize & mask;
+                while self.slots[i].len != 0 {
+                    i = (i + 1) & mask;
+                }
+                self.slots[i] = slot;
             }
         }
         let h = Self::hash(&name);
@@ -807,9 +818,13 @@ mod names_tests {
         let mut n = Names::default();
         assert_eq!(n.get("Patient/x"), None);
         let long = format!("urn:uuid:{}", "0123456789abcdef".repeat(5));
+        // A long name put first moves with every growth of the table.
+        let first = format!("urn:uuid:{}", "fedcba9876543210".repeat(5));
+        n.insert(first.clone(), 8888);
         for i in 0..5000 {
             n.insert(format!("Patient/{i:036}"), i);
         }
+        assert_eq!(n.get(&first), Some(8888));
         n.insert(long.clone(), 9999);
         n.insert(String::new(), 7);
         for i in 0..5000 {
