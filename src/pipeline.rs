@@ -246,7 +246,9 @@ fn read_ndjson(
         for _ in 0..threads.min(blocks as usize).max(1) {
             let (done_tx, reg, file, taken, failed) = (done_tx.clone(), &reg, &file, &taken, &failed);
             s.spawn(move || {
-                let mut buf = Vec::new();
+                // Room for a block and the end of its last line from the start: growing it
+                // then would copy the whole block.
+                let mut buf = Vec::with_capacity(BLOCK + BLOCK / 8);
                 // Kept from block to block: a file's lines keep their shapes.
                 let mut shapes = ReaderShapes::default();
                 let mut room = Room::default();
