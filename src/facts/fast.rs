@@ -1160,7 +1160,8 @@ impl<V: Default> CodeCache<V> {
         // The number of slots is a power of two (tests shrink them, to make codings share).
         let mask = self.slots.len() - 1;
         let slot = &mut self.slots[code_slot(system, code) & mask];
-        let hit = slot.as_ref().is_some_and(|s| s.code == code && s.system == system);
+        let same = |a: &str, b: &str| crate::fhir::shape::same_bytes(a.as_bytes(), b.as_bytes());
+        let hit = slot.as_ref().is_some_and(|s| same(&s.code, code) && same(&s.system, system));
         let s = slot.get_or_insert_with(|| CodeSlot {
             system: String::new(),
             code: String::new(),

@@ -242,6 +242,13 @@ fn same(b: &[u8], pos: usize, lit: &[u8]) -> bool {
     }
 }
 
+/// Whether `a` and `b` are the same bytes, compared in line as runs of fixed bytes are: for
+/// short strings looked up on every line (codes, systems), without a call to `memcmp`.
+#[inline(always)]
+pub(crate) fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && same(a, 0, b)
+}
+
 /// Whether the first 16 bytes of `a` and `b` are the same (both hold at least 16).
 #[inline(always)]
 fn same16(a: &[u8], b: &[u8]) -> bool {
