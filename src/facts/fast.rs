@@ -980,12 +980,14 @@ impl<K: Kind> Shapes<K> {
                     if let Some(field) = K::slot(l, k) {
                         *field = Some(text);
                     }
+                    // Told as soon as it is read: the patient's entry then loads while the
+                    // rest of the line is matched.
+                    if k == K::SUBJECT {
+                        on_subject(text);
+                    }
                 });
                 if matched {
                     self.hit(i);
-                    if let Some(Some(subject)) = K::slot(l, K::SUBJECT) {
-                        on_subject(subject);
-                    }
                     return Ok(());
                 }
             }

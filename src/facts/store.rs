@@ -185,8 +185,9 @@ impl Names {
 
     /// Starts loading the slot where `name` would be, so that a [`Names::get_hashed`] a little
     /// later finds it in cache: lookups land anywhere in a table larger than the core's cache.
-    /// Returns the name's hash, for that lookup.
-    #[inline]
+    /// Returns the name's hash, for that lookup. Not inlined: it is called from within the
+    /// matching of a shape, whose loop must stay small.
+    #[inline(never)]
     fn prefetch(&self, name: &str) -> u64 {
         let h = Self::hash(name);
         if self.slots.is_empty() {
@@ -287,12 +288,15 @@ impl Registry {
     /// with the hash computed then. None: the line cannot be scanned (as one that is not
     /// UTF-8), or has no subject or an unknown one (the full way counts those).
     fn scan_for_patient<'a, K: fast::Kind>(&self, shapes: &mut fast::Shapes<K>, line: &'a [u8], l: &mut K::Line<'a>) -> Option<usize> {
+        // The text hashed last (where it is in the line, and its length) with its hash: a
+        // shape that failed after reading a subject may have hashed another text.
         let mut hashed = None;
-        shapes.scan(line, l, |subject| hashed = Some(self.alias.prefetch(subject))).ok()?;
+        let on_subject = |subject: &str| hashed = Some((subject.as_ptr() as usize, subject.len(), self.alias.prefetch(subject)));
+        shapes.scan(line, l, on_subject).ok()?;
         let subject = K::slot(l, K::SUBJECT).and_then(|s| *s)?;
         match hashed {
-            Some(h) => self.patient_of_hashed(subject, h),
-            None => self.patient_of(subject),
+            Some((at, len, h)) if at == subject.as_ptr() as usize && len == subject.len() => self.patient_of_hashed(subject, h),
+            _ => self.patient_of(subject),
         }
     }
 
