@@ -531,7 +531,7 @@ fn load_decisions(path: &Option<PathBuf>, cfg: &trialgate::Config) -> anyhow::Re
     let known: Vec<(String, Vec<String>)> = cfg
         .trials
         .iter()
-        .map(|t| (t.id.clone(), t.criteria.iter().map(|c| c.id.clone()).collect()))
+        .map(|t| (t.id.clone(), t.criteria.iter().map(|c| c.id.to_string()).collect()))
         .collect();
     for x in d.dangling(&known) {
         tracing::warn!(

@@ -12,6 +12,7 @@ use crate::facts::mappings::Mappings;
 use crate::facts::{Bound, Bounded, LabValue, MedSource, PatientFacts, Reading};
 use crate::time::{Date, Instant, Span, Window};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Serialize, PartialEq, Deserialize)]
 pub struct Evidence {
@@ -1236,7 +1237,8 @@ fn biopsy(cx: &Ctx, kind: &str, within: Option<Span>, classes: &[String], withou
 /// One criterion's result as reported.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CriterionResult {
-    pub id: String,
+    /// Shared with the trial's criterion: every patient's result names it.
+    pub id: Arc<str>,
     pub kind: Kind,
     pub text: String,
     pub outcome: Outcome,
@@ -1252,7 +1254,7 @@ pub struct CriterionResult {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Decider {
-    pub id: String,
+    pub id: Arc<str>,
     pub text: String,
 }
 

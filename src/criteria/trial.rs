@@ -305,7 +305,8 @@ pub enum Decide {
 
 #[derive(Debug, Clone)]
 pub struct Criterion {
-    pub id: String,
+    /// Shared with every result that names the criterion.
+    pub id: std::sync::Arc<str>,
     pub kind: Kind,
     pub text: String,
     pub context: Option<String>,
@@ -869,7 +870,7 @@ pub fn compile_trial(path: &Path, file: TrialFile, m: &Mappings) -> Result<(Tria
         errors.append(&mut cx.errors);
         if let Some(decide) = decide {
             criteria.push(Criterion {
-                id: spec.id.clone(),
+                id: spec.id.as_str().into(),
                 kind: spec.kind,
                 text: spec.text.clone(),
                 context: spec.context.clone(),

@@ -43,7 +43,7 @@ pub struct PageRow {
 impl PageRow {
     pub fn of(r: &TrialResult) -> PageRow {
         let item = |c: &crate::criteria::eval::CriterionResult| PageItem {
-            id: c.id.clone(),
+            id: c.id.to_string(),
             reason: c.reason.clone(),
             evidence: dedup(c.evidence.iter().map(|e| e.resource.clone()).collect()),
         };
