@@ -1142,9 +1142,7 @@ struct CodeSlot<V> {
 
 impl<V> Default for CodeCache<V> {
     fn default() -> Self {
-        CodeCache {
-            slots: (0..CODE_SLOTS).map(|_| None).collect(),
-        }
+        CodeCache::with_slots(CODE_SLOTS)
     }
 }
 
@@ -1177,6 +1175,15 @@ impl<V: Default> CodeCache<V> {
             fill(&mut s.value);
         }
         &s.value
+    }
+}
+
+impl<V> CodeCache<V> {
+    /// A cache of `n` slots, a power of two (tests make codings share a few).
+    fn with_slots(n: usize) -> Self {
+        CodeCache {
+            slots: (0..n).map(|_| None).collect(),
+        }
     }
 }
 
@@ -1672,14 +1679,7 @@ mod tests {
         ];
         // Full size, and so few slots that codings share them: each coding must still get
         // its own answer, whether it follows the same code in another system or another code.
-        let mut caches: Vec<LabCodes> = [256, 2, 1]
-            .into_iter()
-            .map(|n| {
-                let mut c = LabCodes::default();
-                c.0.slots.truncate(n);
-                c
-            })
-            .collect();
+        let mut caches: Vec<LabCodes> = [256, 2, 1].map(|n| LabCodes(CodeCache::with_slots(n))).into();
         let pairs = systems.iter().flat_map(|&s| codes.iter().map(move |&c| (s, c)));
         let by_code = codes.iter().flat_map(|&c| systems.iter().map(move |&s| (s, c)));
         for (round, (system, code)) in pairs.chain(by_code).cycle().take(3 * 2 * 60).enumerate() {
@@ -1711,14 +1711,7 @@ mod tests {
         ];
         // Full size, and so few slots that codings share them. A record's codings go into one
         // list, so each answer is also checked after every other coding, in both orders.
-        let mut caches: Vec<SetCodes> = [256, 2, 1]
-            .into_iter()
-            .map(|n| {
-                let mut c = SetCodes::default();
-                c.0.slots.truncate(n);
-                c
-            })
-            .collect();
+        let mut caches: Vec<SetCodes> = [256, 2, 1].map(|n| SetCodes(CodeCache::with_slots(n))).into();
         let mut found = 0;
         for (round, &first) in codings.iter().cycle().take(3 * codings.len()).enumerate() {
             for &second in &codings {
