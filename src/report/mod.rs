@@ -327,9 +327,11 @@ fn ids(r: &TrialResult, outcome: Outcome) -> Vec<&str> {
     r.criteria.iter().filter(|c| c.outcome == outcome).map(|c| &*c.id).collect()
 }
 
-/// Appends `s` as a CSV field: quoted when it holds a comma, a quote or a line break.
+/// Appends `s` as a CSV field: quoted when it holds a comma, a quote or a line break. (Looked
+/// for bytewise: matching a pattern of chars cost about 250 instructions per field, three
+/// fields a row, on the thread that writes the rows while the others evaluate.)
 fn csv_field(out: &mut String, s: &str) {
-    if s.contains([',', '"', '\n']) {
+    if memchr::memchr3(b',', b'"', b'\n', s.as_bytes()).is_some() {
         out.push('"');
         out.push_str(&s.replace('"', "\"\""));
         out.push('"');
@@ -432,4 +434,27 @@ fn text_tail(sum: &Summary, t: &Totals) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod csv_tests {
+    use super::csv_field;
+
+    #[test]
+    fn csv_fields_are_quoted_only_when_they_must_be() {
+        let field = |s: &str| {
+            let mut out = String::new();
+            csv_field(&mut out, s);
+            out
+        };
+        assert_eq!(field("Patient/a-1"), "Patient/a-1");
+        assert_eq!(field(""), "");
+        assert_eq!(field("record: deceased; inc-1 exc-2"), "record: deceased; inc-1 exc-2");
+        assert_eq!(field("a,b"), "\"a,b\"");
+        assert_eq!(field("say \"no\""), "\"say \"\"no\"\"\"");
+        assert_eq!(field("two\nlines"), "\"two\nlines\"");
+        // Past the 16 or 32 bytes a vector compare takes at once.
+        let long = format!("{},{}", "x".repeat(40), "y".repeat(40));
+        assert_eq!(field(&long), format!("\"{long}\""));
+    }
 }
