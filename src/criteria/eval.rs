@@ -769,16 +769,15 @@ fn fmt_time(t: Option<Instant>) -> String {
 
 fn condition(cx: &Ctx, c: &ConditionRule, policy: NoRecords) -> NodeResult {
     let end = cx.as_of.end();
-    let matching: Vec<&crate::facts::ConditionFact> = cx
-        .facts
-        .conditions
-        .iter()
-        .filter(|f| f.sets.iter().any(|s| c.sets.contains(s)) && !f.sets.iter().any(|s| c.except.contains(s)))
-        .collect();
+    let matches =
+        |f: &&crate::facts::ConditionFact| f.sets.iter().any(|s| c.sets.contains(s)) && !f.sets.iter().any(|s| c.except.contains(s));
+    // Gathered only to explain: an outcome is reached without building the list (for every
+    // condition rule of every trial and patient).
+    let matching = || cx.facts.conditions.iter().filter(matches).collect::<Vec<_>>();
     let window = c.within.map(|s| Window::lookback(s, cx.as_of));
     let mut unknown = Vec::new();
     let mut seen = Vec::new();
-    for f in &matching {
+    for f in cx.facts.conditions.iter().filter(matches) {
         // What the record proves about when it began and ended, as bounds: onset is at or
         // after `on_lo` and before `on_hi` (a partial date is a whole year or month, and it
         // cannot be later than the recordedDate); abatement likewise.
@@ -871,7 +870,7 @@ fn condition(cx: &Ctx, c: &ConditionRule, policy: NoRecords) -> NodeResult {
             }
         };
         if ok {
-            seen.push(*f);
+            seen.push(f);
         }
     }
     let evidence = |fs: &[&crate::facts::ConditionFact]| -> Vec<Evidence> {
@@ -916,9 +915,10 @@ fn condition(cx: &Ctx, c: &ConditionRule, policy: NoRecords) -> NodeResult {
     }
     if !unknown.is_empty() {
         let why = why!(cx, "{}: {}", names(), unknown.join("; "));
-        return NodeResult::new(Outcome::Unknown, why).with_evidence(cx, || evidence(&matching));
+        return NodeResult::new(Outcome::Unknown, why).with_evidence(cx, || evidence(&matching()));
     }
     none_recorded(cx, "Condition records", cx.facts.present.conditions, policy, || {
+        let matching = matching();
         if matching.is_empty() {
             format!("no {} condition recorded", names())
         } else {
@@ -930,7 +930,7 @@ fn condition(cx: &Ctx, c: &ConditionRule, policy: NoRecords) -> NodeResult {
             )
         }
     })
-    .with_evidence(cx, || evidence(&matching))
+    .with_evidence(cx, || evidence(&matching()))
 }
 
 fn medication(cx: &Ctx, m: &MedicationRule, policy: NoRecords) -> NodeResult {
