@@ -170,15 +170,16 @@ pub fn parse_fhir_range(s: &str) -> Option<(Instant, Instant)> {
     }
     let s = crate::fhir::trim(s);
     let b = s.as_bytes();
-    let year = |b: &[u8]| parse_digits(b).filter(|_| b.len() == 4);
+    // Both arms below hold the year's four bytes first.
+    let year = || Some(two(b, 0)? * 100 + two(b, 2)?);
     match b.len() {
         4 => {
-            let y = year(b)?;
+            let y = year()?;
             Some((Date::from_ymd(y, 1, 1)?.start(), Date::from_ymd(y + 1, 1, 1)?.start()))
         }
         7 if b[4] == b'-' => {
-            let y = year(&b[..4])?;
-            let m = parse_digits(&b[5..7])? as u32;
+            let y = year()?;
+            let m = two(b, 5)? as u32;
             let first = Date::from_ymd(y, m, 1)?;
             Some((first.start(), first.add_months(1).start()))
         }
@@ -274,17 +275,6 @@ impl fmt::Display for Window {
 fn two(b: &[u8], i: usize) -> Option<i64> {
     let (hi, lo) = (b[i].wrapping_sub(b'0'), b[i + 1].wrapping_sub(b'0'));
     (hi < 10 && lo < 10).then(|| i64::from(hi) * 10 + i64::from(lo))
-}
-
-fn parse_digits(b: &[u8]) -> Option<i64> {
-    let mut n = 0i64;
-    for &c in b {
-        if !c.is_ascii_digit() {
-            return None;
-        }
-        n = n * 10 + i64::from(c - b'0');
-    }
-    Some(n)
 }
 
 fn is_leap(y: i64) -> bool {
