@@ -679,6 +679,44 @@ fn codes_base(c: &Codes<'_>) -> Codes<'static> {
 /// Observation lines, for [`Shapes`].
 pub struct ObsKind;
 
+impl ObsKind {
+    /// Sets on `to` what every line of `from`'s shape reads apart from its holes: a base is a
+    /// default line with these set, so priming a default line sets only these. Every field
+    /// is named, so that a new one is placed on one side or the other.
+    fn keep<'a>(to: &mut ObsLine<'a>, from: &ObsLine<'_>) {
+        let ObsLine {
+            id: _,
+            status: _,
+            has_code,
+            codes,
+            subject: _,
+            effective_date_time: _,
+            effective_period,
+            effective_instant: _,
+            has_quantity,
+            q_value: _,
+            q_comparator: _,
+            q_unit: _,
+            q_system: _,
+            q_code: _,
+            value_string: _,
+            value_integer: _,
+            value_concept: _,
+            reference_range: _,
+            component_codes,
+            component_of,
+            components,
+        } = from;
+        to.has_code = *has_code;
+        to.codes.n = codes.n;
+        to.effective_period = effective_period.map(|_| None);
+        to.has_quantity = *has_quantity;
+        to.component_codes.n = component_codes.n;
+        to.component_of = *component_of;
+        to.components = *components;
+    }
+}
+
 impl Kind for ObsKind {
     type Line<'a> = ObsLine<'a>;
     const HOLES: u8 = 28;
@@ -712,44 +750,17 @@ impl Kind for ObsKind {
     }
 
     fn base(o: &ObsLine<'_>) -> ObsLine<'static> {
-        ObsLine {
-            id: None,
-            status: None,
-            has_code: o.has_code,
-            codes: codes_base(&o.codes),
-            subject: None,
-            effective_date_time: None,
-            effective_period: o.effective_period.map(|_| None),
-            effective_instant: None,
-            has_quantity: o.has_quantity,
-            q_value: None,
-            q_comparator: None,
-            q_unit: None,
-            q_system: None,
-            q_code: None,
-            value_string: None,
-            value_integer: None,
-            value_concept: None,
-            reference_range: None,
-            component_codes: codes_base(&o.component_codes),
-            component_of: o.component_of,
-            components: o.components,
-        }
+        let mut base = ObsLine::default();
+        ObsKind::keep(&mut base, o);
+        base
     }
 
     fn reset<'a>(o: &mut ObsLine<'a>, base: &ObsLine<'static>) {
         *o = *base;
     }
 
-    /// The fields [`ObsKind::base`] keeps; the others are None in a base as in a default line.
     fn prime<'a>(o: &mut ObsLine<'a>, base: &ObsLine<'static>) {
-        o.has_code = base.has_code;
-        o.codes.n = base.codes.n;
-        o.effective_period = base.effective_period;
-        o.has_quantity = base.has_quantity;
-        o.component_codes.n = base.component_codes.n;
-        o.component_of = base.component_of;
-        o.components = base.components;
+        ObsKind::keep(o, base);
     }
 
     fn scan<'a>(s: &mut Scanner<'a>, o: &mut ObsLine<'a>, on_subject: impl FnMut(&str)) -> R<()> {
