@@ -42,6 +42,15 @@ impl Date {
         civil_from_days(self.0)
     }
 
+    /// Days since 1970-01-01, as [`Date::from_days`] takes them back.
+    pub fn days(self) -> i64 {
+        self.0
+    }
+
+    pub fn from_days(days: i64) -> Date {
+        Date(days)
+    }
+
     pub fn start(self) -> Instant {
         Instant(self.0 * SECS_PER_DAY)
     }

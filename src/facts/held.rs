@@ -5,10 +5,14 @@
 //! so what one patient costs there is what memory grows by per patient. As structs, a
 //! patient with two lab values and a diagnosis is about 1.7 KB (a 400-byte `PatientFacts`
 //! with a map of labs, 200-byte lab values each with four strings, the demographics twice);
-//! encoded (postcard: variable-length integers, strings inline) it is about 350 bytes.
-//! Encoding each fact once (on the worker that reduced it) and decoding it once (on the
-//! worker that evaluates it) costs about what merging and trimming the structs on the main
-//! thread did; with fewer pages to fault in, BENCH-LN got faster, not slower.
+//! encoded it is about 350 bytes. Encoding each fact once (on the worker that reduced it) and
+//! decoding it once (on the worker that evaluates it) costs about what merging and trimming
+//! the structs on the main thread did; with fewer pages to fault in, BENCH-LN got faster.
+//!
+//! The encoding is this module's own (see [`Put`]): the bytes never leave the process, and
+//! through serde (postcard) a lab value cost 1,340 instructions to decode and 650 to encode,
+//! a third more than now (what is left is mostly allocating its strings). Every field of every fact is listed once, in [`record!`]:
+//! a field added to a fact and not listed there does not compile.
 
 use super::*;
 
@@ -18,62 +22,413 @@ use super::*;
 pub struct Held {
     key: Box<str>,
     present: Present,
-    /// Some fact could not be encoded: the patient is screened as if nothing were known
-    /// (see [`Held::facts`]), never on the facts that were.
-    broken: bool,
     bytes: Vec<u8>,
 }
 
-/// One fact, tagged with the list of [`PatientFacts`] it goes to.
-#[derive(serde::Serialize, serde::Deserialize)]
-enum Item {
-    /// Demographics, with their `person` apart as (name, MRN): `Person` leaves its empty
-    /// fields out when serialized (for the reports), which a format without field names
-    /// could not read back.
-    Demographics(Demographics, Option<(Option<String>, Option<String>)>),
-    /// A lab value; true: its `resource` was `Observation/<tie>` and is left out (what every
-    /// value read from NDJSON is: the id would otherwise be held twice).
-    Lab(usize, bool, LabValue),
-    Condition(ConditionFact),
-    Medication(MedicationFact),
-    Procedure(EventFact),
-    Immunization(EventFact),
-    Allergy(AllergyFact),
-    Biopsy(BiopsyFact),
+/// Which list of [`PatientFacts`] an item goes to: its first byte.
+mod tag {
+    pub const DEMOGRAPHICS: u8 = 0;
+    /// A lab index, whether the value's `resource` was `Observation/<tie>` and is left out
+    /// (what every value read from NDJSON is: the id would otherwise be held twice), then the
+    /// value.
+    pub const LAB: u8 = 1;
+    pub const CONDITION: u8 = 2;
+    pub const MEDICATION: u8 = 3;
+    pub const PROCEDURE: u8 = 4;
+    pub const IMMUNIZATION: u8 = 5;
+    pub const ALLERGY: u8 = 6;
+    pub const BIOPSY: u8 = 7;
 }
 
 const OBSERVATION: &str = "Observation/";
 
-/// A patient's held facts are not whole: a fact type and its encoding disagree (a bug, such
-/// as a serde attribute the format cannot carry), never bad input.
+/// A patient's held facts cannot be decoded: the bytes and the code that reads them
+/// disagree (a bug), never bad input.
 #[derive(Debug, thiserror::Error)]
 pub enum HeldError {
     #[error("a patient's held facts cannot be decoded ({0}); this is a bug in trialgate")]
-    Decode(postcard::Error),
-    #[error("some of a patient's facts could not be encoded; this is a bug in trialgate")]
-    Encode,
+    Decode(&'static str),
 }
 
-/// Appends `item`; false when it could not be encoded. Into a Vec, from plain structs of
-/// strings, numbers and enums, postcard fails only on what these types do not have (maps of
-/// unknown length), which the round-trip tests below would show. A failed item is cut off,
-/// so that the ones after it still decode.
-fn put(item: &Item, out: &mut Vec<u8>) -> bool {
-    let start = out.len();
-    match postcard::to_io(item, &mut *out) {
-        Ok(_) => true,
-        Err(e) => {
-            out.truncate(start);
-            tracing::error!(error = %e, "a fact could not be encoded");
-            false
+/// Writes a value onto held bytes: unsigned integers as LEB128 varints, signed ones
+/// zigzagged first, floats as their 8 bytes, strings as their length then their bytes, an
+/// `Option` and an enum as a byte saying which, then what it holds. [`Take`] reads it back.
+trait Put {
+    fn put(&self, out: &mut Vec<u8>);
+}
+
+/// Reads back what [`Put`] wrote.
+trait Take: Sized {
+    fn take(r: &mut Reader<'_>) -> Result<Self, HeldError>;
+}
+
+/// Held bytes being decoded.
+struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+const CUT: HeldError = HeldError::Decode("cut short");
+
+impl<'a> Reader<'a> {
+    fn byte(&mut self) -> Result<u8, HeldError> {
+        let (&b, rest) = self.rest.split_first().ok_or(CUT)?;
+        self.rest = rest;
+        Ok(b)
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], HeldError> {
+        let (b, rest) = self.rest.split_at_checked(n).ok_or(CUT)?;
+        self.rest = rest;
+        Ok(b)
+    }
+
+    fn varint(&mut self) -> Result<u64, HeldError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b < 0x80 {
+                return Ok(v);
+            }
+        }
+        Err(HeldError::Decode("an integer runs over 64 bits"))
+    }
+
+    fn str(&mut self) -> Result<&'a str, HeldError> {
+        let n = usize::try_from(self.varint()?).map_err(|_| CUT)?;
+        let b = self.bytes(n)?;
+        if b.is_ascii() {
+            // SAFETY: ASCII is UTF-8. (Nearly every held string is: ids, codes, units. The
+            // general check costs several times this one on strings this short.)
+            return Ok(unsafe { std::str::from_utf8_unchecked(b) });
+        }
+        std::str::from_utf8(b).map_err(|_| HeldError::Decode("a string is not UTF-8"))
+    }
+
+    /// An enum's or an `Option`'s byte, below `n`.
+    fn which(&mut self, n: u8) -> Result<u8, HeldError> {
+        let b = self.byte()?;
+        if b < n {
+            Ok(b)
+        } else {
+            Err(HeldError::Decode("an unknown variant"))
         }
     }
 }
 
+fn put_varint(mut v: u64, out: &mut Vec<u8>) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+impl Put for u64 {
+    fn put(&self, out: &mut Vec<u8>) {
+        put_varint(*self, out);
+    }
+}
+
+impl Take for u64 {
+    fn take(r: &mut Reader<'_>) -> Result<Self, HeldError> {
+        r.varint()
+    }
+}
+
+impl Put for usize {
+    fn put(&self, out: &mut Vec<u8>) {
+        put_varint(*self as u64, out);
+    }
+}
+
+impl Take for usize {
+    fn take(r: &mut Reader<'_>) -> Result<Self, HeldError> {
+        usize::try_from(r.varint()?).map_err(|_| HeldError::Decode("an index runs over usize"))
+    }
+}
+
+impl Put for i64 {
+    fn put(&self, out: &mut Vec<u8>) {
+        put_varint(((self << 1) ^ (self >> 63)) as u64, out);
+    }
+}
+
+impl Take for i64 {
+    fn take(r: &mut Reader<'_>) -> Result<Self, HeldError> {
+        let v = r.varint()?;
+        Ok((v >> 1) as i64 ^ -((v & 1) as i64))
+    }
+}
+
+impl Put for f64 {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+}
+
+impl Take for f64 {
+    fn take(r: &mut Reader<'_>) -> Result<Self, HeldError> {
+        let b: [u8; 8] = r.bytes(8)?.try_into().map_err(|_| CUT)?;
+        Ok(f64::from_le_bytes(b))
+    }
+}
+
+impl Put for bool {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.push(u8::from(*self));
+    }
+}
+
+impl Take for bool {
+    fn take(r: &mut Reader<'_>) -> Result<Self, HeldError> {
+        Ok(r.which(2)? == 1)
+    }
+}
+
+impl Put for String {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.len().put(out);
+        out.extend_from_slice(self.as_bytes());
+    }
+}
+
+impl Take for String {
+    fn take(r: &mut Reader<'_>) -> Result<Self, HeldError> {
+        r.str().map(String::from)
+    }
+}
+
+impl<T: Put> Put for Option<T> {
+    fn put(&self, out: &mut Vec<u8>) {
+        match self {
+            None => out.push(0),
+            Some(v) => {
+                out.push(1);
+                v.put(out);
+            }
+        }
+    }
+}
+
+impl<T: Take> Take for Option<T> {
+    fn take(r: &mut Reader<'_>) -> Result<Self, HeldError> {
+        Ok(match r.which(2)? {
+            0 => None,
+            _ => Some(T::take(r)?),
+        })
+    }
+}
+
+impl<T: Put> Put for Vec<T> {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.len().put(out);
+        self.iter().for_each(|v| v.put(out));
+    }
+}
+
+impl<T: Take> Take for Vec<T> {
+    fn take(r: &mut Reader<'_>) -> Result<Self, HeldError> {
+        let n = usize::take(r)?;
+        // Every value takes at least a byte: a length past the bytes left is cut short,
+        // and must not reserve memory for it.
+        let mut v = Vec::with_capacity(n.min(r.rest.len()));
+        for _ in 0..n {
+            v.push(T::take(r)?);
+        }
+        Ok(v)
+    }
+}
+
+impl<A: Put, B: Put> Put for (A, B) {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.0.put(out);
+        self.1.put(out);
+    }
+}
+
+impl<A: Take, B: Take> Take for (A, B) {
+    fn take(r: &mut Reader<'_>) -> Result<Self, HeldError> {
+        Ok((A::take(r)?, B::take(r)?))
+    }
+}
+
+impl Put for Instant {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.0.put(out);
+    }
+}
+
+impl Take for Instant {
+    fn take(r: &mut Reader<'_>) -> Result<Self, HeldError> {
+        i64::take(r).map(Instant)
+    }
+}
+
+impl Put for Date {
+    fn put(&self, out: &mut Vec<u8>) {
+        self.days().put(out);
+    }
+}
+
+impl Take for Date {
+    fn take(r: &mut Reader<'_>) -> Result<Self, HeldError> {
+        i64::take(r).map(Date::from_days)
+    }
+}
+
+/// An enum of unit variants, as the index of its variant.
+macro_rules! variants {
+    ($t:ident { $($v:ident),+ $(,)? }) => {
+        impl Put for $t {
+            fn put(&self, out: &mut Vec<u8>) {
+                out.push(*self as u8);
+            }
+        }
+
+        impl Take for $t {
+            fn take(r: &mut Reader<'_>) -> Result<Self, HeldError> {
+                const ALL: &[$t] = &[$($t::$v),+];
+                ALL.get(usize::from(r.byte()?)).copied().ok_or(HeldError::Decode("an unknown variant"))
+            }
+        }
+    };
+}
+
+variants!(Bound { AtMost, AtLeast });
+variants!(MedSource {
+    Request,
+    Statement,
+    Administration
+});
+
+/// A struct, as its fields one after another. `Put` destructures it whole and `Take` builds
+/// it whole: a field left out of the list does not compile.
+macro_rules! record {
+    ($t:ident { $($f:ident),+ $(,)? }) => {
+        impl Put for $t {
+            fn put(&self, out: &mut Vec<u8>) {
+                let $t { $($f),+ } = self;
+                $($f.put(out);)+
+            }
+        }
+
+        impl Take for $t {
+            fn take(r: &mut Reader<'_>) -> Result<Self, HeldError> {
+                // Struct expressions evaluate their fields in the order written.
+                Ok($t { $($f: Take::take(r)?),+ })
+            }
+        }
+    };
+}
+
+record!(Bounded { value, bound });
+record!(LabValue {
+    resource,
+    tie,
+    time,
+    code,
+    equation,
+    raw_value,
+    raw_text,
+    raw_unit,
+    reading,
+    uln
+});
+record!(ConditionFact {
+    resource,
+    sets,
+    code,
+    clinical,
+    onset,
+    abatement,
+    abated_undated,
+    recorded
+});
+record!(MedicationFact {
+    resource,
+    source,
+    sets,
+    code,
+    start,
+    end,
+    ongoing,
+    finished,
+    routes,
+    dose_g,
+    dose_text
+});
+record!(EventFact {
+    resource,
+    sets,
+    code,
+    time,
+    end
+});
+record!(AllergyFact { resource, sets, code });
+record!(BiopsyFact {
+    kind,
+    resource,
+    time,
+    classes
+});
+record!(Deceased { when, text });
+record!(Person { name, mrn });
+record!(Demographics {
+    birth_date,
+    birth_text,
+    gender,
+    deceased,
+    inactive,
+    replaced_by,
+    person
+});
+
+impl Put for Reading {
+    fn put(&self, out: &mut Vec<u8>) {
+        match self {
+            Reading::Number(b) => {
+                out.push(0);
+                b.put(out);
+            }
+            Reading::Unconvertible { raw_unit } => {
+                out.push(1);
+                raw_unit.put(out);
+            }
+            Reading::BadComparator(s) => {
+                out.push(2);
+                s.put(out);
+            }
+            Reading::Result(s) => {
+                out.push(3);
+                s.put(out);
+            }
+        }
+    }
+}
+
+impl Take for Reading {
+    fn take(r: &mut Reader<'_>) -> Result<Self, HeldError> {
+        Ok(match r.which(4)? {
+            0 => Reading::Number(Bounded::take(r)?),
+            1 => Reading::Unconvertible {
+                raw_unit: String::take(r)?,
+            },
+            2 => Reading::BadComparator(String::take(r)?),
+            _ => Reading::Result(String::take(r)?),
+        })
+    }
+}
+
+/// Writes `item` after its tag.
+fn put(tag: u8, item: &impl Put, out: &mut Vec<u8>) {
+    out.push(tag);
+    item.put(out);
+}
+
 /// Encodes the facts of `f` (not its key nor its demographics) onto `out`; returns which
-/// kinds of record the patient has, which the encoding does not carry, or `None` when some
-/// fact could not be encoded.
-pub fn encode(f: PatientFacts, out: &mut Vec<u8>) -> Option<Present> {
+/// kinds of record the patient has, which the encoding does not carry.
+pub fn encode(f: PatientFacts, out: &mut Vec<u8>) -> Present {
     let PatientFacts {
         key: _,
         demographics: _,
@@ -86,52 +441,46 @@ pub fn encode(f: PatientFacts, out: &mut Vec<u8>) -> Option<Present> {
         biopsies,
         present,
     } = f;
-    let mut whole = true;
     for (lab, values) in labs {
         for mut v in values {
             let named = v.resource.strip_prefix(OBSERVATION) == Some(v.tie.as_str());
             if named {
                 v.resource = String::new();
             }
-            whole &= put(&Item::Lab(lab, named, v), out);
+            put(tag::LAB, &(lab, named), out);
+            v.put(out);
         }
     }
-    let items = (conditions.into_iter().map(Item::Condition))
-        .chain(medications.into_iter().map(Item::Medication))
-        .chain(procedures.into_iter().map(Item::Procedure))
-        .chain(immunizations.into_iter().map(Item::Immunization))
-        .chain(allergies.into_iter().map(Item::Allergy))
-        .chain(biopsies.into_iter().map(Item::Biopsy));
-    for item in items {
-        whole &= put(&item, out);
-    }
-    whole.then_some(present)
+    conditions.iter().for_each(|x| put(tag::CONDITION, x, out));
+    medications.iter().for_each(|x| put(tag::MEDICATION, x, out));
+    procedures.iter().for_each(|x| put(tag::PROCEDURE, x, out));
+    immunizations.iter().for_each(|x| put(tag::IMMUNIZATION, x, out));
+    allergies.iter().for_each(|x| put(tag::ALLERGY, x, out));
+    biopsies.iter().for_each(|x| put(tag::BIOPSY, x, out));
+    present
 }
 
 impl Held {
     /// A patient with no facts yet.
     pub fn new(key: String, demographics: Demographics) -> Held {
-        Held::with(key, Self::demographics(demographics))
+        Held::with(key, Self::demographics(&demographics))
     }
 
     /// Encodes demographics for [`Held::with`] (on the thread that read the Patient: the
-    /// one that registers patients is the one that waits). `None`: they could not be.
-    pub fn demographics(mut d: Demographics) -> Option<Vec<u8>> {
-        let mut bytes = Vec::new();
-        let person = d.person.take().map(|p| (p.name, p.mrn));
-        put(&Item::Demographics(d, person), &mut bytes).then(|| {
-            bytes.shrink_to_fit();
-            bytes
-        })
+    /// one that registers patients is the one that waits).
+    pub fn demographics(d: &Demographics) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(64);
+        put(tag::DEMOGRAPHICS, d, &mut bytes);
+        bytes.shrink_to_fit();
+        bytes
     }
 
     /// A patient with no facts yet, and demographics encoded by [`Held::demographics`].
-    pub fn with(key: String, demographics: Option<Vec<u8>>) -> Held {
+    pub fn with(key: String, demographics: Vec<u8>) -> Held {
         Held {
             key: key.into_boxed_str(),
             present: Present::default(),
-            broken: demographics.is_none(),
-            bytes: demographics.unwrap_or_default(),
+            bytes: demographics,
         }
     }
 
@@ -151,11 +500,8 @@ impl Held {
     /// Adds facts encoded by [`encode`] (`present` is what it returned). Grown to the exact
     /// size: a patient gains a few facts at a time, and doubling would leave up to half of
     /// every patient's bytes unused.
-    pub fn append(&mut self, present: Option<Present>, encoded: &[u8]) {
-        match present {
-            Some(p) => self.present.or(p),
-            None => self.broken = true,
-        }
+    pub fn append(&mut self, present: Present, encoded: &[u8]) {
+        self.present.or(present);
         self.bytes.reserve_exact(encoded.len());
         self.bytes.extend_from_slice(encoded);
     }
@@ -171,7 +517,7 @@ impl Held {
         &mut self.present
     }
 
-    /// The patient's facts, decoded, for evaluation. Should they not be whole (a bug), the
+    /// The patient's facts, decoded, for evaluation. Should they not decode (a bug), the
     /// patient is evaluated knowing nothing (every rule that reads a record says unknown,
     /// never a verdict taken from part of the record) and the error is logged.
     pub fn facts(&self) -> PatientFacts {
@@ -186,35 +532,29 @@ impl Held {
 
     /// The patient's facts, decoded.
     pub fn try_facts(&self) -> Result<PatientFacts, HeldError> {
-        if self.broken {
-            return Err(HeldError::Encode);
-        }
         let mut f = PatientFacts {
             key: String::from(&*self.key),
             present: self.present,
             ..Default::default()
         };
-        let mut rest = self.bytes.as_slice();
-        while !rest.is_empty() {
-            let (item, more) = postcard::take_from_bytes::<Item>(rest).map_err(HeldError::Decode)?;
-            rest = more;
-            match item {
-                Item::Demographics(d, person) => {
-                    f.demographics = d;
-                    f.demographics.person = person.map(|(name, mrn)| Person { name, mrn });
-                }
-                Item::Lab(lab, named, mut v) => {
+        let r = &mut Reader { rest: &self.bytes };
+        while !r.rest.is_empty() {
+            match r.which(tag::BIOPSY + 1)? {
+                tag::DEMOGRAPHICS => f.demographics = Take::take(r)?,
+                tag::LAB => {
+                    let (lab, named) = <(usize, bool)>::take(r)?;
+                    let mut v = LabValue::take(r)?;
                     if named {
                         v.resource = [OBSERVATION, &v.tie].concat();
                     }
                     f.labs.entry(lab).or_default().push(v)
                 }
-                Item::Condition(x) => f.conditions.push(x),
-                Item::Medication(x) => f.medications.push(x),
-                Item::Procedure(x) => f.procedures.push(x),
-                Item::Immunization(x) => f.immunizations.push(x),
-                Item::Allergy(x) => f.allergies.push(x),
-                Item::Biopsy(x) => f.biopsies.push(x),
+                tag::CONDITION => f.conditions.push(Take::take(r)?),
+                tag::MEDICATION => f.medications.push(Take::take(r)?),
+                tag::PROCEDURE => f.procedures.push(Take::take(r)?),
+                tag::IMMUNIZATION => f.immunizations.push(Take::take(r)?),
+                tag::ALLERGY => f.allergies.push(Take::take(r)?),
+                _ => f.biopsies.push(Take::take(r)?),
             }
         }
         Ok(f)
@@ -415,15 +755,40 @@ mod tests {
     }
 
     #[test]
-    fn a_fact_that_could_not_be_encoded_leaves_nothing_known() {
-        let mut held = Held::from(sample());
-        assert!(held.try_facts().is_ok());
-        // What `encode` hands over when one of the facts failed.
-        held.append(None, &[]);
-        assert!(matches!(held.try_facts(), Err(HeldError::Encode)));
-        let f = held.facts();
-        assert!(f.labs.is_empty() && f.conditions.is_empty() && !f.present.observations);
-        assert!(Held::with("Patient/x".into(), None).try_facts().is_err());
+    fn bytes_that_are_not_facts_are_refused_not_misread() {
+        let whole = Held::from(sample());
+        let with = |extra: &[u8]| {
+            let mut held = Held::from(sample());
+            held.bytes.extend_from_slice(extra);
+            held.try_facts().map(|_| ()).map_err(|e| e.to_string())
+        };
+        assert_eq!(with(&[]), Ok(()));
+        // A tag no fact has; a lab whose `named` flag is neither 0 nor 1; a condition whose
+        // resource is not UTF-8; a lab index whose varint never ends.
+        assert!(with(&[tag::BIOPSY + 1]).is_err_and(|e| e.contains("unknown variant")));
+        assert!(with(&[tag::LAB, 3, 2]).is_err_and(|e| e.contains("unknown variant")));
+        assert!(with(&[tag::CONDITION, 2, 0xff, 0xfe]).is_err_and(|e| e.contains("not UTF-8")));
+        assert!(with(&[tag::LAB, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]).is_err_and(|e| e.contains("64 bits")));
+        // A list said to hold more than the bytes left: refused without reserving for it.
+        assert!(with(&[tag::CONDITION, 0, 0xff, 0xff, 0xff, 0xff, 0x0f]).is_err_and(|e| e.contains("cut short")));
+        assert_eq!(text(&whole.facts()), text(&sample()));
+    }
+
+    #[test]
+    fn integers_keep_their_sign_and_size() {
+        for v in [0, 1, -1, 63, -64, 64, 1_700_000_000, -62_135_596_800, i64::MAX, i64::MIN] {
+            let mut out = Vec::new();
+            v.put(&mut out);
+            let r = &mut Reader { rest: &out };
+            assert_eq!(i64::take(r).ok(), Some(v));
+            assert!(r.rest.is_empty());
+        }
+        for v in [0, 127, 128, 300, u64::MAX] {
+            let mut out = Vec::new();
+            v.put(&mut out);
+            assert_eq!(out.len(), (64 - v.leading_zeros() as usize).div_ceil(7).max(1));
+            assert_eq!(u64::take(&mut Reader { rest: &out }).ok(), Some(v));
+        }
     }
 
     #[test]

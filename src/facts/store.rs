@@ -326,7 +326,7 @@ enum Structural {
         full_url: Option<String>,
         basics: Basics,
         /// Encoded by [`Held::demographics`].
-        demographics: Option<Vec<u8>>,
+        demographics: Vec<u8>,
     },
     Medication {
         med: Box<crate::fhir::model::Medication>,
@@ -345,7 +345,7 @@ impl Structural {
         let d = demographics(&patient);
         Structural::Patient {
             basics: Basics::of(&d),
-            demographics: Held::demographics(d),
+            demographics: Held::demographics(&d),
             id: patient.id,
             full_url,
         }
@@ -397,10 +397,9 @@ pub struct Partial {
     /// holding the facts themselves moves every one of them, hundreds of bytes, as it grows.)
     facts: Vec<(usize, PatientFacts)>,
     at: HashMap<usize, usize, FastHash>,
-    /// The facts, once packed: per patient, the kinds of record seen (None: some fact could
-    /// not be encoded) and where their encoded facts end in `bytes` (each starts where the
-    /// one before ends).
-    packed: Vec<(usize, Option<Present>, usize)>,
+    /// The facts, once packed: per patient, the kinds of record seen and where their encoded
+    /// facts end in `bytes` (each starts where the one before ends).
+    packed: Vec<(usize, Present, usize)>,
     bytes: Vec<u8>,
     /// Patients and Medications, registered when the partial is absorbed.
     structural: Vec<Structural>,
