@@ -12,7 +12,6 @@ use crate::facts::mappings::Mappings;
 use crate::facts::{Bound, Bounded, LabValue, MedSource, PatientFacts, Reading};
 use crate::time::{Date, Instant, Span, Window};
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
 
 #[derive(Debug, Clone, Serialize, PartialEq, Deserialize)]
 pub struct Evidence {
@@ -1237,8 +1236,7 @@ fn biopsy(cx: &Ctx, kind: &str, within: Option<Span>, classes: &[String], withou
 /// One criterion's result as reported.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CriterionResult {
-    /// Shared with the trial's criterion: every patient's result names it.
-    pub id: Arc<str>,
+    pub id: super::Id,
     pub kind: Kind,
     pub text: String,
     pub outcome: Outcome,
@@ -1254,7 +1252,7 @@ pub struct CriterionResult {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Decider {
-    pub id: Arc<str>,
+    pub id: super::Id,
     pub text: String,
 }
 
@@ -1297,7 +1295,7 @@ pub fn evaluate(
             r.outcome = Outcome::Manual;
         }
         let mut result = CriterionResult {
-            id: c.id.clone(),
+            id: c.id,
             kind: c.kind,
             text: cx.say(|| c.text.clone()),
             outcome: r.outcome,
@@ -1341,7 +1339,7 @@ pub fn evaluate(
         .iter()
         .filter(deciding)
         .map(|c| Decider {
-            id: c.id.clone(),
+            id: c.id,
             text: cx.say(|| c.text.clone()),
         })
         .collect();

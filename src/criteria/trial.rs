@@ -305,8 +305,7 @@ pub enum Decide {
 
 #[derive(Debug, Clone)]
 pub struct Criterion {
-    /// Shared with every result that names the criterion.
-    pub id: std::sync::Arc<str>,
+    pub id: super::Id,
     pub kind: Kind,
     pub text: String,
     pub context: Option<String>,
