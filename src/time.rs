@@ -287,7 +287,8 @@ fn two(b: &[u8], i: usize) -> Option<i64> {
 }
 
 fn is_leap(y: i64) -> bool {
-    (y % 4 == 0 && y % 100 != 0) || y % 400 == 0
+    // `rem_euclid` by a power of two is a mask; the other two only matter on a multiple of 4.
+    y.rem_euclid(4) == 0 && (y % 100 != 0 || y % 400 == 0)
 }
 
 fn days_in_month(y: i64, m: u32) -> u32 {
@@ -321,6 +322,19 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 }
 
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    // From 0000-03-01 on (every date a record holds), in unsigned arithmetic, as in
+    // `days_from_civil`: look-back windows and ages take this way for every patient.
+    if let Ok(z @ 0..=3_000_000) = u64::try_from(z + 719_468) {
+        let era = z / 146_097;
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+        let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+        let y = (yoe + era * 400) as i64;
+        return (if m <= 2 { y + 1 } else { y }, m, d);
+    }
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -420,6 +434,39 @@ mod tests {
         assert_eq!(d("2000-03-01").0, 11_017);
         assert_eq!(Date::from_ymd(2023, 2, 29), None);
         assert_eq!(Date::from_ymd(2024, 2, 29).map(|x| x.0), Some(19_782));
+    }
+
+    #[test]
+    fn days_read_back_as_the_general_formula_gives() {
+        // The signed formula, as it stood before days from year 0 on took a way of their own.
+        let general = |z: i64| {
+            let z = z + 719_468;
+            let era = z.div_euclid(146_097);
+            let doe = z - era * 146_097;
+            let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+            let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+            let mp = (5 * doy + 2) / 153;
+            let (d, m) = ((doy - (153 * mp + 2) / 5 + 1) as u32, if mp < 10 { mp + 3 } else { mp - 9 } as u32);
+            let y = yoe + era * 400;
+            (if m <= 2 { y + 1 } else { y }, m, d)
+        };
+        // Both ends of the unsigned way, and every day of four centuries around the epoch.
+        let edges = [
+            -719_469,
+            -719_468,
+            -719_467,
+            3_000_000 - 719_468,
+            3_000_001 - 719_468,
+            -10_000_000,
+            10_000_000,
+        ];
+        for z in (-80_000..80_000).chain(edges) {
+            assert_eq!(civil_from_days(z), general(z), "day {z}");
+        }
+        for y in [-4, -1, 0, 1, 4, 100, 200, 400, 1900, 2000, 2023, 2024, 2100] {
+            let general = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+            assert_eq!(is_leap(y), general, "{y}");
+        }
     }
 
     #[test]
