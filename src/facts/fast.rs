@@ -1260,10 +1260,12 @@ fn unit_key<'a>(o: &ObsLine<'a>) -> Option<&'a str> {
     code.or(o.q_unit).map(trim)
 }
 
-/// Reduces a scanned Observation of a known patient, exactly as `extract::observation`
-/// would: returns `Full` when the line must be parsed in full after all.
+/// Reduces a scanned Observation of a known patient (`o`, scanned from `line`), exactly as
+/// `extract::observation` would: returns `Full` when the line must be parsed in full after
+/// all.
 #[allow(clippy::too_many_arguments)]
 pub fn reduce_observation(
+    line: &[u8],
     o: &ObsLine,
     demo: &Basics,
     m: &Mappings,
@@ -1284,9 +1286,11 @@ pub fn reduce_observation(
     let mut when = || *time.get_or_insert_with(|| observation_time(o));
     let ignored = |lab: usize| spans.is_some_and(|sp| sp.get(lab).copied().flatten().is_none());
     let top = o.codes.iter().find_map(|(sys, code)| lookups.codes.get(m, sys, code?).1);
+    // A lab read through JSONPath needs the Observation's whole JSON: the full way keeps it.
+    let by_path = |lab: Option<usize>| lab.is_some_and(|lab| m.labs[lab].value_path.is_some());
     // Each component's first lab code counts (blood pressure's systolic and diastolic): one
-    // that a rule wants now takes the full way; one that none wants still makes the
-    // Observation a mapped one.
+    // that a rule wants now has the components read (through serde, from their text); one
+    // that none wants still makes the Observation a mapped one.
     let mut comp_lab = false;
     let mut last = usize::MAX;
     for (k, (sys, code)) in o.component_codes.iter().enumerate() {
@@ -1302,7 +1306,8 @@ pub fn reduce_observation(
             }
             match when() {
                 None => return Outcome::Done,
-                Some(t) if wanted(spans, lab, t) => return Outcome::Full,
+                Some(_) if by_path(top) => return Outcome::Full,
+                Some(t) if wanted(spans, lab, t) => return build(o, Some(line), demo, m, spans, &mut lookups.ranges, slow_unmapped, labs),
                 Some(_) => {}
             }
         }
@@ -1315,10 +1320,17 @@ pub fn reduce_observation(
     let Some(time) = when() else { return Outcome::Done };
     match top {
         Some(lab) if !wanted(spans, lab, time) => Outcome::Done,
-        Some(_) if comp_lab => Outcome::Full,
-        // A lab read through JSONPath needs the Observation's whole JSON: the full way keeps it.
-        Some(lab) if m.labs[lab].value_path.is_some() => Outcome::Full,
-        Some(_) => build(o, demo, m, spans, &mut lookups.ranges, slow_unmapped, labs),
+        Some(_) if by_path(top) => Outcome::Full,
+        Some(_) => build(
+            o,
+            comp_lab.then_some(line),
+            demo,
+            m,
+            spans,
+            &mut lookups.ranges,
+            slow_unmapped,
+            labs,
+        ),
         None => {
             // Unmapped: the first coding that has a code, with the value's unit.
             if let Some((sys, code)) = o.codes.iter().find_map(|(s, c)| Some((s, c?))) {
@@ -1362,11 +1374,32 @@ fn number(text: &str) -> Result<f64, ()> {
     text.parse::<f64>().ok().filter(|v| v.is_finite()).ok_or(())
 }
 
+/// The JSON text of an Observation line's `component` array (None: it has none, or the
+/// line does not scan). Looked for only when a component's lab is wanted (blood pressure,
+/// where a rule reads it): the line is scanned again rather than every line keep the text.
+fn component_text(line: &[u8]) -> Option<&str> {
+    let mut s = Scanner::new(std::str::from_utf8(line).ok()?);
+    let mut text = None;
+    s.object(|s, k| {
+        if k == "component" {
+            text = Some(s.raw_of(Scanner::skip)?);
+            Ok(())
+        } else {
+            s.skip()
+        }
+    })
+    .ok()?;
+    text
+}
+
 /// Reduces the Observation through `extract::observation`, from the fields scanned (the
 /// rarer ones, such as a valueString, through serde from their own text): nothing of the
-/// Observation is built but what those need.
+/// Observation is built but what those need. With `components`, the line the Observation
+/// was scanned from: its components are read too.
+#[allow(clippy::too_many_arguments)]
 fn build(
     o: &ObsLine,
+    components: Option<&[u8]>,
     demo: &Basics,
     m: &Mappings,
     spans: Option<&[Option<Window>]>,
@@ -1390,9 +1423,13 @@ fn build(
         let string: Option<String> = parse(o.value_string)?;
         let integer: Option<i64> = parse(o.value_integer)?;
         let concept: Option<CodeableConcept> = parse(o.value_concept)?;
-        Ok((value, string, integer, concept))
+        let components: Vec<Component> = match components {
+            Some(line) => parse(Some(component_text(line).ok_or(())?))?,
+            None => Vec::new(),
+        };
+        Ok((value, string, integer, concept, components))
     })();
-    let Ok((value, string, integer, concept)) = parsed else {
+    let Ok((value, string, integer, concept, components)) = parsed else {
         return Outcome::Full;
     };
     let ranges = match o.reference_range.map(|raw| ranges.get(raw)) {
@@ -1420,7 +1457,7 @@ fn build(
             concept: concept.as_ref(),
             ranges,
         },
-        components: &[],
+        components: &components,
     };
     let reference = ["Observation/", id].concat();
     observation(&reference, &fields, None, demo, m, spans, unmapped, labs);
@@ -1595,7 +1632,18 @@ mod tests {
             crate::facts::Labs::default(),
         );
         let demo = Basics::default();
-        if let Outcome::Full = reduce_observation(&o, &demo, m, Some(spans), lookups, &mut key, &mut counts, &mut u, &mut labs) {
+        if let Outcome::Full = reduce_observation(
+            line.as_bytes(),
+            &o,
+            &demo,
+            m,
+            Some(spans),
+            lookups,
+            &mut key,
+            &mut counts,
+            &mut u,
+            &mut labs,
+        ) {
             return None;
         }
         for (k, n) in counts {

@@ -436,7 +436,7 @@ impl Partial {
         let demo = &reg.basics[patient];
         let (key, counts, slow) = (&mut self.key, &mut self.unmapped_fast, &mut self.unmapped);
         let lookups = &mut shapes.lookups;
-        if let Outcome::Full = fast::reduce_observation(&o, demo, m, spans, lookups, key, counts, slow, &mut labs) {
+        if let Outcome::Full = fast::reduce_observation(line, &o, demo, m, spans, lookups, key, counts, slow, &mut labs) {
             return false;
         }
         self.observed.push(patient as u32);

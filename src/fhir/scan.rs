@@ -581,8 +581,13 @@ impl<'a> Scanner<'a> {
 
     /// The raw text of the value here, checked against `ty` (and skipped).
     pub fn raw_typed(&mut self, ty: Ty, vec: bool) -> R<&'a str> {
+        self.raw_of(|s| s.typed(ty, vec))
+    }
+
+    /// The whole JSON text of the value here, read by `read` (which must read exactly it).
+    pub fn raw_of(&mut self, read: impl FnOnce(&mut Self) -> R<()>) -> R<&'a str> {
         let start = self.i;
-        self.typed(ty, vec)?;
+        read(self)?;
         Ok(&self.s[start..self.i])
     }
 
