@@ -1059,15 +1059,21 @@ fn learn<'a, K: Kind>(s: &Scanner<'a>, l: &K::Line<'a>) -> Option<Learnt<K>> {
         .filter_map(|&k| span(k).map(|(start, len)| (start, start + len, k)))
         .collect();
     raw.sort_unstable();
-    let shape = Shape::learn(s, &raw, |start, end| {
-        match spans.iter().position(|&x| x == Some((start, end - start))) {
-            Some(k) => {
-                spans[k] = None; // each field from one hole only
-                k as u8
-            }
-            None => NO_SLOT,
+    let slot_of = |start, end| match spans.iter().position(|&x| x == Some((start, end - start))) {
+        Some(k) => {
+            spans[k] = None; // each field from one hole only
+            k as u8
         }
-    })?;
+        None => NO_SLOT,
+    };
+    // An integer takes fractions where the scan reads the line as well with one there: it
+    // bails where a field must be an integer (valueInteger), as serde would refuse it.
+    let text = s.text();
+    let takes_fraction = |end: usize| {
+        let variant = [&text[..end], ".5", &text[end..]].concat();
+        K::scan(&mut Scanner::new(&variant), &mut K::Line::default(), |_| {}).is_ok()
+    };
+    let shape = Shape::learn_with(s, &raw, slot_of, takes_fraction)?;
     let base = K::base(l);
     // The shape must give back what the scan read, from this very line.
     let mut again = K::Line::default();
@@ -1847,6 +1853,38 @@ mod tests {
         let through_shape = shapes_read_as_the_scanner::<ObsKind, Observation>(TEMPLATES, EDITS, scan_observation);
         // The edits inside strings and numbers alone are thousands.
         assert!(through_shape > 2000, "only {through_shape} lines went through a shape");
+    }
+
+    /// A lab value is written `120` on some lines of an export and `120.5` on others: one
+    /// shape takes both. An integer the scan requires to stay one (valueInteger, which serde
+    /// reads into an `i64`) is not widened: a line with a fraction there takes the scan, which
+    /// bails.
+    #[test]
+    fn integers_learnt_take_fractions_only_where_the_scan_does() {
+        let line = |value: &str| {
+            format!(
+                r#"{{"resourceType":"Observation","id":"q1","status":"final","code":{{"coding":[{{"system":"http://loinc.org","code":"777-3"}}]}},"subject":{{"reference":"Patient/a"}},"effectiveDateTime":"2026-05-20",{value}}}"#
+            )
+        };
+        let cases = [
+            (
+                r#""valueQuantity":{"value":120,"unit":"10*9/L"}"#,
+                r#""valueQuantity":{"value":120.5,"unit":"10*9/L"}"#,
+                true,
+            ),
+            (r#""valueInteger":3"#, r#""valueInteger":3.5"#, false),
+        ];
+        for (learnt, other, shared) in cases {
+            let (learnt, other) = (line(learnt), line(other));
+            let mut shapes = Shapes::<ObsKind>::default();
+            shapes.scan(learnt.as_bytes(), &mut ObsLine::default(), |_| {}).expect("scans");
+            assert_eq!(shapes.known.len(), 1, "{learnt}");
+            let mut l = ObsLine::default();
+            let got = shapes.scan(other.as_bytes(), &mut l, |_| {}).map(|_| l);
+            assert_eq!(got, scan_observation(&other), "{other}");
+            assert_eq!(shapes.hits == 1, shared, "{other}");
+            assert_eq!(got.is_ok(), shared, "{other}");
+        }
     }
 
     #[test]

@@ -14,8 +14,9 @@
 //! Only clean lines (no `\` and no control character, see [`Scanner::new`]) take part: in
 //! them a string runs plainly from one quote to the next, so a string hole is found by the
 //! quote map alone. Numbers in holes are kept to [`MAX_NUMBER`] characters without an
-//! exponent, and a hole whose number had no fraction takes only integers: an `i64` field
-//! never meets a fraction, and no `f64` can be out of range.
+//! exponent, and a hole whose number had no fraction takes only integers, unless the caller
+//! knows its scanner reads the line as well with a fraction there ([`Shape::learn_with`]):
+//! an `i64` field never meets a fraction, and no `f64` can be out of range.
 
 use super::scan::Scanner;
 
@@ -66,7 +67,22 @@ impl Shape {
     /// JSON text, as `(start, end, slot)` in the order of the line, none inside another. None:
     /// the line is not clean, holds a number no hole takes, or a value of `raw` starts or ends
     /// inside a string or a number.
-    pub fn learn(s: &Scanner<'_>, raw: &[(usize, usize, u8)], mut slot_of: impl FnMut(usize, usize) -> u8) -> Option<Shape> {
+    pub fn learn(s: &Scanner<'_>, raw: &[(usize, usize, u8)], slot_of: impl FnMut(usize, usize) -> u8) -> Option<Shape> {
+        Shape::learn_with(s, raw, slot_of, |_| false)
+    }
+
+    /// [`Shape::learn`], where an integer of the line whose end is at `end` makes a hole that
+    /// takes fractions too when `takes_fraction(end)`: when the caller's scanner would read
+    /// the line as well with a fraction there (a lab value, which some lines of an export
+    /// write as `301` and others as `10.5`). Else lines of one shape would make two, and the
+    /// line whose number has a fraction would first be matched, nearly to its end, against
+    /// the one without.
+    pub fn learn_with(
+        s: &Scanner<'_>,
+        raw: &[(usize, usize, u8)],
+        mut slot_of: impl FnMut(usize, usize) -> u8,
+        mut takes_fraction: impl FnMut(usize) -> bool,
+    ) -> Option<Shape> {
         if !s.is_clean() {
             return None;
         }
@@ -125,7 +141,11 @@ impl Shape {
                     if number.len() > MAX_NUMBER || number.iter().any(|c| matches!(c, b'e' | b'E' | b'+')) {
                         return None;
                     }
-                    let hole = if number.contains(&b'.') { Hole::Num } else { Hole::Int };
+                    let hole = if number.contains(&b'.') || takes_fraction(end) {
+                        Hole::Num
+                    } else {
+                        Hole::Int
+                    };
                     segs.push(Seg {
                         lit_end: lits.len() as u32,
                         hole,
