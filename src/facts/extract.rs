@@ -79,8 +79,58 @@ pub fn extract_one(
     }
 }
 
-pub fn demographics(p: &Patient) -> Demographics {
-    let deceased = match (p.deceased_boolean, &p.deceased_date_time) {
+/// The Patient fields [`demographics`] reads: of a parsed Patient, or borrowed from a
+/// scanned line (`fast::PatientLine`), so that both ways share one rule.
+pub trait PatientFields {
+    type Name: super::person::NameFields;
+    type Id: super::person::IdFields;
+    fn birth_date(&self) -> Option<&str>;
+    fn gender(&self) -> Option<&str>;
+    fn active(&self) -> Option<bool>;
+    fn deceased_boolean(&self) -> Option<bool>;
+    fn deceased_date_time(&self) -> Option<&str>;
+    /// Who a `replaced-by` link names ("another record" when it names no one).
+    fn replaced_by(&self) -> Option<String>;
+    fn names(&self) -> &[Self::Name];
+    fn identifiers(&self) -> &[Self::Id];
+}
+
+impl PatientFields for Patient {
+    type Name = HumanName;
+    type Id = Identifier;
+    fn birth_date(&self) -> Option<&str> {
+        self.birth_date.as_deref()
+    }
+    fn gender(&self) -> Option<&str> {
+        self.gender.as_deref()
+    }
+    fn active(&self) -> Option<bool> {
+        self.active
+    }
+    fn deceased_boolean(&self) -> Option<bool> {
+        self.deceased_boolean
+    }
+    fn deceased_date_time(&self) -> Option<&str> {
+        self.deceased_date_time.as_deref()
+    }
+    fn replaced_by(&self) -> Option<String> {
+        self.link.iter().find(|l| l.kind.as_deref() == Some("replaced-by")).map(|l| {
+            l.other
+                .as_ref()
+                .and_then(|o| o.reference.clone())
+                .unwrap_or_else(|| "another record".into())
+        })
+    }
+    fn names(&self) -> &[HumanName] {
+        self.name.0.as_deref().unwrap_or_default()
+    }
+    fn identifiers(&self) -> &[Identifier] {
+        self.identifier.0.as_deref().unwrap_or_default()
+    }
+}
+
+pub fn demographics(p: &impl PatientFields) -> Demographics {
+    let deceased = match (p.deceased_boolean(), p.deceased_date_time()) {
         (_, Some(t)) => Some(Deceased {
             when: parse_fhir_instant(t),
             text: format!("deceased ({t})"),
@@ -91,20 +141,14 @@ pub fn demographics(p: &Patient) -> Demographics {
         }),
         _ => None,
     };
-    let replaced_by = p.link.iter().find(|l| l.kind.as_deref() == Some("replaced-by")).map(|l| {
-        l.other
-            .as_ref()
-            .and_then(|o| o.reference.clone())
-            .unwrap_or_else(|| "another record".into())
-    });
     Demographics {
-        birth_date: p.birth_date.as_deref().and_then(Date::parse),
-        birth_text: p.birth_date.clone(),
-        gender: p.gender.clone(),
+        birth_date: p.birth_date().and_then(Date::parse),
+        birth_text: p.birth_date().map(str::to_string),
+        gender: p.gender().map(str::to_string),
         deceased,
-        inactive: p.active == Some(false),
-        replaced_by,
-        person: super::person::person(p),
+        inactive: p.active() == Some(false),
+        replaced_by: p.replaced_by(),
+        person: super::person::person(p.names(), p.identifiers()),
     }
 }
 

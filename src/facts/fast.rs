@@ -7,8 +7,9 @@
 //! `extract::observation`, the very code the full parse goes to; anything the scanner is
 //! not sure of goes to the full parse. The rules are therefore the same on both ways.
 
-use super::extract::{Concept, ConditionFields, ObservationFields, QuantityFields, ValueParts, observation};
+use super::extract::{Concept, ConditionFields, ObservationFields, PatientFields, QuantityFields, ValueParts, observation};
 use super::mappings::Mappings;
+use super::person::{IdFields, NameFields};
 use super::{Basics, Unmapped};
 use crate::fhir::model::*;
 use crate::fhir::scan::{self, Bail, R, Scanner, Ty};
@@ -86,22 +87,6 @@ impl<'a> Codes<'a> {
     /// `Some` unless absent or null.
     fn read_opt(s: &mut Scanner<'a>) -> R<Option<Codes<'a>>> {
         if s.null()? { Ok(None) } else { Codes::read(s).map(Some) }
-    }
-
-    /// The CodeableConcept, owned (displays are not kept: no rule reads them). Only an
-    /// identifier's type is still built so, for the Patient the fast way builds.
-    fn owned(&self) -> CodeableConcept {
-        CodeableConcept {
-            coding: self
-                .iter()
-                .map(|(system, code)| Coding {
-                    system: system.map(str::to_string),
-                    code: code.map(str::to_string),
-                    display: None,
-                })
-                .collect(),
-            text: self.text.map(str::to_string),
-        }
     }
 }
 
@@ -278,7 +263,7 @@ pub struct PatientLine<'a> {
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
-struct NameLine<'a> {
+pub struct NameLine<'a> {
     use_: Option<&'a str>,
     text: Option<&'a str>,
     family: Option<&'a str>,
@@ -288,7 +273,7 @@ struct NameLine<'a> {
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
-struct IdLine<'a> {
+pub struct IdLine<'a> {
     kind: Option<Codes<'a>>,
     value: Option<&'a str>,
 }
@@ -405,41 +390,57 @@ fn scan_patient_in<'a>(s: &mut Scanner<'a>, p: &mut PatientLine<'a>) -> R<()> {
     s.end()
 }
 
-impl PatientLine<'_> {
-    /// The Patient as `fhir::model` holds it.
-    pub fn owned(&self) -> Patient {
-        let owned = |s: Option<&str>| s.map(str::to_string);
-        let names = self.has_names.then(|| {
-            self.names[..self.names_n]
-                .iter()
-                .map(|n| HumanName {
-                    use_: owned(n.use_),
-                    text: owned(n.text),
-                    family: owned(n.family),
-                    given: n.given[..n.given_n].iter().flatten().map(|g| g.to_string()).collect(),
-                })
-                .collect()
-        });
-        let identifiers = self.has_ids.then(|| {
-            self.ids[..self.ids_n]
-                .iter()
-                .map(|id| Identifier {
-                    kind: id.kind.as_ref().map(Codes::owned),
-                    value: owned(id.value),
-                })
-                .collect()
-        });
-        Patient {
-            id: owned(self.id),
-            active: self.active,
-            gender: owned(self.gender),
-            birth_date: owned(self.birth_date),
-            deceased_boolean: self.deceased_boolean,
-            deceased_date_time: owned(self.deceased_date_time),
-            link: Vec::new(),
-            name: Lenient(names),
-            identifier: Lenient(identifiers),
-        }
+impl<'a> PatientFields for PatientLine<'a> {
+    type Name = NameLine<'a>;
+    type Id = IdLine<'a>;
+    fn birth_date(&self) -> Option<&str> {
+        self.birth_date
+    }
+    fn gender(&self) -> Option<&str> {
+        self.gender
+    }
+    fn active(&self) -> Option<bool> {
+        self.active
+    }
+    fn deceased_boolean(&self) -> Option<bool> {
+        self.deceased_boolean
+    }
+    fn deceased_date_time(&self) -> Option<&str> {
+        self.deceased_date_time
+    }
+    /// A line with a `link` bails (see [`PatientLine`]).
+    fn replaced_by(&self) -> Option<String> {
+        None
+    }
+    fn names(&self) -> &[NameLine<'a>] {
+        &self.names[..self.names_n]
+    }
+    fn identifiers(&self) -> &[IdLine<'a>] {
+        &self.ids[..self.ids_n]
+    }
+}
+
+impl NameFields for NameLine<'_> {
+    fn use_(&self) -> Option<&str> {
+        self.use_
+    }
+    fn text(&self) -> Option<&str> {
+        self.text
+    }
+    fn family(&self) -> Option<&str> {
+        self.family
+    }
+    fn given(&self) -> impl Iterator<Item = &str> {
+        self.given[..self.given_n].iter().flatten().copied()
+    }
+}
+
+impl IdFields for IdLine<'_> {
+    fn codings(&self) -> impl Iterator<Item = (Option<&str>, Option<&str>)> {
+        self.kind.iter().flat_map(Codes::iter)
+    }
+    fn value(&self) -> Option<&str> {
+        self.value
     }
 }
 
@@ -2078,7 +2079,7 @@ mod tests {
         for line in &lines {
             let Ok(p) = scan_patient(line) else { continue };
             answered += 1;
-            let fast = p.owned();
+
             let mut out = ReadOutput::default();
             read_line(&|| "t".into(), line, ReadOptions::default(), &mut out);
             let Some(parsed) = out.resources.pop() else {
@@ -2087,9 +2088,9 @@ mod tests {
             let crate::fhir::Resource::Patient(full) = &parsed.resource else {
                 panic!("not a Patient: {line}")
             };
-            assert_eq!(fast.id, full.id, "ids differ on {line}");
+            assert_eq!(p.id, full.id.as_deref(), "ids differ on {line}");
             assert_eq!(
-                format!("{:?}", demographics(&fast)),
+                format!("{:?}", demographics(&p)),
                 format!("{:?}", demographics(full)),
                 "fast and full ways differ on {line}"
             );

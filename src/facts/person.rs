@@ -3,36 +3,72 @@
 //! reads them, and they never go into a log line.
 
 use super::Person;
-use crate::fhir::model::{HumanName, Patient};
+use crate::fhir::model::{HumanName, Identifier};
 
 const V2_0203: &str = "http://terminology.hl7.org/CodeSystem/v2-0203";
+
 /// Enough for any real name or MRN; a longer value is cut so that input cannot grow the page.
 const MAX_CHARS: usize = 120;
 
+/// A HumanName's parts: of a parsed Patient, or borrowed from a scanned line.
+pub trait NameFields {
+    fn use_(&self) -> Option<&str>;
+    fn text(&self) -> Option<&str>;
+    fn family(&self) -> Option<&str>;
+    fn given(&self) -> impl Iterator<Item = &str>;
+}
+
+/// An Identifier's parts: its type's codings and its value.
+pub trait IdFields {
+    fn codings(&self) -> impl Iterator<Item = (Option<&str>, Option<&str>)>;
+    fn value(&self) -> Option<&str>;
+}
+
+impl NameFields for HumanName {
+    fn use_(&self) -> Option<&str> {
+        self.use_.as_deref()
+    }
+    fn text(&self) -> Option<&str> {
+        self.text.as_deref()
+    }
+    fn family(&self) -> Option<&str> {
+        self.family.as_deref()
+    }
+    fn given(&self) -> impl Iterator<Item = &str> {
+        self.given.iter().map(String::as_str)
+    }
+}
+
+impl IdFields for Identifier {
+    fn codings(&self) -> impl Iterator<Item = (Option<&str>, Option<&str>)> {
+        let codings = self.kind.as_ref().map_or(&[][..], |k| &k.coding);
+        codings.iter().map(|c| (c.system.as_deref(), c.code.as_deref()))
+    }
+    fn value(&self) -> Option<&str> {
+        self.value.as_deref()
+    }
+}
+
 /// The display name (the official one if any, else the first not marked `old`) and the MRN
-/// (an identifier typed `MR` in v2-0203). Absent parts stay absent: nothing is guessed.
-pub fn person(p: &Patient) -> Option<Person> {
-    let names = p.name.0.as_deref().unwrap_or_default();
+/// (an identifier typed `MR` in v2-0203) of a Patient's names and identifiers. Absent parts
+/// stay absent: nothing is guessed.
+pub fn person<N: NameFields, I: IdFields>(names: &[N], identifiers: &[I]) -> Option<Person> {
     let name = names
         .iter()
-        .find(|n| n.use_.as_deref() == Some("official"))
+        .find(|n| n.use_() == Some("official"))
         .and_then(display)
-        .or_else(|| names.iter().filter(|n| n.use_.as_deref() != Some("old")).find_map(display));
-    let mrn = p.identifier.0.as_deref().unwrap_or_default().iter().find_map(|i| {
-        let typed_mr = i.kind.as_ref().is_some_and(|k| {
-            k.coding
-                .iter()
-                .any(|c| c.system.as_deref() == Some(V2_0203) && c.code.as_deref() == Some("MR"))
-        });
-        typed_mr.then(|| i.value.as_deref().and_then(clean)).flatten()
+        .or_else(|| names.iter().filter(|n| n.use_() != Some("old")).find_map(display));
+    let mrn = identifiers.iter().find_map(|i| {
+        let typed_mr = i.codings().any(|(system, code)| system == Some(V2_0203) && code == Some("MR"));
+        typed_mr.then(|| i.value().and_then(clean)).flatten()
     });
     (name.is_some() || mrn.is_some()).then_some(Person { name, mrn })
 }
 
 /// Given names then family name; the name's `text` when it has neither.
-fn display(n: &HumanName) -> Option<String> {
-    let parts: Vec<&str> = n.given.iter().map(String::as_str).chain(n.family.as_deref()).collect();
-    clean(&parts.join(" ")).or_else(|| n.text.as_deref().and_then(clean))
+fn display(n: &impl NameFields) -> Option<String> {
+    let parts: Vec<&str> = n.given().chain(n.family()).collect();
+    clean(&parts.join(" ")).or_else(|| n.text().and_then(clean))
 }
 
 /// Whitespace collapsed (no line breaks from the data), control characters dropped, length cut.
@@ -85,8 +121,13 @@ mod tests {
         }
     }
 
-    fn patient(v: serde_json::Value) -> Patient {
+    fn patient(v: serde_json::Value) -> crate::fhir::model::Patient {
         serde_json::from_value(v).unwrap()
+    }
+
+    fn person_of(p: &crate::fhir::model::Patient) -> Option<Person> {
+        use crate::facts::extract::PatientFields;
+        person(p.names(), p.identifiers())
     }
 
     #[test]
@@ -100,7 +141,7 @@ mod tests {
                  "value": " SH-204417 "}
             ]
         }));
-        let who = person(&p).unwrap();
+        let who = person_of(&p).unwrap();
         assert_eq!(who.name.as_deref(), Some("Mei Lin Zhou"));
         assert_eq!(who.mrn.as_deref(), Some("SH-204417"));
     }
@@ -114,16 +155,16 @@ mod tests {
             "identifier": [{"system": "urn:oid:1.2.36.146.595.217.0.1", "value": "TX-880153"},
                            {"type": {"coding": [{"system": "urn:other", "code": "MR"}]}, "value": "X"}]
         }));
-        let who = person(&p).unwrap();
+        let who = person_of(&p).unwrap();
         assert_eq!(who.name.as_deref(), Some("Rosa Delgado"));
         assert_eq!(who.mrn, None);
-        assert!(person(&patient(serde_json::json!({"id": "p"}))).is_none());
+        assert!(person_of(&patient(serde_json::json!({"id": "p"}))).is_none());
     }
 
     #[test]
     fn a_malformed_name_is_dropped_not_the_patient() {
         let p = patient(serde_json::json!({"gender": "female", "name": {"family": 3}, "identifier": "MR 1"}));
         assert_eq!(p.gender.as_deref(), Some("female"));
-        assert!(person(&p).is_none());
+        assert!(person_of(&p).is_none());
     }
 }

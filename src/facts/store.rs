@@ -341,12 +341,18 @@ enum Sorted {
 }
 
 impl Structural {
-    fn patient(patient: crate::fhir::model::Patient, full_url: Option<String>) -> Structural {
-        let d = demographics(&patient);
+    fn patient(mut patient: crate::fhir::model::Patient, full_url: Option<String>) -> Structural {
+        Structural::patient_of(patient.id.take(), &patient, full_url)
+    }
+
+    /// A Patient to register, from its fields: a parsed Patient's or a scanned line's (no
+    /// Patient is built for a line read the fast way).
+    fn patient_of(id: Option<String>, fields: &impl super::extract::PatientFields, full_url: Option<String>) -> Structural {
+        let d = demographics(fields);
         Structural::Patient {
             basics: Basics::of(&d),
             demographics: Held::demographics(&d),
-            id: patient.id,
+            id,
             full_url,
         }
     }
@@ -507,7 +513,7 @@ impl Partial {
         if shapes.patients.scan(line, &mut p, |_| {}).is_err() {
             return false;
         }
-        self.structural.push(Structural::patient(p.owned(), None));
+        self.structural.push(Structural::patient_of(p.id.map(str::to_string), &p, None));
         true
     }
 
