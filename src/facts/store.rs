@@ -99,9 +99,17 @@ impl std::hash::Hasher for Words {
         }
         let rest = chunks.remainder();
         if !rest.is_empty() {
-            let mut buf = [0u8; 8];
-            buf[..rest.len()].copy_from_slice(rest);
-            h = (h.rotate_left(23) ^ u64::from_le_bytes(buf) ^ rest.len() as u64).wrapping_mul(K);
+            // The last eight bytes, overlapping the words before, when there are eight: a
+            // patient key's tail, read in place rather than copied into a buffer (a call).
+            let w = match bytes.len().checked_sub(8) {
+                Some(at) => u64::from_le_bytes(bytes[at..].try_into().unwrap_or_default()),
+                None => {
+                    let mut buf = [0u8; 8];
+                    buf[..rest.len()].copy_from_slice(rest);
+                    u64::from_le_bytes(buf)
+                }
+            };
+            h = (h.rotate_left(23) ^ w ^ rest.len() as u64).wrapping_mul(K);
         }
         self.0 = h;
     }
