@@ -1313,8 +1313,12 @@ pub fn reduce_observation(
             }
             match when() {
                 None => return Outcome::Done,
-                Some(_) if by_path(top) => return Outcome::Full,
-                Some(t) if wanted(spans, lab, t) => return build(o, Some(line), demo, m, spans, &mut lookups.ranges, slow_unmapped, labs),
+                Some(t) if wanted(spans, lab, t) => {
+                    if by_path(top) {
+                        return Outcome::Full;
+                    }
+                    return build(o, Some(line), demo, m, spans, &mut lookups.ranges, slow_unmapped, labs);
+                }
                 Some(_) => {}
             }
         }
