@@ -322,6 +322,22 @@ impl<'a> ObservationFields<'a, CodeableConcept> {
     }
 }
 
+/// The instant an Observation is placed at: its effectiveDateTime, else its
+/// effectivePeriod's start (`period` is `Some(start)` when the period is there), else its
+/// effectiveInstant. None when it has none or the one it has is unusable: the Observation
+/// then gives nothing.
+pub(crate) fn observation_time(date_time: Option<&str>, period: Option<Option<&str>>, instant: Option<&str>) -> Option<Instant> {
+    match (date_time, period.flatten()) {
+        (Some(t), _) | (None, Some(t)) => parse_fhir_instant(t),
+        (None, None) => instant.and_then(parse_fhir_instant),
+    }
+}
+
+/// Whether a rule looks at `lab` at `time` (every lab, every time, without `spans`).
+pub(crate) fn wanted(spans: Option<&[Option<crate::time::Window>]>, lab: usize, time: Instant) -> bool {
+    spans.is_none_or(|sp| sp.get(lab).copied().flatten().is_some_and(|w| w.contains(time)))
+}
+
 /// An Observation's lab values, from its fields: those of a parsed Observation
 /// ([`ObservationFields::of`]) or of a scanned line (`fast::build`).
 #[allow(clippy::too_many_arguments)]
@@ -338,18 +354,11 @@ pub(crate) fn observation<C: Concept>(
     if !o.status.is_some_and(|s| OBS_VALID.contains(&s)) {
         return;
     }
-    // Outer None: no time element at all. Inner None: present but unusable.
-    let time = match (o.effective_date_time, o.effective_period) {
-        (Some(t), _) => parse_fhir_instant(t),
-        (None, Some(start)) => match start.map(parse_fhir_instant) {
-            Some(t) => t,
-            None => o.effective_instant.and_then(parse_fhir_instant),
-        },
-        (None, None) => o.effective_instant.and_then(parse_fhir_instant),
+    let Some(time) = observation_time(o.effective_date_time, o.effective_period, o.effective_instant) else {
+        return;
     };
-    let Some(time) = time else { return };
     let tie = o.id.unwrap_or_default();
-    let wanted = |lab: usize| spans.is_none_or(|sp| sp.get(lab).copied().flatten().is_some_and(|w| w.contains(time)));
+    let wanted = |lab: usize| wanted(spans, lab, time);
     let codes = codings_of(o.code, m);
     let top = codes.iter().find_map(|&c| m.lab_for_str(c.0, c.1).map(|l| (l, c)));
     let mut matched = false;

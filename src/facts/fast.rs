@@ -7,7 +7,9 @@
 //! `extract::observation`, the very code the full parse goes to; anything the scanner is
 //! not sure of goes to the full parse. The rules are therefore the same on both ways.
 
-use super::extract::{Concept, ConditionFields, ObservationFields, PatientFields, QuantityFields, ValueParts, observation};
+use super::extract::{
+    Concept, ConditionFields, ObservationFields, PatientFields, QuantityFields, ValueParts, observation, observation_time, wanted,
+};
 use super::mappings::Mappings;
 use super::person::{IdFields, NameFields};
 use super::{Basics, Unmapped};
@@ -15,7 +17,7 @@ use crate::fhir::model::*;
 use crate::fhir::scan::{self, Bail, R, Scanner, Ty};
 use crate::fhir::shape::{NO_SLOT, Shape};
 use crate::fhir::trim;
-use crate::time::{Instant, Window, parse_fhir_instant};
+use crate::time::{Instant, Window};
 use std::collections::HashMap;
 
 /// Codings kept per CodeableConcept (more: the full parse). Small, as the line's fields are
@@ -1290,7 +1292,7 @@ pub fn reduce_observation(
     // ends the line the same whether its time is usable or not (vital signs, in a cohort
     // screened for lab thresholds, are two lines in five).
     let mut time: Option<Option<Instant>> = None;
-    let mut when = || *time.get_or_insert_with(|| observation_time(o));
+    let mut when = || *time.get_or_insert_with(|| observation_time(o.effective_date_time, o.effective_period, o.effective_instant));
     let ignored = |lab: usize| spans.is_some_and(|sp| sp.get(lab).copied().flatten().is_none());
     let top = o.codes.iter().find_map(|(sys, code)| lookups.codes.get(m, sys, code?).1);
     // A lab read through JSONPath needs the Observation's whole JSON: the full way keeps it.
@@ -1362,20 +1364,6 @@ pub fn reduce_observation(
             Outcome::Done
         }
     }
-}
-
-/// The time an Observation is placed at, as `extract::observation` reads it: None when it
-/// has none or it is unusable (the Observation then gives nothing).
-fn observation_time(o: &ObsLine) -> Option<Instant> {
-    match (o.effective_date_time, o.effective_period.flatten()) {
-        (Some(t), _) | (None, Some(t)) => parse_fhir_instant(t),
-        (None, None) => o.effective_instant.and_then(parse_fhir_instant),
-    }
-}
-
-/// Whether a rule looks at `lab` at `time` (every lab, every time, without `spans`).
-fn wanted(spans: Option<&[Option<Window>]>, lab: usize, time: Instant) -> bool {
-    spans.is_none_or(|sp| sp.get(lab).copied().flatten().is_some_and(|w| w.contains(time)))
 }
 
 /// A JSON number's text (as the scanner checked it) as serde_json reads it into an `f64`:
