@@ -66,7 +66,7 @@ fn verdict(r: &TrialResult) -> String {
             )
         })
         .collect();
-    let deciders: Vec<&str> = r.decided_by.iter().map(|d| &*d.id).collect();
+    let deciders: Vec<&str> = r.decided_by.iter().map(|d| d.id.as_str()).collect();
     format!(
         "{} {} {} record={:?} decided_by=[{}] criteria=[{}]",
         r.patient,

@@ -56,7 +56,10 @@ fn t000_age_boundaries() {
     reason_has(res.get("a6"), "inc-2", "birthDate `2000` is not a full date", "partial birthDate");
     // A not-met inclusion decides the trial; an unknown one never does.
     assert_eq!(res.get("a1").status, Status::Ineligible);
-    assert_eq!(res.get("a1").decided_by.iter().map(|d| &*d.id).collect::<Vec<_>>(), ["inc-2"]);
+    assert_eq!(
+        res.get("a1").decided_by.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+        ["inc-2"]
+    );
     assert_eq!(res.get("a5").status, Status::PotentiallyEligible);
     let age = res.get("a0").facts.iter().find(|f| f.name == "age").expect("age fact");
     assert_eq!(age.value, json!(18));
@@ -88,7 +91,7 @@ fn t000_exc1_egfr_threshold() {
     assert_eq!(e.code.as_deref(), Some("loinc|98979-8"));
     assert_eq!(e.date.as_deref(), Some(D));
     assert_eq!(res.get("g0").status, Status::Ineligible);
-    assert!(res.get("g0").decided_by.iter().any(|d| &*d.id == "exc-1"));
+    assert!(res.get("g0").decided_by.iter().any(|d| d.id == "exc-1"));
     assert_eq!(res.get("g2").status, Status::PotentiallyEligible);
 }
 
@@ -1158,7 +1161,7 @@ fn missing_data_is_never_ineligible() {
     }
     for c in &r.criteria {
         assert!(
-            matches!(c.outcome, Unknown | Manual) || &*c.id == "inc-2",
+            matches!(c.outcome, Unknown | Manual) || c.id == "inc-2",
             "{} is {} with no data: {}",
             c.id,
             c.outcome.as_str(),
@@ -1434,7 +1437,7 @@ fn complete_record_with_answers_is_eligible() {
     let r = res.get("full");
     assert_eq!(r.status, Status::PotentiallyEligible);
     for c in &r.criteria {
-        let want = if manual.contains(&&*c.id) {
+        let want = if manual.contains(&c.id.as_str()) {
             Manual
         } else if c.kind == trialgate::criteria::Kind::Inclusion {
             Met

@@ -47,7 +47,7 @@ fn result<'a>(s: &'a Screening, patient: &str, trial: &str) -> &'a TrialResult {
 fn criterion<'a>(r: &'a TrialResult, id: &str) -> &'a CriterionResult {
     r.criteria
         .iter()
-        .find(|c| &*c.id == id)
+        .find(|c| c.id == id)
         .unwrap_or_else(|| panic!("{} has no criterion {id}", r.trial))
 }
 
@@ -67,7 +67,7 @@ fn assert_not_outcome(r: &TrialResult, id: &str, never: Outcome) {
 
 /// The criterion is not among the ones that made the patient ineligible.
 fn assert_not_deciding(r: &TrialResult, id: &str) {
-    let ids: Vec<&str> = r.decided_by.iter().map(|d| &*d.id).collect();
+    let ids: Vec<&str> = r.decided_by.iter().map(|d| d.id.as_str()).collect();
     assert!(
         !ids.contains(&id),
         "{} {}: {id} must not decide the verdict; status {:?}, decided by {ids:?}; {}",
@@ -165,7 +165,7 @@ fn newer_creatinine_in_umol_lowercase_l_converts_and_drives_egfr() {
     // (350 / 88.4 ≈ 3.96 mg/dL), giving an eGFR far below 45.
     assert_outcome(r, "exc-1", Outcome::Met);
     assert_eq!(r.status, Status::Ineligible);
-    assert!(r.decided_by.iter().any(|d| &*d.id == "exc-1"), "exc-1 decides: {:?}", r.decided_by);
+    assert!(r.decided_by.iter().any(|d| d.id == "exc-1"), "exc-1 decides: {:?}", r.decided_by);
     let c = criterion(r, "exc-1");
     let may = c
         .evidence

@@ -321,7 +321,7 @@ async fn a_failing_patient_is_reported_and_does_not_stop_the_others() {
     );
     let good = by["Patient/good"];
     assert_ne!(good.status, Status::Error);
-    let exc1 = good.criteria.iter().find(|c| &*c.id == "exc-1").unwrap();
+    let exc1 = good.criteria.iter().find(|c| c.id == "exc-1").unwrap();
     assert_eq!(exc1.outcome, trialgate::criteria::Outcome::NotMet, "{}", exc1.reason);
     assert!(summary.retries >= 1, "the truncated page was retried");
     // The report says so in every format.

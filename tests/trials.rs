@@ -130,6 +130,6 @@ fn unspecified_lupus_is_a_review_item_in_every_seed_trial() {
     let s = trialgate::screen(&other, &cfg, as_of, &decisions).unwrap();
     let r000 = s.results.iter().find(|r| r.trial == "NCT06406205").unwrap();
     assert_eq!(r000.status, trialgate::criteria::Status::Ineligible);
-    assert!(r000.decided_by.iter().any(|d| &*d.id == "inc-3"), "{:?}", r000.decided_by);
+    assert!(r000.decided_by.iter().any(|d| d.id == "inc-3"), "{:?}", r000.decided_by);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -324,7 +324,7 @@ pub fn html(s: &Screening) -> String {
 }
 
 fn ids(r: &TrialResult, outcome: Outcome) -> Vec<&str> {
-    r.criteria.iter().filter(|c| c.outcome == outcome).map(|c| &*c.id).collect()
+    r.criteria.iter().filter(|c| c.outcome == outcome).map(|c| c.id.as_str()).collect()
 }
 
 /// Appends `s` as a CSV field: quoted when it holds a comma, a quote or a line break. (Looked
@@ -368,11 +368,11 @@ fn csv_row(row: &mut String, field: &mut String, r: &TrialResult) {
             field.push_str("; ");
         }
     }
-    push_ids(field, r.decided_by.iter().map(|d| &*d.id));
+    push_ids(field, r.decided_by.iter().map(|d| d.id.as_str()));
     csv_field(row, field);
     for outcome in [Outcome::Unknown, Outcome::Manual] {
         row.push(',');
-        push_ids(row, r.criteria.iter().filter(|c| c.outcome == outcome).map(|c| &*c.id));
+        push_ids(row, r.criteria.iter().filter(|c| c.outcome == outcome).map(|c| c.id.as_str()));
     }
     row.push('\n');
 }

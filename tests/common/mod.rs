@@ -477,7 +477,7 @@ pub fn screen(trial: Trial, pts: &[Pt]) -> Results {
 pub fn crit<'a>(r: &'a TrialResult, id: &str) -> &'a CriterionResult {
     r.criteria
         .iter()
-        .find(|c| &*c.id == id)
+        .find(|c| c.id == id)
         .unwrap_or_else(|| panic!("{}: no criterion {id}", r.patient))
 }
 
