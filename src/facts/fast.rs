@@ -1076,7 +1076,7 @@ fn learn<'a, K: Kind>(s: &Scanner<'a>, l: &K::Line<'a>) -> Option<Learnt<K>> {
         let variant = [&text[..end], ".5", &text[end..]].concat();
         K::scan(&mut Scanner::new(&variant), &mut K::Line::default(), |_| {}).is_ok()
     };
-    let shape = Shape::learn_with(s, &raw, slot_of, takes_fraction)?;
+    let shape = Shape::learn(s, &raw, slot_of, takes_fraction)?;
     let base = K::base(l);
     // The shape must give back what the scan read, from this very line.
     let mut again = K::Line::default();

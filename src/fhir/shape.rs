@@ -15,7 +15,7 @@
 //! them a string runs plainly from one quote to the next, so a string hole is found by the
 //! quote map alone. Numbers in holes are kept to [`MAX_NUMBER`] characters without an
 //! exponent, and a hole whose number had no fraction takes only integers, unless the caller
-//! knows its scanner reads the line as well with a fraction there ([`Shape::learn_with`]):
+//! knows its scanner reads the line as well with a fraction there ([`Shape::learn`]):
 //! an `i64` field never meets a fraction, and no `f64` can be out of range.
 
 use super::scan::Scanner;
@@ -67,17 +67,13 @@ impl Shape {
     /// JSON text, as `(start, end, slot)` in the order of the line, none inside another. None:
     /// the line is not clean, holds a number no hole takes, or a value of `raw` starts or ends
     /// inside a string or a number.
-    pub fn learn(s: &Scanner<'_>, raw: &[(usize, usize, u8)], slot_of: impl FnMut(usize, usize) -> u8) -> Option<Shape> {
-        Shape::learn_with(s, raw, slot_of, |_| false)
-    }
-
-    /// [`Shape::learn`], where an integer of the line whose end is at `end` makes a hole that
-    /// takes fractions too when `takes_fraction(end)`: when the caller's scanner would read
-    /// the line as well with a fraction there (a lab value, which some lines of an export
-    /// write as `301` and others as `10.5`). Else lines of one shape would make two, and the
-    /// line whose number has a fraction would first be matched, nearly to its end, against
-    /// the one without.
-    pub fn learn_with(
+    ///
+    /// An integer of the line whose end is at `end` makes a hole that takes fractions too
+    /// when `takes_fraction(end)`: when the caller's scanner would read the line as well with
+    /// a fraction there (a lab value, which some lines of an export write as `301` and others
+    /// as `10.5`). Else lines of one shape would make two, and the line whose number has a
+    /// fraction would first be matched, nearly to its end, against the one without.
+    pub fn learn(
         s: &Scanner<'_>,
         raw: &[(usize, usize, u8)],
         mut slot_of: impl FnMut(usize, usize) -> u8,
@@ -321,7 +317,7 @@ mod tests {
     /// The holes of `line` when it has the shape of `learnt_from`, by slot (every hole's
     /// start is its slot here).
     fn holes(learnt_from: &str, line: &str) -> Option<Vec<(u8, String)>> {
-        let shape = Shape::learn(&Scanner::new(learnt_from), &[], |start, _| start as u8).expect("clean test line");
+        let shape = Shape::learn(&Scanner::new(learnt_from), &[], |start, _| start as u8, |_| false).expect("clean test line");
         let mut got = Vec::new();
         shape
             .matches(&Scanner::new(line), |slot, t| got.push((slot, t.to_string())))
@@ -367,19 +363,22 @@ mod tests {
         let learnt = r#"{"a":"x","r":[{"v":1}],"s":"y"}"#;
         let start = learnt.find('[').expect("test line");
         let end = learnt.find(']').expect("test line") + 1;
-        let shape = Shape::learn(&Scanner::new(learnt), &[(start, end, 7)], |_, _| NO_SLOT).expect("clean test line");
+        let shape = Shape::learn(&Scanner::new(learnt), &[(start, end, 7)], |_, _| NO_SLOT, |_| false).expect("clean test line");
         let mut got = Vec::new();
         let line = r#"{"a":"zz","r":[{"v":22}],"s":""}"#;
         assert!(shape.matches(&Scanner::new(line), |slot, t| got.push((slot, t))));
         assert_eq!(got, [(7, r#"[{"v":22}]"#)]);
         // A raw value cannot start inside a string.
-        assert!(Shape::learn(&Scanner::new(learnt), &[(start + 3, end, 7)], |_, _| NO_SLOT).is_none());
+        assert!(Shape::learn(&Scanner::new(learnt), &[(start + 3, end, 7)], |_, _| NO_SLOT, |_| false).is_none());
     }
 
     #[test]
     fn lines_it_cannot_take_have_no_shape() {
         for line in [r#"{"a":"\u0041"}"#, r#"{"n":1e3}"#, r#"{"n":12345678901234567890}"#] {
-            assert!(Shape::learn(&Scanner::new(line), &[], |_, _| NO_SLOT).is_none(), "{line}");
+            assert!(
+                Shape::learn(&Scanner::new(line), &[], |_, _| NO_SLOT, |_| false).is_none(),
+                "{line}"
+            );
         }
     }
 }
