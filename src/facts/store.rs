@@ -148,6 +148,13 @@ struct Slot {
     name: [u8; INLINE],
 }
 
+impl Slot {
+    /// Where a long name (`len == u16::MAX`) is in `Names::long`.
+    fn long_index(&self) -> usize {
+        u32::from_le_bytes([self.name[0], self.name[1], self.name[2], self.name[3]]) as usize
+    }
+}
+
 const EMPTY: Slot = Slot {
     tag: 0,
     value: 0,
@@ -170,8 +177,7 @@ impl Names {
     #[inline]
     fn holds(&self, slot: &Slot, name: &str) -> bool {
         if slot.len == u16::MAX {
-            let i = u32::from_le_bytes([slot.name[0], slot.name[1], slot.name[2], slot.name[3]]) as usize;
-            return self.long[i] == name;
+            return self.long[slot.long_index()] == name;
         }
         usize::from(slot.len) - 1 == name.len() && slot.name[..name.len()] == *name.as_bytes()
     }
@@ -239,10 +245,7 @@ impl Names {
             // thread that registers patients one by one.)
             for slot in old.into_iter().filter(|s| s.len != 0) {
                 let h = match slot.len {
-                    u16::MAX => {
-                        let i = u32::from_le_bytes([slot.name[0], slot.name[1], slot.name[2], slot.name[3]]) as usize;
-                        Self::hash(self.long.get(i).map_or("", String::as_str))
-                    }
+                    u16::MAX => Self::hash(self.long.get(slot.long_index()).map_or("", String::as_str)),
                     len => Self::hash_bytes(&slot.name[..usize::from(len) - 1]),
                 };
                 let mut i = h as usize & mask;
